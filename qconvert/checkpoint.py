@@ -1,0 +1,417 @@
+"""Reading source checkpoints: validated headers first, tensors one at a time.
+
+``open_checkpoint`` accepts a diffusers repo folder, a transformer folder with
+sharded safetensors, a single ``.safetensors`` file (ComfyUI style, with or
+without the ``model.diffusion_model.`` prefix) or a Hugging Face repo id.  It
+reads and checks every header before anything else happens, and never holds
+more than the one tensor asked for: ``load(name)`` reads that tensor through
+safetensors' memory map.
+
+Headers are treated as hostile: lengths, offsets, shapes and dtypes are all
+checked against the file before a single tensor byte is trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import torch
+
+from .errors import CheckpointError
+from .models import qwen_image as qi
+
+# safetensors dtype name → (bytes per element, torch dtype)
+DTYPES: Mapping[str, tuple[int, torch.dtype]] = {
+    "F64": (8, torch.float64),
+    "F32": (4, torch.float32),
+    "F16": (2, torch.float16),
+    "BF16": (2, torch.bfloat16),
+    "F8_E4M3": (1, torch.float8_e4m3fn),
+    "F8_E5M2": (1, torch.float8_e5m2),
+    "I64": (8, torch.int64),
+    "I32": (4, torch.int32),
+    "I16": (2, torch.int16),
+    "I8": (1, torch.int8),
+    "U8": (1, torch.uint8),
+    "BOOL": (1, torch.bool),
+}
+TORCH_TO_DTYPE = {v[1]: k for k, v in DTYPES.items()}
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+
+# The safetensors library refuses headers above 100 MB; so do we.
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"}
+INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
+COMFY_PREFIXES = ("model.diffusion_model.",)
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    name: str  # the model name (prefix stripped)
+    dtype: str  # safetensors dtype name
+    shape: tuple
+    file: Path
+    key: str  # the key inside the file
+    begin: int  # absolute byte offset in the file
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    path: Path
+    tensors: dict  # key → TensorMeta (name == key)
+    metadata: dict
+    data_start: int
+
+
+def read_safetensors_header(path: Path) -> SafetensorsHeader:
+    """Parse and validate one safetensors header without reading tensor data."""
+    path = Path(path)
+    refuse_pickle(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: file is {size} bytes, too short to be safetensors (truncated?)")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER_BYTES or n > size - 8:
+                if _looks_like_pickle(head):
+                    raise _pickle_error(path)
+                raise CheckpointError(
+                    f"{path}: header length field says {n:,} bytes but the file has {size:,}; "
+                    "the file is corrupt or not safetensors")
+            raw = f.read(n)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        if _looks_like_pickle(head):
+            raise _pickle_error(path) from None
+        raise CheckpointError(f"{path}: header is not valid JSON ({exc}); the file is corrupt") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: header is not a JSON object; the file is corrupt")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{path}: __metadata__ must map strings to strings")
+    data_start = 8 + n
+    data_len = size - data_start
+    tensors: dict[str, TensorMeta] = {}
+    spans = []
+    for key, entry in header.items():
+        where = f"{path}: tensor {key}"
+        if not isinstance(entry, dict):
+            raise CheckpointError(f"{where}: header entry is not an object")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if dtype not in DTYPES:
+            raise CheckpointError(f"{where}: unknown dtype {dtype!r}")
+        if (not isinstance(shape, list) or len(shape) > 8
+                or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)):
+            raise CheckpointError(f"{where}: malformed shape {shape!r}")
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
+            raise CheckpointError(f"{where}: malformed data_offsets {offsets!r}")
+        begin, end = offsets
+        numel = 1
+        for s in shape:
+            numel *= s
+        nbytes = numel * DTYPES[dtype][0]
+        if begin < 0 or end < begin or end - begin != nbytes:
+            raise CheckpointError(
+                f"{where}: data_offsets {offsets} hold {end - begin} bytes but shape {shape} {dtype} needs {nbytes}")
+        if end > data_len:
+            raise CheckpointError(
+                f"{where}: data ends at byte {data_start + end:,} but the file has {size:,} bytes; "
+                "the file is truncated (re-download it)")
+        spans.append((begin, end, key))
+        tensors[key] = TensorMeta(key, dtype, tuple(shape), path, key, data_start + begin, nbytes)
+    spans.sort()
+    for (b0, e0, k0), (b1, e1, k1) in zip(spans, spans[1:]):
+        if b1 < e0:
+            raise CheckpointError(f"{path}: tensors {k0} and {k1} overlap in the data section; the file is corrupt")
+    return SafetensorsHeader(path, tensors, metadata, data_start)
+
+
+def refuse_pickle(path: Path) -> None:
+    """Pickle-based checkpoints can run code when loaded; we never open them."""
+    path = Path(path)
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise CheckpointError(
+            f"{path}: refusing a pickle checkpoint ({path.suffix}): loading pickles can execute arbitrary code. "
+            "Convert it to .safetensors with a tool you trust, or use the model's safetensors release")
+
+
+def _looks_like_pickle(head: bytes) -> bool:
+    """torch.save writes a zip ("PK") or a raw pickle (protocol 2-5 opcode)."""
+    return head[:2] == b"PK" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"))
+
+
+def _pickle_error(path: Path) -> CheckpointError:
+    return CheckpointError(f"{path}: this is a pickle/zip (torch.save) file, not safetensors; refusing to load it "
+                           "because unpickling can execute arbitrary code")
+
+
+@dataclass
+class Checkpoint:
+    """A validated source: config, tensor metadata, and one-at-a-time loading."""
+
+    path: Path
+    layout: str  # "diffusers", "transformer-folder" or "single-file"
+    config: qi.QwenImageConfig
+    tensors: dict  # model name → TensorMeta, sorted by name
+    metadata: dict = field(default_factory=dict)
+    extra: list = field(default_factory=list)  # names outside the model (allowed by --allow-extra)
+    config_source: str = "config.json"
+    _handles: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def variant(self) -> str:
+        return qi.variant(self.config, self.tensors)
+
+    @property
+    def name(self) -> str:
+        """A short model name for default output file names (e.g. ``qwen-image``)."""
+        base = self.path.name if self.layout != "single-file" else self.path.stem
+        if self.layout == "transformer-folder" and base == "transformer":
+            base = self.path.parent.name
+        base = re.sub(r"^models--[^-]+--", "", base)
+        return re.sub(r"[^A-Za-z0-9.]+", "-", base).strip("-").lower() or "model"
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def shapes(self) -> dict[str, tuple]:
+        return {n: t.shape for n, t in self.tensors.items()}
+
+    @property
+    def parameter_count(self) -> int:
+        return sum(t.numel for t in self.tensors.values())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    def load(self, name: str) -> torch.Tensor:
+        """Read one tensor (a fresh CPU tensor in its stored dtype)."""
+        meta = self.tensors[name]
+        handle = self._handles.get(meta.file)
+        if handle is None:
+            from safetensors import safe_open
+
+            handle = self._handles[meta.file] = safe_open(str(meta.file), framework="pt")
+        try:
+            return handle.get_tensor(meta.key)
+        except Exception as exc:  # safetensors raises its own error types
+            raise CheckpointError(f"{meta.file}: cannot read tensor {meta.key}: {exc}") from None
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def files(self) -> list[Path]:
+        return sorted({t.file for t in self.tensors.values()})
+
+    def fingerprint(self) -> str:
+        """A sha256 over every header plus sampled data (fast even for 41 GB).
+
+        Full hashes of 41 GB would dominate a conversion; headers alone would
+        not tell a fine-tune from its base.  Hashing each file's header, size
+        and 16 evenly spaced 64 KiB windows of its data catches both.
+        """
+        h = hashlib.sha256()
+        for path in self.files():
+            size = path.stat().st_size
+            h.update(f"{path.name}:{size}\n".encode())
+            with open(path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                h.update(f.read(n))
+                data_start = 8 + n
+                span = max(size - data_start, 0)
+                for i in range(16):
+                    f.seek(data_start + span * i // 16)
+                    h.update(f.read(65536))
+        return h.hexdigest()
+
+    def provenance(self) -> dict:
+        return {"source": str(self.path), "source_layout": self.layout,
+                "source_fingerprint": "sha256-sampled:" + self.fingerprint(), "variant": self.variant}
+
+
+# ------------------------------------------------------------------ opening
+
+def open_checkpoint(source: str | os.PathLike, *, allow_extra: bool = False) -> Checkpoint:
+    """Open and validate a Qwen-Image transformer checkpoint (see module docstring)."""
+    text = os.fspath(source)
+    path = Path(text).expanduser()
+    if not path.exists():
+        if _REPO_ID.match(text) and not text.startswith((".", "/")):
+            path = _download(text)
+        else:
+            raise CheckpointError(f"{text}: no such file or directory (and not a Hugging Face repo id like Qwen/Qwen-Image)")
+    if path.is_dir():
+        return _open_folder(path, allow_extra=allow_extra)
+    if path.suffix.lower() == ".gguf":
+        raise CheckpointError(f"{path}: GGUF files are outputs, not sources; convert from the BF16 safetensors instead")
+    refuse_pickle(path)
+    if path.suffix.lower() != ".safetensors":
+        raise CheckpointError(f"{path}: not a .safetensors file or a model folder")
+    return _open_single(path, allow_extra=allow_extra)
+
+
+def _open_single(path: Path, *, allow_extra: bool) -> Checkpoint:
+    header = read_safetensors_header(path)
+    keys = list(header.tensors)
+    prefix = next((p for p in COMFY_PREFIXES if any(k.startswith(p) for k in keys)), "")
+    tensors = {}
+    for key, meta in header.tensors.items():
+        if prefix:
+            if not key.startswith(prefix):
+                continue  # full ComfyUI checkpoints also hold the VAE and text encoders
+            name = key[len(prefix):]
+        else:
+            name = key
+        tensors[name] = TensorMeta(name, meta.dtype, meta.shape, path, key, meta.begin, meta.nbytes)
+    if not qi.detect(tensors):
+        raise CheckpointError(f"{path}: {qi.explain_not_qwen(tensors)}")
+    config = qi.config_from_shapes({n: t.shape for n, t in tensors.items()})
+    return _finish(path, "single-file", config, tensors, header.metadata, allow_extra, "inferred from shapes")
+
+
+def _open_folder(path: Path, *, allow_extra: bool) -> Checkpoint:
+    layout = "transformer-folder"
+    folder = path
+    if (path / "model_index.json").is_file() or (path / "transformer").is_dir():
+        folder = path / "transformer"
+        layout = "diffusers"
+        if not folder.is_dir():
+            raise CheckpointError(f"{path}: model_index.json found but no transformer/ folder")
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+    shards = sorted(p for p in folder.iterdir() if p.suffix == ".safetensors" and p.is_file())
+    if not shards:
+        if pickles:
+            refuse_pickle(folder / pickles[0])
+        raise CheckpointError(f"{folder}: no .safetensors files found")
+
+    index_path = folder / INDEX_NAME
+    if index_path.is_file():
+        weight_map = _read_index(index_path)
+        shard_names = sorted(set(weight_map.values()))
+        shards = [folder / s for s in shard_names]
+        for s in shards:
+            if not s.is_file():
+                raise CheckpointError(f"{index_path}: names shard {s.name}, which is missing from {folder}")
+    elif len(shards) > 1:
+        raise CheckpointError(f"{folder}: {len(shards)} safetensors files but no {INDEX_NAME}")
+    else:
+        weight_map = None
+
+    tensors: dict[str, TensorMeta] = {}
+    metadata: dict = {}
+    for shard in shards:
+        header = read_safetensors_header(shard)
+        metadata.update(header.metadata)
+        for key, meta in header.tensors.items():
+            if key in tensors:
+                raise CheckpointError(f"tensor {key} appears in both {tensors[key].file.name} and {shard.name}")
+            if weight_map is not None and weight_map.get(key) != shard.name:
+                raise CheckpointError(f"{index_path}: tensor {key} is in {shard.name} but the index says "
+                                      f"{weight_map.get(key, 'nothing')}; the index does not match the shards")
+            tensors[key] = meta
+    if weight_map is not None:
+        absent = [k for k in weight_map if k not in tensors]
+        if absent:
+            raise CheckpointError(f"{index_path}: lists tensor {absent[0]} in {weight_map[absent[0]]}, "
+                                  f"but that shard does not contain it ({len(absent)} such)")
+    if not qi.detect(tensors):
+        raise CheckpointError(f"{folder}: {qi.explain_not_qwen(tensors)}")
+
+    config_path = folder / "config.json"
+    if config_path.is_file():
+        try:
+            raw = json.loads(config_path.read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{config_path}: not valid JSON ({exc})") from None
+        if not isinstance(raw, dict):
+            raise CheckpointError(f"{config_path}: not a JSON object")
+        cls = raw.get("_class_name", qi.DIFFUSERS_CLASS)
+        if cls != qi.DIFFUSERS_CLASS:
+            raise CheckpointError(f"{config_path}: _class_name is {cls!r}, not {qi.DIFFUSERS_CLASS}")
+        config, how = qi.QwenImageConfig.from_json(raw), "config.json"
+    else:
+        config, how = qi.config_from_shapes({n: t.shape for n, t in tensors.items()}), "inferred from shapes"
+    root = path if layout == "diffusers" else folder
+    return _finish(root, layout, config, tensors, metadata, allow_extra, how)
+
+
+def _read_index(index_path: Path) -> dict:
+    try:
+        index = json.loads(index_path.read_text())
+        weight_map = index["weight_map"]
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{index_path}: not a valid safetensors index ({exc})") from None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index_path}: weight_map is not an object")
+    for key, shard in weight_map.items():
+        # An index is just JSON: it must not point outside its own folder.
+        if not isinstance(shard, str) or "/" in shard or "\\" in shard or shard in ("", ".", ".."):
+            raise CheckpointError(f"{index_path}: tensor {key} maps to an invalid shard name {shard!r}")
+    return weight_map
+
+
+def _finish(path, layout, config, tensors, metadata, allow_extra, how) -> Checkpoint:
+    for name, meta in tensors.items():
+        if meta.dtype not in FLOAT_DTYPES and name != qi.MARKER_EDIT_2511:
+            raise CheckpointError(
+                f"{meta.file}: tensor {name} is {meta.dtype}; sources must be BF16/F16/F32 "
+                "(this looks like an already quantized file)")
+    shapes = {n: t.shape for n, t in tensors.items()}
+    extra = qi.check_keys(config, shapes, allow_extra=allow_extra, where=str(path))
+    tensors = dict(sorted(tensors.items()))
+    return Checkpoint(Path(path), layout, config, tensors, metadata, extra, how)
+
+
+def _download(repo_id: str) -> Path:
+    """Fetch (or find in the cache) a Hub repo's transformer files only."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(snapshot_download(
+            repo_id,
+            allow_patterns=["model_index.json", "transformer/*.json", "transformer/*.safetensors"],
+        ))
+    except LocalEntryNotFoundError:
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        why = "HF_HUB_OFFLINE is set" if offline else "the Hub could not be reached"
+        raise CheckpointError(f"{repo_id}: not in the local Hugging Face cache and {why}; "
+                              "download it once online, or pass a local path") from None
+    except RepositoryNotFoundError:
+        raise CheckpointError(f"{repo_id}: no such repository on the Hugging Face Hub (or it is private: "
+                              "log in with `hf auth login`)") from None
+
+
+def iter_tensors(ckpt: Checkpoint, names: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) one at a time; each tensor is dropped before the next is read."""
+    for name in names if names is not None else ckpt.names():
+        yield name, ckpt.load(name)

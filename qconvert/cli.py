@@ -1,0 +1,173 @@
+"""The ``qconvert`` command line: parse, call, report.  No conversion logic lives here."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import QConvertError
+
+
+def emit_json(obj) -> None:
+    click.echo(json.dumps(obj, indent=2, default=str))
+
+
+def debug_option(f):
+    # Accepted on every command as well as before it; main() reads it from argv
+    # so that even errors raised while parsing honour it.
+    return click.option("--debug", is_flag=True, expose_value=False, help="Show tracebacks.")(f)
+
+
+def quiet_option(f):
+    return click.option("--quiet", "-q", is_flag=True, help="No progress bars or chatter.")(f)
+
+
+def converter_options(f):
+    """The options every converter shares (DESIGN.md): -o, --dry-run, --json, --device, --lora, ..."""
+    for opt in reversed([
+        click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
+                     help="Output file (or folder, for several files)."),
+        click.option("--dry-run", is_flag=True, help="Plan only: print types and exact sizes, write nothing."),
+        click.option("--json", "as_json", is_flag=True, help="Print the plan/result as one JSON object on stdout."),
+        click.option("--device", default="cpu", show_default=True, help="Where to compute: cpu, cuda, cuda:1 ..."),
+        click.option("--lora", "loras", multiple=True, metavar="FILE[:STRENGTH]",
+                     help="Merge a LoRA before converting (repeatable)."),
+        click.option("--ignore-unmatched", is_flag=True, help="Warn instead of failing on LoRA keys that match no weight."),
+        click.option("--allow-extra", is_flag=True, help="Carry tensors outside the model through unchanged."),
+        quiet_option,
+        debug_option,
+    ]):
+        f = opt(f)
+    return f
+
+
+def open_source(source: str, *, loras=(), ignore_unmatched: bool = False, allow_extra: bool = False):
+    """The checkpoint, seen through any LoRAs: every converter gets --lora for free."""
+    from .checkpoint import open_checkpoint
+
+    ckpt = open_checkpoint(source, allow_extra=allow_extra)
+    if not loras:
+        return ckpt
+    from .lora import with_loras
+
+    return with_loras(ckpt, loras, ignore_unmatched=ignore_unmatched)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="qconvert")
+@debug_option
+def cli() -> None:
+    """Quantize Qwen-Image transformers into files that load everywhere."""
+
+
+@cli.command("make-tiny")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--layers", default=3, show_default=True, help="Transformer blocks.")
+@click.option("--heads", default=2, show_default=True, help="Attention heads.")
+@click.option("--head-dim", default=128, show_default=True, help="Head dimension (multiple of 16).")
+@click.option("--text-dim", default=256, show_default=True, help="Text-encoder hidden size (joint_attention_dim).")
+@click.option("--seed", default=0, show_default=True, help="Weights seed.")
+@click.option("--variant", type=click.Choice(["qwen-image", "edit-2511", "layered"]), default="qwen-image",
+              show_default=True)
+@click.option("--single-file", is_flag=True, help="Write one ComfyUI-style .safetensors instead of a diffusers folder.")
+@click.option("--full-size", is_flag=True, help="The real 60-layer, 20.4B-parameter layout (needs --sparse).")
+@click.option("--sparse", is_flag=True, help="With --full-size: true headers, data left as file holes.")
+@quiet_option
+@debug_option
+def make_tiny_cmd(out, layers, heads, head_dim, text_dim, seed, variant, single_file, full_size, sparse, quiet):
+    """Write a test model: tiny and trained-looking, or full-size and sparse.
+
+    \b
+    qconvert make-tiny ./tiny-qwen
+    qconvert make-tiny ./qwen-full --full-size --sparse
+    """
+    from . import tiny
+
+    if full_size != sparse:
+        raise click.UsageError("--full-size and --sparse go together (41 GB of real data is not a test model)")
+    if full_size:
+        if single_file:
+            raise click.UsageError("--full-size writes the diffusers layout; drop --single-file")
+        path = tiny.make_full_size_sparse(out, variant=variant)
+    elif single_file:
+        path = tiny.make_tiny_single_file(out, layers=layers, heads=heads, head_dim=head_dim, text_dim=text_dim,
+                                          seed=seed, variant=variant)
+    else:
+        path = tiny.make_tiny(out, layers=layers, heads=heads, head_dim=head_dim, text_dim=text_dim, seed=seed,
+                              variant=variant)
+    if not quiet:
+        click.echo(f"wrote {path}")
+
+
+@cli.command("inspect")
+@click.argument("path")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@debug_option
+def inspect_cmd(path, as_json):
+    """What a checkpoint or output contains (diffusers folder, .safetensors, .gguf).
+
+    \b
+    qconvert inspect ./tiny-qwen
+    qconvert inspect qwen-image-Q4_K_M.gguf --json
+    """
+    from .inspection import format_summary, inspect_path
+
+    summary = inspect_path(path)
+    if as_json:
+        emit_json(summary)
+    else:
+        click.echo(format_summary(summary))
+
+
+@cli.command("demo")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("qconvert-demo"), show_default=True,
+              help="Folder for the tiny model and every output.")
+@quiet_option
+@debug_option
+def demo_cmd(out, quiet):
+    """Make a tiny model and run every conversion on it, saying how to load each file."""
+    from .demo import run_demo
+
+    run_demo(out, quiet=quiet, echo=click.echo)
+
+
+# ---- converters register below (one section each) ----
+
+# [to-gguf]
+
+# [to-fp8]
+
+# [bake-lora]
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        rv = cli.main(args=argv, prog_name="qconvert", standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:  # usage errors: click's message, exit 2
+        exc.show()
+        sys.exit(exc.exit_code)
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        if debug:
+            raise
+        click.echo("error: interrupted; no output was left half-written", err=True)
+        sys.exit(130)
+    except QConvertError as exc:
+        if debug:
+            raise
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    except Exception as exc:  # a bug: say so in one line, keep the traceback for --debug
+        if debug:
+            raise
+        click.echo(f"error: internal error ({type(exc).__name__}: {exc}); rerun with --debug and report it",
+                   err=True)
+        sys.exit(1)
+    sys.exit(rv if isinstance(rv, int) else 0)

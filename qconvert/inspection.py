@@ -1,0 +1,145 @@
+"""``qconvert inspect``: what a checkpoint or an output file contains."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+from .checkpoint import COMFY_PREFIXES, open_checkpoint, read_safetensors_header, refuse_pickle
+from .errors import CheckpointError
+from .models import qwen_image as qi
+
+# Tensors that quantized safetensors formats add beside a layer's weight.
+AUX_SUFFIXES = (".weight_scale", ".comfy_quant", ".scale_weight", ".input_scale", ".scale_input",
+                ".weight_scale_2")
+AUX_NAMES = ("scaled_fp8",)
+
+
+def _is_aux(name: str) -> bool:
+    return name.endswith(AUX_SUFFIXES) or name in AUX_NAMES
+
+
+def inspect_path(path: str | Path) -> dict:
+    """A JSON-able summary of any input or output qconvert knows."""
+    p = Path(path)
+    if p.is_file() and p.suffix.lower() == ".gguf":
+        return _inspect_gguf(p)
+    if p.is_file() and p.suffix.lower() == ".safetensors":
+        return _inspect_safetensors(p)
+    refuse_pickle(p)
+    ckpt = open_checkpoint(path, allow_extra=True)
+    return _summary(str(ckpt.path), ckpt.layout, "safetensors",
+                    {n: (t.dtype, t.shape, t.nbytes) for n, t in ckpt.tensors.items()},
+                    ckpt.metadata, sum(f.stat().st_size for f in ckpt.files()), config=ckpt.config.to_json(),
+                    extra=ckpt.extra)
+
+
+def _inspect_safetensors(path: Path) -> dict:
+    header = read_safetensors_header(path)
+    prefix = next((p for p in COMFY_PREFIXES if any(k.startswith(p) for k in header.tensors)), "")
+    tensors = {k[len(prefix):]: (m.dtype, m.shape, m.nbytes)
+               for k, m in header.tensors.items() if k.startswith(prefix)}
+    fmt = "safetensors"
+    if any(n.endswith(".comfy_quant") for n in tensors):
+        fmt = "safetensors, ComfyUI per-layer quantized (comfy_quant)"
+    elif "scaled_fp8" in tensors:
+        fmt = "safetensors, legacy scaled fp8"
+    elif tensors and all(d.startswith("F8_") for d, _, _ in tensors.values()):
+        fmt = "safetensors, plain fp8 cast"
+    return _summary(str(path), "single-file", fmt, tensors, header.metadata, path.stat().st_size,
+                    prefix=prefix)
+
+
+def _inspect_gguf(path: Path) -> dict:
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as exc:  # gguf raises ValueError, struct errors, memmap errors...
+        raise CheckpointError(f"{path}: not a readable GGUF file ({type(exc).__name__}: {exc})") from None
+    metadata = {}
+    for key, fld in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        try:
+            value = fld.contents()
+        except Exception:  # pragma: no cover - exotic field types
+            value = "<unreadable>"
+        metadata[key] = value
+    tensors = {t.name: (t.tensor_type.name, tuple(reversed([int(x) for x in t.shape])), int(t.n_bytes))
+               for t in reader.tensors}
+    return _summary(str(path), "gguf", f"GGUF v{_gguf_version(reader)}", tensors, metadata,
+                    path.stat().st_size, arch_field=metadata.get("general.architecture"))
+
+
+def _gguf_version(reader) -> int:
+    try:
+        return int(reader.fields["GGUF.version"].contents())
+    except Exception:  # pragma: no cover
+        return 3
+
+
+def _summary(path, layout, fmt, tensors: dict, metadata: dict, file_bytes: int, *, config=None,
+             extra=(), prefix="", arch_field=None) -> dict:
+    model_names = [n for n in tensors if not _is_aux(n)]
+    if not qi.detect(model_names):
+        raise CheckpointError(f"{path}: {qi.explain_not_qwen(model_names)}")
+    shapes = {n: tensors[n][1] for n in model_names}
+    cfg = qi.config_from_shapes(shapes) if config is None else qi.QwenImageConfig.from_json(config)
+    extra = list(extra) or qi.check_keys(cfg, shapes, allow_extra=True, where=path)
+    hist: Counter = Counter()
+    hist_bytes: Counter = Counter()
+    params = 0
+    for n in model_names:
+        dtype, shape, nbytes = tensors[n]
+        hist[dtype] += 1
+        hist_bytes[dtype] += nbytes
+        params += qi.parameter_count([shape])
+    return {
+        "path": path,
+        "format": fmt,
+        "layout": layout,
+        "architecture": qi.ARCHITECTURE if arch_field is None else arch_field,
+        "variant": qi.variant(cfg, model_names),
+        "config": cfg.to_json(),
+        "prefix": prefix,
+        "tensors": len(tensors),
+        "model_tensors": len(model_names),
+        "aux_tensors": len(tensors) - len(model_names),
+        "extra_tensors": extra,
+        "parameters": params,
+        "types": {k: {"tensors": hist[k], "bytes": hist_bytes[k]} for k in sorted(hist)},
+        "file_bytes": file_bytes,
+        "metadata": metadata,
+    }
+
+
+def format_summary(s: dict) -> str:
+    c = s["config"]
+    lines = [
+        f"{s['path']}",
+        f"  format        {s['format']} ({s['layout']})",
+        f"  architecture  {s['architecture']}, variant {s['variant']}",
+        f"  config        {c['num_layers']} layers, {c['num_attention_heads']}x{c['attention_head_dim']} heads, "
+        f"text dim {c['joint_attention_dim']}",
+        f"  tensors       {s['tensors']} ({s['model_tensors']} model"
+        + (f", {s['aux_tensors']} scale/marker" if s["aux_tensors"] else "") + ")",
+        f"  parameters    {s['parameters']:,}",
+        f"  size          {s['file_bytes']:,} bytes ({s['file_bytes'] / 1e9:.2f} GB)",
+        "  types",
+    ]
+    for name, v in s["types"].items():
+        lines.append(f"    {name:<10}{v['tensors']:>6} tensors {v['bytes']:>18,} bytes")
+    if s["extra_tensors"]:
+        lines.append(f"  extra         {len(s['extra_tensors'])} tensors outside the model: "
+                     + ", ".join(s["extra_tensors"][:5]))
+    if s["metadata"]:
+        lines.append("  metadata")
+        for k, v in s["metadata"].items():
+            text = v if isinstance(v, str) else json.dumps(v, default=str)
+            if len(text) > 100:
+                text = text[:97] + "..."
+            lines.append(f"    {k} = {text}")
+    return "\n".join(lines)
+

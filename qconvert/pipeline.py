@@ -1,0 +1,74 @@
+"""Pieces every converter shares: the plan record, checks, provenance, progress.
+
+A converter is ``source → (LoRA merge) → plan → encode → sink → manifest``:
+``plan`` is a pure function of the source header and the options, returning
+``TensorPlan`` rows whose byte counts are exact, so ``--dry-run`` and the
+disk-space check know the output size before any tensor is read.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict, dataclass
+from typing import Iterable
+
+import torch
+
+from . import __version__
+from .errors import QuantizationError
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """One output tensor: where it comes from, what it becomes, how many bytes."""
+
+    name: str  # source tensor name
+    out_name: str  # name in the output file
+    shape: tuple  # logical (torch-order) shape
+    out_type: str  # output type name: "BF16", "Q4_K", "F8_E4M3", ...
+    out_bytes: int  # exact data bytes in the output (no padding)
+    role: str = ""  # the model map's role, for reports
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        return d
+
+
+def check_finite(name: str, tensor: torch.Tensor) -> None:
+    """NaN/Inf in a weight is always an error: quantizing it would hide the damage."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise QuantizationError(f"tensor {name}: {bad} NaN/Inf value(s) in the weights; the source is damaged "
+                                "(re-download it, or check the merge/fine-tune that produced it)")
+
+
+def provenance(source, *, fmt: str, options: dict) -> dict:
+    """What produced an output: tool, source fingerprint, LoRAs, options.  Deterministic."""
+    info = {"tool": "qconvert", "tool_version": __version__, "format": fmt}
+    info.update(source.provenance())
+    info["options"] = options
+    return info
+
+
+def provenance_json(info: dict) -> str:
+    return json.dumps(info, sort_keys=True, separators=(",", ":"))
+
+
+def type_counts(plans: Iterable[TensorPlan]) -> dict:
+    counts: dict = {}
+    for p in plans:
+        c = counts.setdefault(p.out_type, {"tensors": 0, "bytes": 0})
+        c["tensors"] += 1
+        c["bytes"] += p.out_bytes
+    return dict(sorted(counts.items()))
+
+
+def progress(total: int, desc: str, *, quiet: bool = False, unit: str = "B"):
+    """A tqdm bar on a terminal; a silent stand-in otherwise (CI logs, pipes, --quiet)."""
+    from tqdm import tqdm
+
+    disable = quiet or not sys.stderr.isatty()
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, unit_divisor=1024 if unit == "B" else 1000,
+                disable=disable, leave=False, dynamic_ncols=True)
