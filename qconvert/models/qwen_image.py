@@ -157,9 +157,8 @@ class QwenImageConfig:
     def to_json(self) -> dict:
         d = dataclasses.asdict(self)
         d["axes_dims_rope"] = list(self.axes_dims_rope)
-        # Qwen-Image's published config carries this (unused) field; diffusers
-        # ignores it, and keeping it makes our config a drop-in replacement.
-        d["pooled_projection_dim"] = 768
+        # Qwen-Image's published config also has an unused pooled_projection_dim;
+        # it is left out because diffusers warns about it on every load.
         return {"_class_name": DIFFUSERS_CLASS, "_diffusers_version": "0.35.0", **d}
 
     @classmethod
