@@ -13,6 +13,7 @@ checked against the file before a single tensor byte is trusted.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -208,20 +209,40 @@ class Checkpoint:
         return sum(t.nbytes for t in self.tensors.values())
 
     def load(self, name: str) -> torch.Tensor:
-        """Read one tensor (a fresh CPU tensor in its stored dtype)."""
-        meta = self.tensors[name]
-        handle = self._handles.get(meta.file)
-        if handle is None:
-            from safetensors import safe_open
+        """Read one tensor (a fresh CPU tensor in its stored dtype).
 
-            handle = self._handles[meta.file] = safe_open(str(meta.file), framework="pt")
+        A plain positioned read rather than a memory map: the header was
+        validated when the checkpoint opened, and a read leaves nothing mapped,
+        so resident memory stays at one tensor however many have been read.
+        """
+        meta = self.tensors[name]
+        buf = bytearray(meta.nbytes)
         try:
-            return handle.get_tensor(meta.key)
-        except Exception as exc:  # safetensors raises its own error types
-            raise CheckpointError(f"{meta.file}: cannot read tensor {meta.key}: {exc}") from None
+            fd = self._handles.get(meta.file)
+            if fd is None:
+                fd = self._handles[meta.file] = os.open(meta.file, os.O_RDONLY)
+            view, done = memoryview(buf), 0
+            while done < meta.nbytes:
+                n = os.preadv(fd, [view[done:]], meta.begin + done)
+                if n == 0:
+                    raise CheckpointError(f"{meta.file}: tensor {meta.key} ends early; the file was truncated "
+                                          "after it was opened")
+                done += n
+        except OSError as exc:
+            raise CheckpointError(f"{meta.file}: cannot read tensor {meta.key}: {exc.strerror or exc}") from None
+        dtype = DTYPES[meta.dtype][1]
+        if meta.nbytes == 0:
+            return torch.empty(meta.shape, dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape(meta.shape)
 
     def close(self) -> None:
-        self._handles.clear()
+        handles, self._handles = self._handles, {}
+        for fd in handles.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def __del__(self) -> None:
+        self.close()
 
     def __enter__(self) -> "Checkpoint":
         return self
