@@ -179,6 +179,7 @@ class Checkpoint:
     metadata: dict = field(default_factory=dict)
     extra: list = field(default_factory=list)  # names outside the model (allowed by --allow-extra)
     config_source: str = "config.json"
+    repo_id: str | None = None  # set when the source was a Hugging Face repo id
     _handles: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -188,6 +189,8 @@ class Checkpoint:
     @property
     def name(self) -> str:
         """A short model name for default output file names (e.g. ``qwen-image``)."""
+        if self.repo_id:
+            return re.sub(r"[^A-Za-z0-9.]+", "-", self.repo_id.split("/")[-1]).strip("-").lower()
         base = self.path.name if self.layout != "single-file" else self.path.stem
         if self.layout == "transformer-folder" and base == "transformer":
             base = self.path.parent.name
@@ -275,7 +278,7 @@ class Checkpoint:
         return h.hexdigest()
 
     def provenance(self) -> dict:
-        return {"source": str(self.path), "source_layout": self.layout,
+        return {"source": self.repo_id or str(self.path), "source_layout": self.layout,
                 "source_fingerprint": "sha256-sampled:" + self.fingerprint(), "variant": self.variant}
 
 
@@ -287,9 +290,10 @@ def open_checkpoint(source: str | os.PathLike, *, allow_extra: bool = False) -> 
     path = Path(text).expanduser()
     if not path.exists():
         if _REPO_ID.match(text) and not text.startswith((".", "/")):
-            path = _download(text)
-        else:
-            raise CheckpointError(f"{text}: no such file or directory (and not a Hugging Face repo id like Qwen/Qwen-Image)")
+            ckpt = _open_folder(_download(text), allow_extra=allow_extra)
+            ckpt.repo_id = text
+            return ckpt
+        raise CheckpointError(f"{text}: no such file or directory (and not a Hugging Face repo id like Qwen/Qwen-Image)")
     if path.is_dir():
         return _open_folder(path, allow_extra=allow_extra)
     if path.suffix.lower() == ".gguf":

@@ -301,3 +301,5 @@ def test_hub_repo_from_cache(tmp_path, monkeypatch, tiny_model):
     assert seen["repo"] == "Qwen/Qwen-Image"
     assert all(p.startswith(("model_index", "transformer/")) for p in seen["patterns"])
     assert len(ckpt.tensors) == 109
+    assert ckpt.name == "qwen-image", "outputs are named after the repo, not the cache's snapshot hash"
+    assert ckpt.provenance()["source"] == "Qwen/Qwen-Image"
