@@ -143,6 +143,36 @@ def demo_cmd(out, quiet):
 
 # [bake-lora]
 
+@cli.command("bake-lora")
+@click.argument("source")
+@converter_options
+def bake_lora_cmd(source, output, dry_run, as_json, device, loras, ignore_unmatched, allow_extra, quiet):
+    """Merge LoRAs into the weights: a checkpoint in the source's dtype and layout.
+
+    W' = W + strength * alpha/rank * up @ down, in float32, rounded once.
+    A diffusers folder gives a diffusers folder, a single file a single file.
+
+    \b
+    qconvert bake-lora Qwen/Qwen-Image --lora Qwen-Image-Lightning-4steps-V1.0.safetensors -o qwen-image-lightning
+    qconvert bake-lora qwen_image_bf16.safetensors --lora style.safetensors:0.8 --lora lightning.safetensors \\
+        -o qwen_image_style_lightning_bf16.safetensors
+    """
+    from .checkpoint import open_checkpoint
+    from .lora import bake, bake_plan, bake_report, format_report, with_loras
+
+    if not loras:
+        raise click.UsageError("give at least one --lora FILE[:STRENGTH]")
+    with with_loras(open_checkpoint(source, allow_extra=allow_extra), loras, ignore_unmatched=ignore_unmatched,
+                    device=device) as view:
+        plan = bake_plan(view, output, options={"ignore_unmatched": ignore_unmatched}, dry_run=dry_run)
+        if not dry_run:
+            bake(view, plan, quiet=quiet or as_json)
+        report = bake_report(view, plan, dry_run=dry_run)
+    if as_json:
+        emit_json(report)
+    elif not quiet:
+        click.echo(format_report(report))
+
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -27,3 +27,12 @@ def run_demo(out: Path, *, quiet: bool = False, echo: Callable[[str], None] = pr
 
 # Each converter registers a step here: (model, out, quiet, echo) -> written paths.
 _STEPS: list[Callable] = []
+
+
+def _bake_lora_step(model, out, quiet, echo):
+    from .lora import demo_step
+
+    return demo_step(model, out, quiet, echo)
+
+
+_STEPS.append(_bake_lora_step)

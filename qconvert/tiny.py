@@ -174,3 +174,71 @@ def make_full_size_sparse(out: str | Path, *, variant: str = "qwen-image", shard
                 f.write(header)
                 f.truncate(safetensors_size(sub))  # the data: one hole, no disk blocks
     return out
+
+
+# ------------------------------------------------------------------ LoRAs
+
+# How each trainer/runtime names a module's LoRA tensors (fp8-lora-sampler.md §7.2):
+# (up key, down key, alpha key) for a diffusers module name ``m`` and its flattened ``f``.
+LORA_STYLES = {
+    "lightx2v": lambda m, f: (f"{m}.lora_up.weight", f"{m}.lora_down.weight", f"{m}.alpha"),
+    "peft": lambda m, f: (f"transformer.{m}.lora_B.weight", f"transformer.{m}.lora_A.weight",
+                          f"transformer.{m}.alpha"),
+    "peft-default": lambda m, f: (f"{m}.lora_B.default.weight", f"{m}.lora_A.default.weight", f"{m}.alpha"),
+    "kohya": lambda m, f: (f"lora_unet_{f}.lora_up.weight", f"lora_unet_{f}.lora_down.weight",
+                           f"lora_unet_{f}.alpha"),
+    "comfy": lambda m, f: (f"diffusion_model.{m}.lora_up.weight", f"diffusion_model.{m}.lora_down.weight",
+                           f"diffusion_model.{m}.alpha"),
+    "ai-toolkit": lambda m, f: (f"diffusion_model.{m}.lora_B.weight", f"diffusion_model.{m}.lora_A.weight",
+                                f"diffusion_model.{m}.alpha"),
+}
+# Lightning's targets: the 12 attention and MLP linears of every block (§7.1).
+LIGHTNING_GROUPS = ("attn", "mlp")
+
+
+def lora_targets(config: qi.QwenImageConfig, targets=None) -> list[str]:
+    """Module names for ``targets``: module names as they are, role groups ("mod", "attn", ...) per block."""
+    weights = [n for n in qi.expected_shapes(config) if n.endswith(".weight") and qi.is_known(n)]
+    modules = []
+    for target in targets or LIGHTNING_GROUPS:
+        if target in qi.ROLE_GROUPS:
+            roles = qi.ROLE_GROUPS[target]
+            modules += [qi.describe(n).module for n in weights if qi.describe(n).role in roles]
+        elif f"{target}.weight" in weights:
+            modules.append(target)
+        else:
+            raise QConvertError(f"LoRA target {target!r} is neither a module of this model nor a role group "
+                                f"({', '.join(sorted(qi.ROLE_GROUPS))})")
+    return sorted(set(modules))
+
+
+def make_tiny_lora(out: str | Path, model_dir_or_config, *, style: str = "lightx2v", rank: int = 4,
+                   alpha: float | None = None, targets=None, seed: int = 0,
+                   dtype: torch.dtype = torch.float32) -> Path:
+    """A LoRA for a tiny (or any) Qwen-Image in one trainer's key style, with deterministic factors.
+
+    ``alpha=None`` writes no ``.alpha`` keys (scale 1).  The factors are sized so
+    that ``up @ down`` is a visible change of a trained-looking weight.
+    """
+    if style not in LORA_STYLES:
+        raise QConvertError(f"unknown LoRA style {style!r} (choose from {', '.join(LORA_STYLES)})")
+    config = model_dir_or_config
+    if not isinstance(config, qi.QwenImageConfig):
+        from .checkpoint import open_checkpoint
+
+        config = open_checkpoint(config).config
+    shapes = qi.expected_shapes(config)
+    tensors = {}
+    for module in lora_targets(config, targets):
+        rows, cols = shapes[f"{module}.weight"]
+        g = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(module.encode())) % 2**63)
+        up_key, down_key, alpha_key = LORA_STYLES[style](module, module.replace(".", "_"))
+        tensors[down_key] = (torch.randn(rank, cols, generator=g) / cols ** 0.5).to(dtype)
+        tensors[up_key] = (torch.randn(rows, rank, generator=g) * 0.1 / rank ** 0.5).to(dtype)
+        if alpha is not None:
+            tensors[alpha_key] = torch.tensor(float(alpha), dtype=dtype)
+    from .io import write_safetensors
+
+    out = Path(out)
+    write_safetensors(out, tensors)
+    return out
