@@ -141,6 +141,49 @@ def demo_cmd(out, quiet):
 
 # [to-fp8]
 
+@cli.command("to-fp8")
+@click.argument("source")
+@click.option("--format", "layout", type=click.Choice(["comfy", "scaled", "plain"]), default="comfy",
+              show_default=True,
+              help="comfy: ComfyUI's per-layer layout (weight + weight_scale + comfy_quant), block linears in FP8, "
+                   "the rest BF16.  scaled: the legacy scaled_fp8/scale_weight layout for ComfyUI without "
+                   "comfy_quant support (e4m3fn only; every linear in FP8, as old ComfyUI stores them).  "
+                   "plain: every tensor cast unscaled, keys sorted, no metadata (Comfy-Org's "
+                   "qwen_image_fp8_e4m3fn layout; no provenance; runtime LoRAs may show grid artifacts).")
+@click.option("--dtype", type=click.Choice(["e4m3fn", "e5m2"]), default="e4m3fn", show_default=True,
+              help="FP8 type: e4m3fn (more precision) or e5m2 (more range).")
+@click.option("--keep", multiple=True, metavar="GROUP[,GROUP]",
+              help="comfy only: keep these block-linear groups in BF16, e.g. mod (img_mod/txt_mod, a third "
+                   "of the model and the most sensitive), attn, mlp, qkv, v, mlp_down, or one role like txt_mod.")
+@converter_options
+def to_fp8_cmd(source, layout, dtype, keep, output, dry_run, as_json, device, loras, ignore_unmatched, allow_extra,
+               quiet):
+    """FP8 safetensors for ComfyUI (and diffusers, through qconvert's dequantizing loader).
+
+    The default output name is SOURCE-fp8mixed-e4m3fn.safetensors (comfy), -fp8-e4m3fn-scaled (scaled) or
+    -fp8-e4m3fn (plain), in the current folder or in -o when -o is a folder.  ComfyUI: put the file in
+    ComfyUI/models/diffusion_models/ and use Load Diffusion Model.  diffusers: load_dequantized() in
+    qconvert.formats.fp8 turns any of the layouts into a BF16 state dict for from_single_file.
+
+    \b
+    qconvert to-fp8 Qwen/Qwen-Image
+    qconvert to-fp8 ./qwen-image --keep mod -o out/
+    qconvert to-fp8 ./qwen-image --format plain --dry-run --json
+    """
+    from .formats import fp8
+
+    try:
+        options = fp8.make_options(layout, dtype, keep)
+    except QConvertError as exc:
+        raise click.UsageError(str(exc)) from None
+    with open_source(source, loras=loras, ignore_unmatched=ignore_unmatched, allow_extra=allow_extra) as src:
+        report = fp8.convert(src, output, options, device=device, dry_run=dry_run, quiet=quiet or as_json)
+    if as_json:
+        emit_json(report)
+    elif dry_run or not quiet:
+        click.echo(fp8.format_report(report))
+
+
 # [bake-lora]
 
 @cli.command("bake-lora")

@@ -36,3 +36,12 @@ def _bake_lora_step(model, out, quiet, echo):
 
 
 _STEPS.append(_bake_lora_step)
+
+
+def _fp8_step(model, out, quiet, echo):
+    from .formats.fp8 import demo_step
+
+    return demo_step(model, out, quiet, echo)
+
+
+_STEPS.append(_fp8_step)

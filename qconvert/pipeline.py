@@ -37,8 +37,19 @@ class TensorPlan:
 
 
 def check_finite(name: str, tensor: torch.Tensor) -> None:
-    """NaN/Inf in a weight is always an error: quantizing it would hide the damage."""
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+    """NaN/Inf in a weight is always an error: quantizing it would hide the damage.
+
+    The common case costs one min/max reduction: ``isfinite(...).all()`` is
+    about 20x slower on CPU and would dominate a 20B-parameter conversion.
+    NaN propagates through ``aminmax`` and ±Inf shows in it, so finite
+    extremes mean a finite tensor.
+    """
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return
+    lo, hi = torch.aminmax(tensor)
+    if bool(torch.isfinite(lo) & torch.isfinite(hi)):
+        return
+    if not bool(torch.isfinite(tensor).all()):
         bad = int((~torch.isfinite(tensor)).sum())
         raise QuantizationError(f"tensor {name}: {bad} NaN/Inf value(s) in the weights; the source is damaged "
                                 "(re-download it, or check the merge/fine-tune that produced it)")
