@@ -1,0 +1,293 @@
+"""ggml-exact GGUF tensor encoders (F32, F16, BF16, legacy and K-quants).
+
+``quantize`` reproduces what ggml's ``ggml_quantize_chunk`` writes, byte for
+byte: the ``quantize_row_*_ref`` functions without an importance matrix and the
+``quantize_row_*_impl`` ones with it (Q8_0 ignores it, as in ggml).  The math
+runs in torch float32 on the chosen device, whole chunks of blocks at a time
+(see ``_fit`` for how ggml's sequential float32 order is kept).
+
+gguf-py 0.19 cannot quantize the K types.  Its legacy and float encoders were
+measured and not reused: they are single-threaded numpy without imatrix paths
+(250-750 MB/s on one core here, about what one torch worker does) and its
+Q4_0/Q4_1/Q5_0/Q5_1 differ from ggml on signed-zero and subnormal blocks.
+``dequantize`` does delegate to gguf-py: it decodes every type written here
+exactly, at 300-450 MB/s, far faster than any encoder, so a torch decoder
+would buy nothing yet.
+
+On the CPU the chunks run on a small pool of single-threaded workers
+(:func:`_cpu_pool`), one chunk each.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+import gguf
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as QT
+from torch import Tensor
+
+from ...errors import QuantizationError
+from . import _kquants as kq
+from . import _legacy as lq
+from ._fit import F32, div, seq_sum
+
+__all__ = [
+    "FLOAT_TYPES",
+    "K_QUANTS",
+    "LEGACY_QUANTS",
+    "SUPPORTED_TYPES",
+    "block_size",
+    "bytes_per_row",
+    "dequantize",
+    "quantize",
+    "type_size",
+]
+
+K_QUANTS = frozenset({QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K})
+LEGACY_QUANTS = frozenset({QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0})
+FLOAT_TYPES = frozenset({QT.F32, QT.F16, QT.BF16})
+SUPPORTED_TYPES = K_QUANTS | LEGACY_QUANTS | FLOAT_TYPES
+
+# ggml_quantize_chunk: quantize_qX -> quantize_row_qX_ref without an imatrix ...
+_REF: dict[QT, Callable[[Tensor], Tensor]] = {
+    QT.Q8_0: lq.quantize_q8_0,
+    QT.Q4_0: lq.quantize_q4_0,
+    QT.Q4_1: lq.quantize_q4_1,
+    QT.Q5_0: lq.quantize_q5_0,
+    QT.Q5_1: lq.quantize_q5_1,
+    QT.Q2_K: kq.quantize_q2_k,
+    QT.Q3_K: kq.quantize_q3_k,
+    QT.Q4_K: kq.quantize_q4_k,
+    QT.Q5_K: kq.quantize_q5_k,
+    QT.Q6_K: kq.quantize_q6_k,
+}
+# ... and quantize_row_qX_impl with one.  The legacy ones also need the
+# mean square of each block's whole row.
+_IMPL_K: dict[QT, Callable[[Tensor, Tensor], Tensor]] = {
+    QT.Q2_K: kq.quantize_q2_k_impl,
+    QT.Q3_K: kq.quantize_q3_k_impl,
+    QT.Q4_K: kq.quantize_q4_k_impl,
+    QT.Q5_K: kq.quantize_q5_k_impl,
+    QT.Q6_K: kq.quantize_q6_k_impl,
+}
+_IMPL_LEGACY: dict[QT, Callable[[Tensor, Tensor, Tensor], Tensor]] = {
+    QT.Q4_0: lq.quantize_q4_0_impl,
+    QT.Q4_1: lq.quantize_q4_1_impl,
+    QT.Q5_0: lq.quantize_q5_0_impl,
+    QT.Q5_1: lq.quantize_q5_1_impl,
+}
+
+# Elements per chunk.  On the CPU each worker thread takes one chunk at a time:
+# measured best at 2^17-2^18 (0.5-1 MB of float32), where per-op overheads are
+# amortised and the working set still mostly fits the 2 MB L2; Q3_K's
+# coordinate descent runs many small rounds and prefers 2^19.  On a GPU a
+# chunk must be large enough to fill the device.
+_CPU_CHUNK = 1 << 18
+_CPU_CHUNK_BY_TYPE = {QT.Q3_K: 1 << 19}
+_GPU_CHUNK = 1 << 23
+_F16_MAX = 65504.0
+
+
+def block_size(qtype: QT) -> int:
+    """Elements per block (1 for the float types)."""
+    return gguf.GGML_QUANT_SIZES[QT(qtype)][0]
+
+
+def type_size(qtype: QT) -> int:
+    """Bytes per block."""
+    return gguf.GGML_QUANT_SIZES[QT(qtype)][1]
+
+
+def bytes_per_row(qtype: QT, n: int) -> int:
+    """Bytes of one row of ``n`` elements; ``n`` must fill whole blocks."""
+    bs, ts = gguf.GGML_QUANT_SIZES[QT(qtype)]
+    if n % bs:
+        raise QuantizationError(f"a row of {n} elements is not a whole number of {QT(qtype).name} blocks of {bs}")
+    return n // bs * ts
+
+
+def quantize(
+    data: Tensor | np.ndarray,
+    qtype: QT,
+    imatrix: Tensor | np.ndarray | None = None,
+    *,
+    device: str | torch.device | None = None,
+    name: str | None = None,
+) -> np.ndarray:
+    """Encode ``data`` along its last axis as ggml's ``ggml_quantize_chunk``.
+
+    ``data`` is any floating torch tensor or numpy array (BF16 values are
+    upcast to float32 exactly); ``imatrix`` an optional per-column importance
+    vector of the row length.  Returns uint8 of shape
+    ``(*data.shape[:-1], bytes_per_row(qtype, data.shape[-1]))`` for every
+    type, F32/F16/BF16 included (their raw little-endian values).
+    """
+    qtype = QT(qtype)
+    label = name or "<unnamed>"
+    if qtype not in SUPPORTED_TYPES:
+        raise QuantizationError(f"tensor {label}: cannot encode {qtype.name}; supported: "
+                                f"{', '.join(sorted(t.name for t in SUPPORTED_TYPES))}")
+    rows = _source_rows(data, label)
+    lead_shape = tuple(data.shape[:-1])
+    n_rows, n = rows.shape
+    bs, ts = gguf.GGML_QUANT_SIZES[qtype]
+    if n % bs:
+        raise QuantizationError(f"tensor {label}: row length {n} is not a multiple of the "
+                                f"{qtype.name} block size {bs}")
+    dev = torch.device(device or "cpu")
+    qw = None if imatrix is None else _importance(imatrix, n, label, dev)
+    encode = _encoder(qtype, rows, qw, dev, label)
+
+    out = np.empty((n_rows * n // bs, ts), dtype=np.uint8)
+    flat = rows.reshape(-1, bs)
+    chunk = _CPU_CHUNK_BY_TYPE.get(qtype, _CPU_CHUNK) if dev.type == "cpu" else _GPU_CHUNK
+    per_chunk = max(1, chunk // bs)
+
+    def run(b0: int) -> None:
+        b1 = min(b0 + per_chunk, flat.shape[0])
+        x = flat[b0:b1].to(device=dev, dtype=F32)
+        if not _all_finite(x):
+            raise QuantizationError(f"tensor {label}: contains NaN/Inf values; fix the checkpoint "
+                                    f"before encoding it as {qtype.name}")
+        out[b0:b1] = encode(x, b0).cpu().numpy()
+
+    starts = range(0, flat.shape[0], per_chunk)
+    if dev.type == "cpu" and len(starts) > 1:
+        list(_cpu_pool(torch.get_num_threads()).map(run, starts))
+    else:
+        for b0 in starts:
+            run(b0)
+    return out.reshape(*lead_shape, n // bs * ts)
+
+
+def _all_finite(x: Tensor) -> bool:
+    """NaN propagates through amax/amin and an Inf is an extreme: two plain
+    reductions instead of ``isfinite``'s bool tensor."""
+    return bool(torch.isfinite(x.amax()) & torch.isfinite(x.amin()))
+
+
+_POOL_LOCK = threading.Lock()
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+# A forked child inherits the pools but not their threads: start afresh there.
+os.register_at_fork(after_in_child=_POOLS.clear)
+
+
+def _cpu_pool(workers: int) -> ThreadPoolExecutor:
+    """A persistent pool of ``workers`` threads that run torch single-threaded.
+
+    One chunk per thread beats torch's intra-op parallelism here: the chunks
+    are cache-sized, so splitting every op across threads costs more in
+    synchronisation than it gains.  With OpenMP ``torch.set_num_threads``
+    sets the calling thread's team size and the default for threads started
+    later; each worker pins itself to 1, then the default is restored."""
+    with _POOL_LOCK:
+        pool = _POOLS.get(workers)
+        if pool is None:
+            default = torch.get_num_threads()
+            ready = threading.Barrier(workers)
+
+            def pin() -> None:
+                torch.get_num_threads()      # torch's lazy per-thread init, before the pin
+                torch.set_num_threads(1)
+                ready.wait()
+
+            pool = ThreadPoolExecutor(workers, thread_name_prefix="qconvert-quantize", initializer=pin)
+            list(pool.map(lambda _: None, range(workers)))
+            torch.set_num_threads(default)
+            _POOLS[workers] = pool
+        return pool
+
+
+def _source_rows(data: Tensor | np.ndarray, label: str) -> Tensor:
+    """``data`` as a 2-D ``(rows, row_length)`` torch view in its own dtype."""
+    if isinstance(data, np.ndarray):
+        if not np.issubdtype(data.dtype, np.floating):
+            raise QuantizationError(f"tensor {label}: expected floating-point data, got {data.dtype}")
+        data = torch.from_numpy(np.ascontiguousarray(data))
+    elif not isinstance(data, Tensor) or not data.is_floating_point():
+        raise QuantizationError(f"tensor {label}: expected a floating-point tensor or array, "
+                                f"got {getattr(data, 'dtype', type(data).__name__)}")
+    if data.dim() == 0:
+        raise QuantizationError(f"tensor {label}: cannot encode a 0-d scalar")
+    return data.reshape(-1, data.shape[-1])
+
+
+def _importance(imatrix: Tensor | np.ndarray, n: int, label: str, dev: torch.device) -> Tensor:
+    qw = torch.as_tensor(imatrix).to(device=dev, dtype=F32)
+    if qw.shape != (n,):
+        raise QuantizationError(f"tensor {label}: imatrix has shape {tuple(qw.shape)}, "
+                                f"expected ({n},) (one weight per input column)")
+    if not bool(torch.isfinite(qw).all()):
+        raise QuantizationError(f"tensor {label}: imatrix contains NaN/Inf values")
+    return qw
+
+
+def _encoder(qtype: QT, rows: Tensor, qw: Tensor | None, dev: torch.device, label: str
+             ) -> Callable[[Tensor, int], Tensor]:
+    """``encode(x, first_block) -> bytes`` for chunks ``x`` of ``(B, block)``
+    float32 blocks starting at flat block index ``first_block``."""
+    if qtype in FLOAT_TYPES:
+        return lambda x, b0: _encode_float(x, qtype, label)
+    if qw is None or qtype not in _IMPL_K and qtype not in _IMPL_LEGACY:
+        ref = _REF[qtype]
+        return lambda x, b0: ref(x)
+    bs = block_size(qtype)
+    blocks_per_row = rows.shape[1] // bs
+    qw_blocks = qw.view(blocks_per_row, bs)
+
+    def block_index(x: Tensor, b0: int) -> Tensor:
+        return torch.arange(b0, b0 + x.shape[0], device=dev)
+
+    if qtype in _IMPL_K:
+        impl_k = _IMPL_K[qtype]
+        return lambda x, b0: impl_k(x, qw_blocks[block_index(x, b0) % blocks_per_row])
+    impl = _IMPL_LEGACY[qtype]
+    sigma2 = _row_mean_square(rows, dev)
+    return lambda x, b0: impl(x, qw_blocks[block_index(x, b0) % blocks_per_row],
+                              sigma2[block_index(x, b0) // blocks_per_row])
+
+
+def _row_mean_square(rows: Tensor, dev: torch.device) -> Tensor:
+    """``sum_x2 += x[j]*x[j]`` over each whole row, ``/ n_per_row`` (the legacy
+    ``quantize_row_*_impl`` statistic)."""
+    n = rows.shape[1]
+    step = max(1, (1 << 24) // n)
+    parts = []
+    for r0 in range(0, rows.shape[0], step):
+        xt = rows[r0:r0 + step].to(device=dev, dtype=F32).T.contiguous()
+        parts.append(div(seq_sum(xt * xt), float(n)))
+    return torch.cat(parts)
+
+
+def _encode_float(x: Tensor, qtype: QT, label: str) -> Tensor:
+    """F32 copies; F16 and BF16 round to nearest even like ggml's
+    ``ggml_fp32_to_fp16_row`` / ``ggml_fp32_to_bf16_row_ref``."""
+    if qtype == QT.F32:
+        return x.view(torch.uint8)
+    if qtype == QT.F16:
+        h = x.to(torch.float16)
+        if not _all_finite(h):
+            raise QuantizationError(f"tensor {label}: values up to {float(x.abs().max()):.6g} exceed the F16 range "
+                                    f"(±{_F16_MAX:g}); use BF16 or F32 for this tensor")
+        return h.view(torch.uint8)
+    return x.to(torch.bfloat16).view(torch.uint8)
+
+
+def dequantize(raw: np.ndarray, qtype: QT, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """Decode ``raw`` uint8 rows (as returned by :func:`quantize`) to float32
+    with gguf-py, which implements every type written here exactly; ``shape``
+    reshapes the result."""
+    qtype = QT(qtype)
+    raw = np.ascontiguousarray(raw).view(np.uint8)
+    if qtype == QT.F32:
+        values = raw.view(np.float32)
+    elif qtype == QT.F16:
+        values = raw.view(np.float16).astype(np.float32)
+    else:
+        values = gguf.quants.dequantize(raw, qtype)
+    return values.reshape(shape) if shape is not None else values
