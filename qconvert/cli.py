@@ -45,7 +45,8 @@ def converter_options(f):
     return f
 
 
-def open_source(source: str, *, loras=(), ignore_unmatched: bool = False, allow_extra: bool = False):
+def open_source(source: str, *, loras=(), ignore_unmatched: bool = False, allow_extra: bool = False,
+                device: str | None = None):
     """The checkpoint, seen through any LoRAs: every converter gets --lora for free."""
     from .checkpoint import open_checkpoint
 
@@ -54,7 +55,7 @@ def open_source(source: str, *, loras=(), ignore_unmatched: bool = False, allow_
         return ckpt
     from .lora import with_loras
 
-    return with_loras(ckpt, loras, ignore_unmatched=ignore_unmatched)
+    return with_loras(ckpt, loras, ignore_unmatched=ignore_unmatched, device=device)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -139,6 +140,53 @@ def demo_cmd(out, quiet):
 
 # [to-gguf]
 
+@cli.command("to-gguf")
+@click.argument("source")
+@click.option("--level", required=True, metavar="LEVEL",
+              help="BF16, F16, Q8_0, Q6_K, Q5_K_M, Q5_K_S, Q5_1, Q5_0, Q4_K_M, Q4_K_S, Q4_1, Q4_0, Q3_K_M, "
+                   "Q3_K_S, Q2_K, or all (every level, reading the source once).")
+@click.option("--policy", type=click.Choice(["city96", "quantstack", "uniform"]), default="city96",
+              show_default=True,
+              help="Per-tensor types: city96's published files, QuantStack's (blocks 0/last at Q5_K), "
+                   "or every block linear at the level's base type.")
+@click.option("--minimal-metadata", is_flag=True,
+              help="Only general.architecture, quantization_version and file_type (no qconvert.* provenance).")
+@converter_options
+def to_gguf_cmd(source, level, policy, minimal_metadata, output, dry_run, as_json, device, loras, ignore_unmatched,
+                allow_extra, quiet):
+    """GGUF for ComfyUI-GGUF and diffusers, at one llama.cpp level or all of them.
+
+    Files are named MODEL-LEVEL.gguf (qwen-image-Q4_K_M.gguf) in the current folder; -o is the file for one
+    level and the folder for all.  Provenance goes in qconvert.* keys unless --minimal-metadata.  ComfyUI: put
+    the file in ComfyUI/models/diffusion_models/ and load it with ComfyUI-GGUF's Unet Loader (GGUF).  diffusers:
+    QwenImageTransformer2DModel.from_single_file(FILE, quantization_config=GGUFQuantizationConfig(...),
+    config="Qwen/Qwen-Image", subfolder="transformer").
+
+    \b
+    qconvert to-gguf Qwen/Qwen-Image --level Q4_K_M
+    qconvert to-gguf ./qwen-image --level all -o gguf/ --dry-run
+    """
+    from .formats.gguf import writer
+    from .formats.gguf.policy import expand_levels
+
+    levels = expand_levels(level)
+    with open_source(source, loras=loras, ignore_unmatched=ignore_unmatched, allow_extra=allow_extra,
+                     device=device) as src:
+        paths = writer.output_paths(src.name, levels, output)
+        plans = writer.plan_files(src, levels, policy=policy, minimal_metadata=minimal_metadata)
+        if not dry_run:
+            writer.write_gguf(src, plans, paths, device=device, quiet=quiet or as_json)
+        hints = writer.load_hints(paths[-1], src)
+    if as_json:
+        emit_json(writer.report_json(plans, paths, written=not dry_run))
+    elif dry_run:
+        click.echo("\n".join(writer.format_plan(plan, path) for plan, path in zip(plans, paths)))
+    elif not quiet:
+        for plan, path in zip(plans, paths):
+            click.echo(f"wrote {path}  ({plan.level}, {plan.bytes:,} bytes)")
+        click.echo("\n".join("  " + line for line in hints))
+
+
 # [to-fp8]
 
 @cli.command("to-fp8")
@@ -176,7 +224,8 @@ def to_fp8_cmd(source, layout, dtype, keep, output, dry_run, as_json, device, lo
         options = fp8.make_options(layout, dtype, keep)
     except QConvertError as exc:
         raise click.UsageError(str(exc)) from None
-    with open_source(source, loras=loras, ignore_unmatched=ignore_unmatched, allow_extra=allow_extra) as src:
+    with open_source(source, loras=loras, ignore_unmatched=ignore_unmatched, allow_extra=allow_extra,
+                     device=device) as src:
         report = fp8.convert(src, output, options, device=device, dry_run=dry_run, quiet=quiet or as_json)
     if as_json:
         emit_json(report)
@@ -200,13 +249,12 @@ def bake_lora_cmd(source, output, dry_run, as_json, device, loras, ignore_unmatc
     qconvert bake-lora qwen_image_bf16.safetensors --lora style.safetensors:0.8 --lora lightning.safetensors \\
         -o qwen_image_style_lightning_bf16.safetensors
     """
-    from .checkpoint import open_checkpoint
-    from .lora import bake, bake_plan, bake_report, format_report, with_loras
+    from .lora import bake, bake_plan, bake_report, format_report
 
     if not loras:
         raise click.UsageError("give at least one --lora FILE[:STRENGTH]")
-    with with_loras(open_checkpoint(source, allow_extra=allow_extra), loras, ignore_unmatched=ignore_unmatched,
-                    device=device) as view:
+    with open_source(source, loras=loras, ignore_unmatched=ignore_unmatched, allow_extra=allow_extra,
+                     device=device) as view:
         plan = bake_plan(view, output, options={"ignore_unmatched": ignore_unmatched}, dry_run=dry_run)
         if not dry_run:
             bake(view, plan, quiet=quiet or as_json)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import Callable
 
@@ -19,29 +20,12 @@ def run_demo(out: Path, *, quiet: bool = False, echo: Callable[[str], None] = pr
     echo(f"tiny model      {model}  ({s['tensors']} tensors, {s['parameters']:,} parameters, diffusers layout)")
     echo("                loads in diffusers: QwenImageTransformer2DModel.from_pretrained("
          f"'{model}', subfolder='transformer')")
-    for step in _STEPS:
-        written.extend(step(model, out, quiet, echo))
+    for module in _STEPS:
+        written.extend(importlib.import_module(module).demo_step(model, out, quiet, echo))
     echo(f"done: {len(written)} outputs under {out}/")
     return written
 
 
-# Each converter registers a step here: (model, out, quiet, echo) -> written paths.
-_STEPS: list[Callable] = []
-
-
-def _bake_lora_step(model, out, quiet, echo):
-    from .lora import demo_step
-
-    return demo_step(model, out, quiet, echo)
-
-
-_STEPS.append(_bake_lora_step)
-
-
-def _fp8_step(model, out, quiet, echo):
-    from .formats.fp8 import demo_step
-
-    return demo_step(model, out, quiet, echo)
-
-
-_STEPS.append(_fp8_step)
+# Each converter module offers demo_step(model, out, quiet, echo) -> written paths;
+# they are imported only when the demo runs, to keep every command's start-up fast.
+_STEPS = ("qconvert.formats.gguf.writer", "qconvert.formats.fp8", "qconvert.lora")
