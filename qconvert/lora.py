@@ -41,6 +41,7 @@ import torch
 from .checkpoint import FLOAT_DTYPES, INDEX_NAME, read_safetensors_header, refuse_pickle
 from .errors import CheckpointError, QConvertError
 from .models import qwen_image as qi
+from .pipeline import parse_device
 
 # Key prefixes that come before a dotted module name ("transformer_blocks.0.attn.to_q"):
 # bare (lightx2v, DiffSynth), diffusers, ComfyUI / ai-toolkit, PEFT's save_pretrained.
@@ -444,7 +445,7 @@ def with_loras(source, specs, *, ignore_unmatched: bool = False, device=None,
     if isinstance(specs, (str, Path, LoraSpec)):
         specs = [specs]
     specs = [parse_spec(s) for s in specs]
-    dev = _device(device)
+    dev = parse_device(device)
     if not specs:
         raise QConvertError("no LoRA given (use --lora FILE[:STRENGTH])")
     shapes = source.shapes()
@@ -454,16 +455,6 @@ def with_loras(source, specs, *, ignore_unmatched: bool = False, device=None,
     _check_all(checked, ignore_unmatched, warn)
     # Alphas (a few bytes each) are read only once every file has proved sound.
     return LoraView(source, [LoraFile(*c) for c in checked], dev)
-
-
-def _device(device) -> torch.device:
-    try:
-        dev = torch.device(device or "cpu")
-    except (RuntimeError, TypeError):
-        raise QConvertError(f"--device {device!r}: not a device (use cpu, cuda or cuda:N)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise QConvertError(f"--device {device}: no CUDA device is available here; use --device cpu")
-    return dev
 
 
 # ------------------------------------------------------------- bake-lora

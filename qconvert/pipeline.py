@@ -16,7 +16,7 @@ from typing import Iterable
 import torch
 
 from . import __version__
-from .errors import QuantizationError
+from .errors import QConvertError, QuantizationError
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,19 @@ class TensorPlan:
         d = asdict(self)
         d["shape"] = list(self.shape)
         return d
+
+
+def parse_device(device) -> torch.device:
+    """``--device`` as a torch device, with a one-line error for one this machine lacks."""
+    try:
+        dev = torch.device(device or "cpu")
+    except (RuntimeError, TypeError, ValueError):
+        raise QConvertError(f"--device {device!r}: not a device (use cpu, cuda or cuda:N)") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise QConvertError(f"--device {device}: qconvert computes on cpu or cuda")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise QConvertError(f"--device {device}: no CUDA device is available here; use --device cpu")
+    return dev
 
 
 def check_finite(name: str, tensor: torch.Tensor) -> None:

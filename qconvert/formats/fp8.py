@@ -87,7 +87,7 @@ from ..checkpoint import COMFY_PREFIXES, DTYPES, Checkpoint, read_safetensors_he
 from ..errors import CheckpointError, QConvertError
 from ..io import SafetensorsWriter, atomic_output, safetensors_size, tensor_bytes
 from ..models import qwen_image as qi
-from ..pipeline import TensorPlan, check_finite, progress, provenance, provenance_json, type_counts
+from ..pipeline import TensorPlan, check_finite, parse_device, progress, provenance, provenance_json, type_counts
 
 LAYOUTS = ("comfy", "scaled", "plain")
 HIGH_PRECISION = "BF16"  # what non-quantized tensors become in the comfy and scaled layouts
@@ -337,18 +337,6 @@ def const_tensor(p: TensorPlan, fp8: Fp8Type) -> torch.Tensor:
     if p.role == "comfy_quant":
         return torch.frombuffer(bytearray(comfy_quant_config(fp8)), dtype=torch.uint8)
     return torch.zeros(p.shape, dtype=DTYPES[p.out_type][1])
-
-
-def parse_device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise QConvertError(f"--device {name!r}: not a device name (cpu, cuda, cuda:1)") from None
-    if device.type not in ("cpu", "cuda"):
-        raise QConvertError(f"--device {name}: FP8 conversion runs on cpu or cuda")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise QConvertError(f"--device {name}: torch sees no CUDA GPU here; use --device cpu")
-    return device
 
 
 def write_fp8(source, plan: Fp8Plan, target: str | os.PathLike, *, device: str | torch.device = "cpu",
