@@ -169,7 +169,10 @@ def to_gguf_cmd(source, level, policy, minimal_metadata, output, dry_run, as_jso
     from .formats.gguf import writer
     from .formats.gguf.policy import expand_levels
 
-    levels = expand_levels(level)
+    try:
+        levels = expand_levels(level)
+    except QConvertError as exc:
+        raise click.UsageError(str(exc)) from None
     with open_source(source, loras=loras, ignore_unmatched=ignore_unmatched, allow_extra=allow_extra,
                      device=device) as src:
         paths = writer.output_paths(src.name, levels, output)
