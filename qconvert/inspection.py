@@ -45,7 +45,7 @@ def _inspect_safetensors(path: Path) -> dict:
         fmt = "safetensors, ComfyUI per-layer quantized (comfy_quant)"
     elif "scaled_fp8" in tensors:
         fmt = "safetensors, legacy scaled fp8"
-    elif tensors and all(d.startswith("F8_") for d, _, _ in tensors.values()):
+    elif tensors and all(d.startswith("F8_") for n, (d, _, _) in tensors.items() if n != qi.MARKER_EDIT_2511):
         fmt = "safetensors, plain fp8 cast"
     return _summary(str(path), "single-file", fmt, tensors, header.metadata, path.stat().st_size,
                     prefix=prefix)

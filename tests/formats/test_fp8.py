@@ -410,3 +410,15 @@ def test_dequantized_weights_run_in_diffusers(tiny_model, outputs):
     assert errors["comfy"] < 0.08, errors
     assert errors["keep-mod"] < errors["comfy"] < errors["comfy-e5m2"] < 0.16, errors
     assert errors["scaled"] < 0.16 and errors["plain"] < 0.16, errors
+
+
+def test_inspect_names_each_layout(outputs, tmp_path):
+    from qconvert.inspection import inspect_path
+
+    assert "comfy_quant" in inspect_path(outputs["comfy"])["format"]
+    assert "legacy scaled fp8" in inspect_path(outputs["scaled"])["format"]
+    assert "plain fp8 cast" in inspect_path(outputs["plain"])["format"]
+    # Edit-2511's empty marker stays BF16 in a plain file; it must not hide the layout.
+    edit = tiny.make_tiny_single_file(tmp_path / "e.safetensors", layers=1, variant="edit-2511")
+    summary = inspect_path(convert(edit, tmp_path / "ep.safetensors", layout="plain"))
+    assert "plain fp8 cast" in summary["format"] and summary["variant"] == "qwen-image-edit-2511"
