@@ -1,15 +1,19 @@
-"""Throughput of qconvert's GGUF encoders against ggml's C reference.
+"""Throughput of qconvert's GGUF encoders (torch and numba backends) against ggml's C reference.
 
     python3 benchmarks/bench_quants.py [--threads N] [--device cpu|cuda] [--shape 3072x3072]
-                                       [--types Q4_K,Q6_K] [--imatrix] [--repeat 3]
+                                       [--types Q4_K,Q6_K] [--backends torch,numba] [--imatrix]
+                                       [--repeat 3]
 
-Both run in the same process on the same data: trained-looking bf16 values
+All run in the same process on the same data: trained-looking bf16 values
 (student-t, rows of different scale) held as float32.  ggml's
 ``ggml_quantize_chunk`` is single-threaded, so it runs on a thread pool of
 ``--threads`` workers over row chunks, and qconvert gets ``--threads`` torch
-threads: equal cores.  MB/s counts float32 input bytes; the best of
-``--repeat`` runs is reported, with the share of blocks that came out
-byte-identical.
+threads (its worker pool, for either backend): equal cores.  MB/s counts
+float32 input bytes.  The contenders take turns in every repeat and the best
+of ``--repeat`` runs is reported, so a noisy machine slows all of them alike;
+"x torch" and "x ggml" are the numba backend's speed-ups, "identical" the
+share of blocks each backend wrote byte-identical to ggml.  The numba kernels
+are compiled (or loaded from numba's cache) during the warm-up, not timed.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import ggml_oracle  # noqa: E402
+from qconvert.formats.gguf import quants  # noqa: E402
 from qconvert.formats.gguf.quants import SUPPORTED_TYPES, quantize, type_size  # noqa: E402
 
 DEFAULT_TYPES = "F16,BF16,Q8_0,Q4_0,Q4_1,Q5_0,Q5_1,Q2_K,Q3_K,Q4_K,Q5_K,Q6_K"
@@ -39,13 +44,9 @@ def weights(rows: int, cols: int) -> np.ndarray:
     return torch.from_numpy(x).bfloat16().float().numpy()
 
 
-def best_time(fn, repeat: int) -> tuple[float, np.ndarray]:
-    best, out = float("inf"), None
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
+def has_numba_encoder(qtype: QT, device: str) -> bool:
+    cpu = quants._cpu_backend()
+    return device == "cpu" and cpu is not None and qtype.name in cpu.KERNELS
 
 
 def main() -> None:
@@ -54,6 +55,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--shape", default="3072x3072", help="rows x row length")
     ap.add_argument("--types", default=DEFAULT_TYPES)
+    ap.add_argument("--backends", default="torch,numba", help="qconvert backends to time")
     ap.add_argument("--imatrix", action="store_true", help="use a random importance matrix")
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
@@ -62,25 +64,55 @@ def main() -> None:
     rows, cols = (int(v) for v in args.shape.lower().split("x"))
     x = weights(rows, cols)
     qw = np.random.default_rng(1).lognormal(0, 1.5, cols).astype(np.float32) if args.imatrix else None
+    backends = [b.strip() for b in args.backends.split(",")]
     oracle, why = ggml_oracle.load()
     if oracle is None:
         print(f"(no ggml comparison: {why})")
+    if "numba" in backends and quants._cpu_backend() is None:
+        print("(no numba backend: numba is not installed)")
     mb = x.nbytes / 1e6
     print(f"{rows}x{cols} float32 ({mb:.1f} MB), {args.threads} thread(s), device {args.device}, "
-          f"imatrix {'yes' if qw is not None else 'no'}, torch {torch.__version__}")
-    print(f"{'type':6} {'qconvert MB/s':>14} {'ggml MB/s':>10} {'ratio':>6} {'identical':>10}")
+          f"imatrix {'yes' if qw is not None else 'no'}, torch {torch.__version__}, best of {args.repeat}")
+    print(f"{'type':6} {'torch MB/s':>10} {'numba MB/s':>10} {'ggml MB/s':>10} {'x torch':>8} {'x ggml':>7} "
+          f"{'torch ident.':>12} {'numba ident.':>12}")
     for name in args.types.split(","):
         qtype = QT[name.strip()]
         assert qtype in SUPPORTED_TYPES, name
-        quantize(x[:64], qtype, qw, device=args.device)                  # warm-up
-        t_ours, ours = best_time(lambda: quantize(x, qtype, qw, device=args.device), args.repeat)
-        line = f"{qtype.name:6} {mb / t_ours:14.1f}"
-        if oracle is not None:
-            t_ggml, ref = best_time(lambda: oracle.quantize(x, qtype, qw, threads=args.threads), args.repeat)
-            ts = type_size(qtype)
-            same = (ours.reshape(-1, ts) == ref.reshape(-1, ts)).all(1).mean()
-            line += f" {mb / t_ggml:10.1f} {t_ggml / t_ours:6.2f} {same:10.4%}"
-        print(line, flush=True)
+        def contenders(data: np.ndarray) -> dict:
+            runs = {b: (lambda b=b: quantize(data, qtype, qw, device=args.device, backend=b)) for b in backends
+                    if b == "torch" or has_numba_encoder(qtype, args.device)}
+            if oracle is not None:
+                runs["ggml"] = lambda: oracle.quantize(data, qtype, qw, threads=args.threads)
+            return runs
+
+        for run in contenders(x[:64]).values():                     # warm-up (and numba's compile)
+            run()
+        runs = contenders(x)
+        best = {b: float("inf") for b in runs}
+        out = {}
+        for _ in range(args.repeat):
+            for b, run in runs.items():
+                t0 = time.perf_counter()
+                out[b] = run()
+                best[b] = min(best[b], time.perf_counter() - t0)
+        speed = {b: mb / t for b, t in best.items()}
+        ts = type_size(qtype)
+
+        def cell(b: str, width: int) -> str:
+            return f"{speed[b]:{width}.1f}" if b in speed else f"{'-':>{width}}"
+
+        def ratio(a: str, b: str, width: int) -> str:
+            return f"{speed[a] / speed[b]:{width}.2f}" if a in speed and b in speed else f"{'-':>{width}}"
+
+        def identical(b: str) -> str:
+            if b not in out or "ggml" not in out:
+                return f"{'-':>12}"
+            same = (out[b].reshape(-1, ts) == out["ggml"].reshape(-1, ts)).all(1).mean()
+            return f"{same:12.4%}"
+
+        print(f"{qtype.name:6} {cell('torch', 10)} {cell('numba', 10)} {cell('ggml', 10)} "
+              f"{ratio('numba', 'torch', 8)} {ratio('numba', 'ggml', 7)} {identical('torch')} {identical('numba')}",
+              flush=True)
 
 
 if __name__ == "__main__":

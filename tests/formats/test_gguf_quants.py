@@ -2,11 +2,14 @@
 
 The oracle tests call ``ggml_quantize_chunk`` from the libggml that
 llama-cpp-python ships (``tests/ggml_oracle.py``) and compare every block.
-Run with ``-s`` to see the identity rate of each type.
+Run with ``-s`` to see the identity rate of each type.  The quantized types
+have two backends, torch and numba (``quantize(..., backend=)``); both are
+tested against ggml and against each other.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -17,6 +20,7 @@ import torch
 from gguf import GGMLQuantizationType as QT
 
 from qconvert.errors import QuantizationError
+from qconvert.formats.gguf import quants as quants_module
 from qconvert.formats.gguf.quants import (
     FLOAT_TYPES,
     K_QUANTS,
@@ -41,6 +45,23 @@ def oracle_test(fn):
     for mark in needs_oracle:
         fn = mark(fn)
     return fn
+
+
+HAS_NUMBA = importlib.util.find_spec("numba") is not None
+needs_numba = pytest.mark.skipif(not HAS_NUMBA, reason="numba is not installed")
+BACKENDS = ["torch", pytest.param("numba", marks=needs_numba)]
+
+
+def with_backends(types) -> list:
+    """``(qtype, backend)`` cases: every type in torch, the quantized ones
+    (all but F32/F16/BF16) in numba too."""
+    cases = []
+    for qtype in sorted(types, key=int):
+        cases.append(pytest.param(qtype, "torch", id=f"{qtype.name}-torch"))
+        if qtype not in FLOAT_TYPES:
+            cases.append(pytest.param(qtype, "numba", id=f"{qtype.name}-numba", marks=needs_numba))
+    return cases
+
 
 EXACT_TYPES = sorted(FLOAT_TYPES - {QT.F32} | LEGACY_QUANTS, key=int)
 ALL_QUANTS = sorted(LEGACY_QUANTS | K_QUANTS, key=int)
@@ -118,14 +139,14 @@ def block_errors(x: np.ndarray, raw: np.ndarray, qtype: QT, qw: np.ndarray | Non
 
 @oracle_test
 @pytest.mark.parametrize("with_imatrix", [False, True], ids=["ref", "imatrix"])
-@pytest.mark.parametrize("qtype", sorted(SUPPORTED_TYPES, key=int), ids=lambda t: t.name)
-def test_identical_to_ggml(qtype: QT, with_imatrix: bool, data: np.ndarray, imatrix: np.ndarray):
+@pytest.mark.parametrize(("qtype", "backend"), with_backends(SUPPORTED_TYPES))
+def test_identical_to_ggml(qtype: QT, backend: str, with_imatrix: bool, data: np.ndarray, imatrix: np.ndarray):
     qw = imatrix if with_imatrix else None
-    ours = quantize(data, qtype, qw, name="test")
+    ours = quantize(data, qtype, qw, name="test", backend=backend)
     ggml = ORACLE.quantize(data, qtype, qw)
     ts = type_size(qtype)
     same = (ours.reshape(-1, ts) == ggml.reshape(-1, ts)).all(1)
-    print(f"\n{qtype.name:5} {'imatrix' if qw is not None else 'ref':7} "
+    print(f"\n{qtype.name:5} {backend:5} {'imatrix' if qw is not None else 'ref':7} "
           f"{same.mean():9.4%} of {same.size} blocks identical to ggml")
     if qtype not in K_QUANTS:
         assert same.all(), f"{(~same).sum()} blocks differ from ggml"
@@ -149,14 +170,40 @@ def test_roundtrip_through_gguf_py_matches_ggml(qtype: QT, data: np.ndarray):
 
 @oracle_test
 @pytest.mark.slow
-@pytest.mark.parametrize("qtype", sorted(K_QUANTS, key=int), ids=lambda t: t.name)
-def test_full_size_layer_identical_to_ggml(qtype: QT):
+@pytest.mark.parametrize(("qtype", "backend"), with_backends(K_QUANTS))
+def test_full_size_layer_identical_to_ggml(qtype: QT, backend: str):
     """A 3072x3072 layer (36,864 super-blocks) of trained-looking weights."""
     x = trained_weights(np.random.default_rng(3072), 3072, 3072)
     ts = type_size(qtype)
-    same = (quantize(x, qtype).reshape(-1, ts) == ORACLE.quantize(x, qtype, threads=2).reshape(-1, ts)).all(1)
-    print(f"\n{qtype.name}: {same.mean():.5%} of {same.size} super-blocks identical")
+    ours = quantize(x, qtype, backend=backend)
+    same = (ours.reshape(-1, ts) == ORACLE.quantize(x, qtype, threads=2).reshape(-1, ts)).all(1)
+    print(f"\n{qtype.name} {backend}: {same.mean():.5%} of {same.size} super-blocks identical")
     assert same.mean() >= 0.999
+
+
+@oracle_test
+@pytest.mark.parametrize(("qtype", "backend"), with_backends(LEGACY_QUANTS | K_QUANTS))
+def test_chunks_starting_inside_a_row_match_ggml(qtype: QT, backend: str):
+    """Rows of 3 super-blocks (24 legacy blocks): the 2^18-element chunks the
+    encoders work in start inside a row, so each block must find its own
+    imatrix entries (and, for the legacy types, its row's mean square)."""
+    rng = np.random.default_rng(768)
+    x = trained_weights(rng, 700, 768)
+    qw = importance(rng, 768)
+    ts = type_size(qtype)
+    ours = quantize(x, qtype, qw, backend=backend).reshape(-1, ts)
+    same = (ours == ORACLE.quantize(x, qtype, qw).reshape(-1, ts)).all(1)
+    assert same.mean() >= (0.999 if qtype in K_QUANTS else 1.0)
+
+
+@needs_numba
+@pytest.mark.parametrize("with_imatrix", [False, True], ids=["ref", "imatrix"])
+@pytest.mark.parametrize("qtype", ALL_QUANTS, ids=lambda t: t.name)
+def test_backends_write_the_same_bytes(qtype: QT, with_imatrix: bool, data: np.ndarray, imatrix: np.ndarray):
+    """torch and numba agree block for block, edge rows included (no oracle
+    needed: this holds wherever the tests run)."""
+    qw = imatrix if with_imatrix else None
+    assert np.array_equal(quantize(data, qtype, qw, backend="numba"), quantize(data, qtype, qw, backend="torch"))
 
 
 # ---------------------------------------------------------------- without the oracle
@@ -190,6 +237,39 @@ def test_bf16_tensor_equals_its_float32_values(qtype: QT):
     assert np.array_equal(quantize(x.bfloat16(), qtype), quantize(x.numpy(), qtype))
 
 
+def test_numba_is_the_default_on_the_cpu_when_installed(monkeypatch):
+    cpu = torch.device("cpu")
+    default = quants_module._numba_kernels(QT.Q4_K, cpu, None, "w")
+    assert (default is not None) == HAS_NUMBA
+    assert quants_module._numba_kernels(QT.Q4_K, torch.device("cuda"), None, "w") is None
+    assert quants_module._numba_kernels(QT.F16, cpu, None, "w") is None
+    assert quants_module._numba_kernels(QT.Q4_K, cpu, "torch", "w") is None
+    monkeypatch.setattr(quants_module, "_cpu_backend", lambda: None)        # numba missing
+    assert quants_module._numba_kernels(QT.Q4_K, cpu, None, "w") is None
+    with pytest.raises(QuantizationError, match="tensor w: the numba backend needs numba"):
+        quantize(np.ones((1, 256), dtype=np.float32), QT.Q4_K, name="w", backend="numba")
+
+
+@needs_numba
+def test_numba_backend_refuses_what_it_cannot_do():
+    x = np.ones((1, 256), dtype=np.float32)
+    with pytest.raises(QuantizationError, match="tensor w: the numba backend runs on the CPU, not cuda"):
+        quantize(x, QT.Q4_K, name="w", device="cuda", backend="numba")
+    with pytest.raises(QuantizationError, match="tensor w: the numba backend has no F16 encoder"):
+        quantize(x, QT.F16, name="w", backend="numba")
+
+
+def test_unknown_backend_is_refused():
+    with pytest.raises(QuantizationError, match="unknown quantization backend 'numpy'; use one of torch, numba"):
+        quantize(np.ones((1, 256), dtype=np.float32), QT.Q4_K, name="w", backend="numpy")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_input_equals_its_contiguous_copy(backend: str):
+    x = torch.from_numpy(trained_weights(np.random.default_rng(8), 16, 2 * N))[:, :N]
+    assert np.array_equal(quantize(x, QT.Q4_K, backend=backend), quantize(x.contiguous(), QT.Q4_K, backend=backend))
+
+
 def test_devices_spelled_any_way_agree():
     x = trained_weights(np.random.default_rng(4), 8)
     ref = quantize(x, QT.Q6_K)
@@ -197,11 +277,13 @@ def test_devices_spelled_any_way_agree():
         assert np.array_equal(quantize(x, QT.Q6_K, device=device), ref)
 
 
-def test_worker_pool_leaves_the_callers_thread_count_alone():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_worker_pool_leaves_the_callers_thread_count_alone(backend: str):
     threads = torch.get_num_threads()
     x = trained_weights(np.random.default_rng(6), 600)        # several chunks
-    one_chunk_at_a_time = np.concatenate([quantize(x[i:i + 100], QT.Q5_K) for i in range(0, 600, 100)])
-    assert np.array_equal(quantize(x, QT.Q5_K), one_chunk_at_a_time)
+    one_chunk_at_a_time = np.concatenate([quantize(x[i:i + 100], QT.Q5_K, backend=backend)
+                                          for i in range(0, 600, 100)])
+    assert np.array_equal(quantize(x, QT.Q5_K, backend=backend), one_chunk_at_a_time)
     assert torch.get_num_threads() == threads
 
 
@@ -224,12 +306,12 @@ def test_roundtrip_error_is_bounded(qtype: QT, with_imatrix: bool):
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
-@pytest.mark.parametrize("qtype", [QT.F16, QT.Q8_0, QT.Q4_K], ids=lambda t: t.name)
-def test_nan_or_inf_is_refused(qtype: QT, bad: float):
+@pytest.mark.parametrize(("qtype", "backend"), with_backends([QT.F16, QT.Q8_0, QT.Q4_K]))
+def test_nan_or_inf_is_refused(qtype: QT, backend: str, bad: float):
     x = np.zeros((600, 512), dtype=np.float32)   # several chunks; the bad value in the last
     x[-1, -1] = bad
     with pytest.raises(QuantizationError, match=r"tensor blk\.0\.w: contains NaN/Inf"):
-        quantize(x, qtype, name="blk.0.w")
+        quantize(x, qtype, name="blk.0.w", backend=backend)
 
 
 @pytest.mark.parametrize("qtype", [QT.Q8_0, QT.Q4_K], ids=lambda t: t.name)
@@ -253,3 +335,54 @@ def test_unsupported_type_and_input_are_refused():
         quantize(np.ones((1, 256), dtype=np.float32), QT.IQ4_NL)
     with pytest.raises(QuantizationError, match="floating-point"):
         quantize(np.ones((1, 256), dtype=np.int32), QT.Q8_0)
+
+
+# ---------------------------------------------------------------- the numba kernels' scalar helpers
+
+@pytest.fixture(scope="module")
+def cpu():
+    pytest.importorskip("numba")
+    from qconvert.formats.gguf import _cpu
+    return _cpu
+
+
+def test_cpu_fp16_to_fp32_is_exact(cpu):
+    halves = np.arange(1 << 16, dtype=np.uint16)
+    expected = halves.view(np.float16).astype(np.float32)
+    got = np.array([cpu.fp16_to_fp32(int(h)) for h in halves], dtype=np.float32)
+    nan = np.isnan(expected)
+    assert np.array_equal(got[~nan].view(np.uint32), expected[~nan].view(np.uint32))
+    assert np.isnan(got[nan]).all()
+
+
+def test_cpu_fp32_to_fp16_rounds_to_nearest_even(cpu):
+    """Every half, the midpoints between neighbouring halves (ties, also into
+    the subnormals and up to inf) and their float32 neighbours, random bit
+    patterns: as numpy's correctly rounded conversion; NaN -> sign | 0x7E00."""
+    halves = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
+    finite = np.unique(halves[np.isfinite(halves)].astype(np.float64))
+    mids = np.append((finite[1:] + finite[:-1]) / 2, 65520.0).astype(np.float32)
+    values = np.concatenate([
+        halves, mids, np.nextafter(mids, np.float32(np.inf)), np.nextafter(mids, np.float32(-np.inf)),
+        np.random.default_rng(16).integers(0, 1 << 32, 1 << 16, dtype=np.uint64).astype(np.uint32).view(np.float32),
+    ])
+    got = np.array([cpu.fp32_to_fp16(v) for v in values], dtype=np.uint16)
+    nan = np.isnan(values)
+    with np.errstate(over="ignore"):
+        expected = values[~nan].astype(np.float16).view(np.uint16)
+    assert np.array_equal(got[~nan], expected)
+    assert np.array_equal(got[nan], np.where(np.signbit(values[nan]), 0xFE00, 0x7E00))
+
+
+def test_cpu_rounding_helpers_match_c(cpu):
+    f = np.float32
+    # nearest_int: ggml's bit trick, half to even, and what it gives out of range
+    v = np.array([0.5, 1.5, 2.5, -0.5, -1.5, -0.0, 4194303.0, 4194304.5, 5e6, -5e6, 1e20, np.inf, -np.inf, np.nan], f)
+    trick = ((v + f(12582912.0)).view(np.int32) & 0x007FFFFF) - 0x00400000
+    assert [cpu.nearest_int(a) for a in v] == trick.tolist()
+    # roundf: half away from zero, exact near 0.5 and 2^23
+    v = np.array([0.49999997, 0.5, 1.5, 2.5, -0.5, -2.5, -0.49999997, 8388607.5, 8388609.0, 1e10, -0.0], f)
+    assert [cpu.roundf(a) for a in v] == (np.sign(v) * np.floor(np.abs(v.astype(np.float64)) + 0.5)).tolist()
+    # cvtt: C's truncating cast as x86 does it, 0x80000000 when out of range
+    v = np.array([1.9, -1.9, 2147483520.0, 2147483648.0, -2147483648.0, np.inf, np.nan], f)
+    assert [cpu.cvtt(a) for a in v] == [1, -1, 2147483520, -2 ** 31, -2 ** 31, -2 ** 31, -2 ** 31]

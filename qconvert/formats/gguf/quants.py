@@ -15,12 +15,18 @@ exactly, at 300-450 MB/s, far faster than any encoder, so a torch decoder
 would buy nothing yet.
 
 On the CPU the chunks run on a small pool of single-threaded workers
-(:func:`_cpu_pool`), one chunk each.
+(:func:`_cpu_pool`), one chunk each.  There, when numba is installed, the
+quantized types run ggml's routines compiled with numba (``_cpu``, 3-15x
+faster than the torch ops, which cost a memory pass per float32 operation);
+the torch code serves CUDA devices and machines without numba, and
+``backend=`` picks one explicitly (tests and benchmarks compare the two).
 """
 
 from __future__ import annotations
 
+import functools
 import os
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
@@ -118,6 +124,7 @@ def quantize(
     *,
     device: str | torch.device | None = None,
     name: str | None = None,
+    backend: str | None = None,
 ) -> np.ndarray:
     """Encode ``data`` along its last axis as ggml's ``ggml_quantize_chunk``.
 
@@ -126,6 +133,10 @@ def quantize(
     vector of the row length.  Returns uint8 of shape
     ``(*data.shape[:-1], bytes_per_row(qtype, data.shape[-1]))`` for every
     type, F32/F16/BF16 included (their raw little-endian values).
+
+    ``backend`` ("torch" or "numba") forces an implementation; by default the
+    quantized types use numba on the CPU when it is installed, torch otherwise.
+    Both write the same bytes.
     """
     qtype = QT(qtype)
     label = name or "<unnamed>"
@@ -141,7 +152,9 @@ def quantize(
                                 f"{qtype.name} block size {bs}")
     dev = torch.device(device or "cpu")
     qw = None if imatrix is None else _importance(imatrix, n, label, dev)
-    encode = _encoder(qtype, rows, qw, dev, label)
+    kernels = _numba_kernels(qtype, dev, backend, label)
+    encode = (_encoder(qtype, rows, qw, dev, label) if kernels is None
+              else _numba_encoder(qtype, kernels, rows, qw))
 
     out = np.empty((n_rows * n // bs, ts), dtype=np.uint8)
     flat = rows.reshape(-1, bs)
@@ -151,10 +164,9 @@ def quantize(
     def run(b0: int) -> None:
         b1 = min(b0 + per_chunk, flat.shape[0])
         x = flat[b0:b1].to(device=dev, dtype=F32)
-        if not _all_finite(x):
+        if not encode(x, b0, out[b0:b1]):
             raise QuantizationError(f"tensor {label}: contains NaN/Inf values; fix the checkpoint "
                                     f"before encoding it as {qtype.name}")
-        out[b0:b1] = encode(x, b0).cpu().numpy()
 
     starts = range(0, flat.shape[0], per_chunk)
     if dev.type == "cpu" and len(starts) > 1:
@@ -227,10 +239,26 @@ def _importance(imatrix: Tensor | np.ndarray, n: int, label: str, dev: torch.dev
     return qw
 
 
-def _encoder(qtype: QT, rows: Tensor, qw: Tensor | None, dev: torch.device, label: str
-             ) -> Callable[[Tensor, int], Tensor]:
-    """``encode(x, first_block) -> bytes`` for chunks ``x`` of ``(B, block)``
-    float32 blocks starting at flat block index ``first_block``."""
+Encoder = Callable[[Tensor, int, np.ndarray], bool]
+
+
+def _encoder(qtype: QT, rows: Tensor, qw: Tensor | None, dev: torch.device, label: str) -> Encoder:
+    """``encode(x, first_block, dst) -> finite`` in torch: writes the bytes of
+    chunks ``x`` of ``(B, block)`` float32 blocks starting at flat block index
+    ``first_block`` to ``dst``, or returns False when ``x`` holds NaN/Inf."""
+    fn = _torch_encoder(qtype, rows, qw, dev, label)
+
+    def encode(x: Tensor, b0: int, dst: np.ndarray) -> bool:
+        if not _all_finite(x):
+            return False
+        dst[...] = fn(x, b0).cpu().numpy()
+        return True
+    return encode
+
+
+def _torch_encoder(qtype: QT, rows: Tensor, qw: Tensor | None, dev: torch.device, label: str
+                   ) -> Callable[[Tensor, int], Tensor]:
+    """``fn(x, first_block) -> bytes`` as a tensor."""
     if qtype in FLOAT_TYPES:
         return lambda x, b0: _encode_float(x, qtype, label)
     if qw is None or qtype not in _IMPL_K and qtype not in _IMPL_LEGACY:
@@ -250,6 +278,66 @@ def _encoder(qtype: QT, rows: Tensor, qw: Tensor | None, dev: torch.device, labe
     sigma2 = _row_mean_square(rows, dev)
     return lambda x, b0: impl(x, qw_blocks[block_index(x, b0) % blocks_per_row],
                               sigma2[block_index(x, b0) // blocks_per_row])
+
+
+BACKENDS = ("torch", "numba")
+
+
+def _numba_kernels(qtype: QT, dev: torch.device, backend: str | None, label: str) -> tuple | None:
+    """The ``(ref, impl)`` numba kernels to use for ``qtype``, or None for the
+    torch path: by default numba on the CPU where it is installed."""
+    if backend not in (None, *BACKENDS):
+        raise QuantizationError(f"tensor {label}: unknown quantization backend {backend!r}; "
+                                f"use one of {', '.join(BACKENDS)}")
+    if backend == "torch" or backend is None and dev.type != "cpu":
+        return None
+    if dev.type != "cpu":
+        raise QuantizationError(f"tensor {label}: the numba backend runs on the CPU, not {dev}")
+    cpu = _cpu_backend()
+    kernels = None if cpu is None else cpu.KERNELS.get(qtype.name)
+    if backend is None or kernels is not None:
+        return kernels
+    if cpu is None:
+        raise QuantizationError(f"tensor {label}: the numba backend needs numba; pip install numba")
+    raise QuantizationError(f"tensor {label}: the numba backend has no {qtype.name} encoder")
+
+
+@functools.cache
+def _cpu_backend():
+    """The numba module ``_cpu``, or None without numba.  Imported on first
+    use: numba takes a moment to load, and each kernel compiles on its first
+    call (later ones load it from numba's on-disk cache)."""
+    try:
+        from . import _cpu
+    except ImportError:
+        return None
+    except (RuntimeError, OSError) as exc:
+        # numba raises RuntimeError when no cache folder is writable; the torch
+        # path writes the same bytes, only ~10x slower, so say so and go on.
+        print(f"warning: numba kernels unavailable ({exc}); quantizing with torch, which is slower "
+              "(set NUMBA_CACHE_DIR to a writable folder)", file=sys.stderr)
+        return None
+    return _cpu
+
+
+def _numba_encoder(qtype: QT, kernels: tuple, rows: Tensor, qw: Tensor | None) -> Encoder:
+    """``encode(x, first_block, dst) -> finite`` through the numba kernels,
+    which write straight into ``dst`` and check the values on the way.  The
+    imatrix ones take the row's importance as ``(blocks_per_row, block)`` and
+    the block index; the legacy ones also each row's mean square."""
+    ref, impl = kernels
+    if qw is None or impl is None:
+        return lambda x, b0, dst: ref(_c_array(x), dst)
+    qw_blocks = _c_array(qw).reshape(-1, block_size(qtype))
+    if qtype in K_QUANTS:
+        return lambda x, b0, dst: impl(_c_array(x), dst, qw_blocks, b0)
+    sigma2 = _c_array(_row_mean_square(rows, torch.device("cpu")))
+    return lambda x, b0, dst: impl(_c_array(x), dst, qw_blocks, b0, sigma2)
+
+
+def _c_array(t: Tensor) -> np.ndarray:
+    """A C-contiguous numpy view (numba compiles one variant per layout)."""
+    return t.detach().contiguous().numpy()
 
 
 def _row_mean_square(rows: Tensor, dev: torch.device) -> Tensor:
