@@ -94,6 +94,9 @@ def read_safetensors_header(path: Path) -> SafetensorsHeader:
             if n > MAX_HEADER_BYTES or n > size - 8:
                 if _looks_like_pickle(head):
                     raise _pickle_error(path)
+                if head[:4] == b"GGUF":
+                    raise CheckpointError(f"{path}: this is a GGUF file, not safetensors; give the .safetensors "
+                                          "it was made from")
                 raise CheckpointError(
                     f"{path}: header length field says {n:,} bytes but the file has {size:,}; "
                     "the file is corrupt or not safetensors")

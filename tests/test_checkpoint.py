@@ -303,3 +303,10 @@ def test_hub_repo_from_cache(tmp_path, monkeypatch, tiny_model):
     assert len(ckpt.tensors) == 109
     assert ckpt.name == "qwen-image", "outputs are named after the repo, not the cache's snapshot hash"
     assert ckpt.provenance()["source"] == "Qwen/Qwen-Image"
+
+
+def test_gguf_where_safetensors_is_expected(tmp_path):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + bytes(64))
+    with pytest.raises(CheckpointError, match="GGUF file, not safetensors"):
+        read_safetensors_header(path)
