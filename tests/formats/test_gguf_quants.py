@@ -386,3 +386,16 @@ def test_cpu_rounding_helpers_match_c(cpu):
     # cvtt: C's truncating cast as x86 does it, 0x80000000 when out of range
     v = np.array([1.9, -1.9, 2147483520.0, 2147483648.0, -2147483648.0, np.inf, np.nan], f)
     assert [cpu.cvtt(a) for a in v] == [1, -1, 2147483520, -2 ** 31, -2 ** 31, -2 ** 31, -2 ** 31]
+
+
+def test_zero_element_tensors_encode_to_no_bytes():
+    """Edit-2511's `__index_timestep_zero__` marker is a tensor of shape [0]."""
+    assert quantize(torch.empty(0), QT.F32).shape == (0,)
+    assert quantize(torch.empty(0, 256), QT.Q4_K).shape == (0, 144)
+
+
+def test_f16_just_past_its_range_is_refused_too():
+    # 65510 would round back to 65504 rather than overflow; it is still out of range.
+    with pytest.raises(QuantizationError, match="F16 range"):
+        quantize(np.full((1, 32), 65510.0, dtype=np.float32), QT.F16, name="edge")
+    assert quantize(np.full((1, 32), 65504.0, dtype=np.float32), QT.F16).shape == (1, 64)

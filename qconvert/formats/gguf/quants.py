@@ -25,6 +25,7 @@ the torch code serves CUDA devices and machines without numba, and
 from __future__ import annotations
 
 import functools
+import math
 import os
 import sys
 import threading
@@ -150,6 +151,10 @@ def quantize(
     if n % bs:
         raise QuantizationError(f"tensor {label}: row length {n} is not a multiple of the "
                                 f"{qtype.name} block size {bs}")
+    if rows.numel() == 0:
+        # Variant markers such as Edit-2511's `__index_timestep_zero__` hold no
+        # elements; they encode to no bytes in any type.
+        return np.empty((*lead_shape, n // bs * ts), dtype=np.uint8)
     dev = torch.device(device or "cpu")
     qw = None if imatrix is None else _importance(imatrix, n, label, dev)
     kernels = _numba_kernels(qtype, dev, backend, label)
@@ -226,7 +231,8 @@ def _source_rows(data: Tensor | np.ndarray, label: str) -> Tensor:
                                 f"got {getattr(data, 'dtype', type(data).__name__)}")
     if data.dim() == 0:
         raise QuantizationError(f"tensor {label}: cannot encode a 0-d scalar")
-    return data.reshape(-1, data.shape[-1])
+    # An explicit row count: -1 is ambiguous for zero-element tensors.
+    return data.reshape(math.prod(data.shape[:-1]), data.shape[-1])
 
 
 def _importance(imatrix: Tensor | np.ndarray, n: int, label: str, dev: torch.device) -> Tensor:
@@ -358,11 +364,13 @@ def _encode_float(x: Tensor, qtype: QT, label: str) -> Tensor:
     if qtype == QT.F32:
         return x.view(torch.uint8)
     if qtype == QT.F16:
-        h = x.to(torch.float16)
-        if not _all_finite(h):
-            raise QuantizationError(f"tensor {label}: values up to {float(x.abs().max()):.6g} exceed the F16 range "
+        # Values just past ±65504 would round back to it rather than to inf;
+        # they are out of range all the same, so refuse them too.
+        amax = float(x.abs().max())
+        if amax > _F16_MAX:
+            raise QuantizationError(f"tensor {label}: values up to {amax:.6g} exceed the F16 range "
                                     f"(±{_F16_MAX:g}); use BF16 or F32 for this tensor")
-        return h.view(torch.uint8)
+        return x.to(torch.float16).view(torch.uint8)
     return x.to(torch.bfloat16).view(torch.uint8)
 
 

@@ -40,7 +40,6 @@ from .policy import FILE_TYPE, assign_types, tensor_nbytes
 
 ARCHITECTURE = qi.ARCHITECTURE  # "qwen_image": ComfyUI-GGUF's IMG_ARCH_LIST entry
 METADATA_PREFIX = "qconvert."
-F16_MAX = 65504.0
 
 
 def _pad(n: int) -> int:
@@ -183,22 +182,8 @@ class GGUFFileWriter:
 
 # ------------------------------------------------------------------- encoding
 
-def check_f16_range(name: str, x: torch.Tensor) -> None:
-    """F16 turns anything beyond ±65504 into inf: refuse rather than write it."""
-    amax = float(x.abs().max()) if x.numel() else 0.0
-    if amax > F16_MAX:
-        raise QuantizationError(f"tensor {name}: |value| up to {amax:.6g} exceeds the F16 range (65504); "
-                                "use --level BF16 or a quantized level")
-
-
 def encode(name: str, x: torch.Tensor, qtype: GGMLQuantizationType, *, device: str | None = None) -> np.ndarray:
     """One tensor (float32) as the bytes GGUF stores for ``qtype``."""
-    if x.numel() == 0:
-        # Variant markers such as Edit-2511's `__index_timestep_zero__` hold no
-        # elements; GGUF stores them as an empty F32 tensor (ne = [0]).
-        return np.empty(0, dtype=np.uint8)
-    if qtype == GGMLQuantizationType.F16:
-        check_f16_range(name, x)
     return quants.quantize(x, qtype, device=device, name=name)
 
 
