@@ -10,14 +10,7 @@ import sys
 import pytest
 import torch
 
-from qconvert.cli import main
-
-
-def run(args, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(list(map(str, args)))
-    out, err = capsys.readouterr()
-    return exc.value.code, out, err
+from tests.cli_helpers import assert_one_line_error, run
 
 
 def test_inspect_text(tiny_model, capsys):
@@ -41,25 +34,17 @@ def test_inspect_single_file(tiny_single_file, capsys):
     assert code == 0 and json.loads(out)["layout"] == "single-file"
 
 
-def _one_line_error(code, err, pattern):
-    assert code == 1
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert "Traceback" not in err
-    assert pattern in lines[0]
-
-
 def test_bad_inputs_give_one_line_errors(tmp_path, tiny_model, capsys):
     model = tmp_path / "m"
     shutil.copytree(tiny_model, model)
     shard = sorted((model / "transformer").glob("*.safetensors"))[0]
     with open(shard, "r+b") as f:
         f.truncate(shard.stat().st_size // 2)
-    _one_line_error(*run(["inspect", model], capsys)[::2], "truncated")
+    assert_one_line_error(*run(["inspect", model], capsys)[::2], "truncated")
     pickle = tmp_path / "model.ckpt"
     torch.save({}, pickle)
-    _one_line_error(*run(["inspect", pickle], capsys)[::2], "pickle")
-    _one_line_error(*run(["inspect", tmp_path / "nope"], capsys)[::2], "no such file")
+    assert_one_line_error(*run(["inspect", pickle], capsys)[::2], "pickle")
+    assert_one_line_error(*run(["inspect", tmp_path / "nope"], capsys)[::2], "no such file")
 
 
 def test_usage_error_exits_2(capsys):

@@ -19,10 +19,11 @@ from safetensors.torch import load_file, save_file
 
 from qconvert import tiny
 from qconvert.checkpoint import INDEX_NAME, open_checkpoint
-from qconvert.cli import main, open_source
+from qconvert.cli import open_source
 from qconvert.errors import CheckpointError, QConvertError
 from qconvert.lora import LoraFile, LoraView, parse_spec, with_loras
 from qconvert.models import qwen_image as qi
+from tests.cli_helpers import run as run_cli
 
 ATTN = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
         "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
@@ -85,10 +86,7 @@ def assert_tensors_equal(view, expected: dict):
 
 
 def run(capsys, *args):
-    with pytest.raises(SystemExit) as exc:
-        main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return exc.value.code, out, err
+    return run_cli(args, capsys)
 
 
 @pytest.fixture(scope="module")

@@ -469,9 +469,9 @@ def format_report(r: dict) -> str:
     lines = [f"to-fp8 {r['source']} ({r['variant']}) -> {r['output']}",
              f"  layout {r['format']}, {fp8.comfy_format}{kept}",
              f"  {'role':<14}{'tensors':>8}  types"]
-    for role, types in r["roles"].items():
-        n = sum(types.values())
-        lines.append(f"  {role:<14}{n:>8}  " + ", ".join(f"{t} {c}" for t, c in types.items()))
+    for role, counts in r["roles"].items():
+        n = sum(counts.values())
+        lines.append(f"  {role:<14}{n:>8}  " + ", ".join(f"{t} {c}" for t, c in counts.items()))
     lines.append(f"  {'total':<14}{r['tensor_count']:>8}  {r['bytes']:,} bytes ({r['bytes'] / 1e9:.2f} GB)")
     if not r["written"]:
         lines.append("dry run: nothing written")

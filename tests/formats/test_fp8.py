@@ -13,24 +13,17 @@ from safetensors.torch import load_file
 
 from qconvert import tiny
 from qconvert.checkpoint import DTYPES, open_checkpoint, read_safetensors_header
-from qconvert.cli import main
 from qconvert.errors import QConvertError
 from qconvert.formats import fp8
 from qconvert.io import write_safetensors
 from qconvert.models import qwen_image as qi
 from qconvert.pipeline import check_finite
+from tests.cli_helpers import run
 
 E4M3 = fp8.FP8_TYPES["e4m3fn"]
 E5M2 = fp8.FP8_TYPES["e5m2"]
 TOP_LINEARS = {"img_in.weight", "txt_in.weight", "time_text_embed.timestep_embedder.linear_1.weight",
                "time_text_embed.timestep_embedder.linear_2.weight", "norm_out.linear.weight", "proj_out.weight"}
-
-
-def run(args, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(list(map(str, args)))
-    out, err = capsys.readouterr()
-    return exc.value.code, out, err
 
 
 def convert(model, out, **options) -> Path:

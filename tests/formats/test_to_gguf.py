@@ -23,22 +23,15 @@ from gguf import GGMLQuantizationType as T
 
 from qconvert import tiny
 from qconvert.checkpoint import Checkpoint, open_checkpoint
-from qconvert.cli import main
 from qconvert.errors import QConvertError
 from qconvert.formats.gguf import policy, writer
 from qconvert.io import write_safetensors
 from qconvert.models import qwen_image as qi
 from tests import ggml_oracle
+from tests.cli_helpers import assert_one_line_error, run
 
 # One of each family, written side by side; `--level all` runs in the slow test.
 FAST_LEVELS = ["BF16", "F16", "Q8_0", "Q5_0", "Q4_K_S"]
-
-
-def run(args, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(list(map(str, args)))
-    out, err = capsys.readouterr()
-    return exc.value.code, out, err
 
 
 def sha256(path: Path) -> str:
@@ -365,23 +358,15 @@ def test_help_lists_every_level_and_policy(capsys):
     assert "[city96|quantstack|uniform]" in text and tuple(policy.POLICIES) == ("city96", "quantstack", "uniform")
 
 
-def _one_line_error(code, err, *patterns):
-    assert code == 1, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for p in patterns:
-        assert p in lines[0], lines[0]
-
-
 def test_bad_level_and_outputs(tiny_model, tmp_path, capsys):
     code, _, err = run(["to-gguf", tiny_model, "--level", "Q7_K"], capsys)
     assert code == 2 and "unknown GGUF level 'Q7_K'" in err and "Q4_K_M" in err, "a bad option value is a usage error"
-    _one_line_error(*run(["to-gguf", tiny_model, "--level", "all", "-o", tmp_path / "x.gguf", "--dry-run"],
+    assert_one_line_error(*run(["to-gguf", tiny_model, "--level", "all", "-o", tmp_path / "x.gguf", "--dry-run"],
                          capsys)[::2], "give a folder")
-    _one_line_error(*run(["to-gguf", tiny_model, "--level", "Q8_0", "-o", tmp_path / "x.bin", "--dry-run"],
+    assert_one_line_error(*run(["to-gguf", tiny_model, "--level", "Q8_0", "-o", tmp_path / "x.bin", "--dry-run"],
                          capsys)[::2], ".gguf")
     if not torch.cuda.is_available():
-        _one_line_error(*run(["to-gguf", tiny_model, "--level", "Q8_0", "-o", tmp_path / "x.gguf", "--device",
+        assert_one_line_error(*run(["to-gguf", tiny_model, "--level", "Q8_0", "-o", tmp_path / "x.gguf", "--device",
                               "cuda"], capsys)[::2], "no CUDA device")
         assert list(tmp_path.iterdir()) == []
 
@@ -408,7 +393,7 @@ def _damaged_copy(tiny_single_file, path, name, value):
 def test_nan_is_an_error_naming_the_tensor_and_leaves_no_file(tiny_single_file, tmp_path, capsys):
     src = _damaged_copy(tiny_single_file, tmp_path / "src" / "nan.safetensors", "img_in.weight", float("nan"))
     out = tmp_path / "out"
-    _one_line_error(*run(["to-gguf", src, "--level", "all", "-o", out], capsys)[::2], "img_in.weight", "NaN")
+    assert_one_line_error(*run(["to-gguf", src, "--level", "all", "-o", out], capsys)[::2], "img_in.weight", "NaN")
     assert not any(out.iterdir())
 
 
@@ -416,8 +401,8 @@ def test_f16_range_is_checked(tiny_single_file, tmp_path, capsys):
     name = "transformer_blocks.0.attn.add_k_proj.weight"  # the first block linear in file order
     src = _damaged_copy(tiny_single_file, tmp_path / "src" / "big.safetensors", name, 70000.0)
     out = tmp_path / "out"
-    _one_line_error(*run(["to-gguf", src, "--level", "F16", "-o", out / "x.gguf"], capsys)[::2], name, "F16 range")
-    _one_line_error(*run(["to-gguf", src, "--level", "all", "-o", out], capsys)[::2], name, "F16 range")
+    assert_one_line_error(*run(["to-gguf", src, "--level", "F16", "-o", out / "x.gguf"], capsys)[::2], name, "F16 range")
+    assert_one_line_error(*run(["to-gguf", src, "--level", "all", "-o", out], capsys)[::2], name, "F16 range")
     assert not any(out.iterdir())
     code, _, err = run(["to-gguf", src, "--level", "BF16", "-o", out / "ok.gguf", "-q"], capsys)
     assert code == 0, err

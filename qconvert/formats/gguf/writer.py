@@ -31,7 +31,7 @@ import torch
 from gguf import GGML_QUANT_VERSION, GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType, GGUFWriter
 from gguf.gguf_writer import WriterState
 
-from ...errors import QConvertError, QuantizationError
+from ...errors import QConvertError
 from ...io import atomic_output, check_disk_space
 from ...models import qwen_image as qi
 from ...pipeline import TensorPlan, check_finite, parse_device, progress, provenance, type_counts
