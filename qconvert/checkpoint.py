@@ -280,7 +280,9 @@ class Checkpoint:
                     h.update(f.read(65536))
         return h.hexdigest()
 
-    def provenance(self) -> dict:
+    def provenance(self, *, dry_run: bool = False) -> dict:
+        """Source, layout, fingerprint, variant.  The sampled fingerprint is cheap,
+        so a dry run computes it too."""
         return {"source": self.repo_id or str(self.path), "source_layout": self.layout,
                 "source_fingerprint": "sha256-sampled:" + self.fingerprint(), "variant": self.variant}
 

@@ -176,7 +176,8 @@ def to_gguf_cmd(source, level, policy, minimal_metadata, output, dry_run, as_jso
     with open_source(source, loras=loras, ignore_unmatched=ignore_unmatched, allow_extra=allow_extra,
                      device=device) as src:
         paths = writer.output_paths(src.name, levels, output)
-        plans = writer.plan_files(src, levels, policy=policy, minimal_metadata=minimal_metadata)
+        plans = writer.plan_files(src, levels, policy=policy, minimal_metadata=minimal_metadata,
+                                  dry_run=dry_run)
         if not dry_run:
             writer.write_gguf(src, plans, paths, device=device, quiet=quiet or as_json)
         hints = writer.load_hints(paths[-1], src)

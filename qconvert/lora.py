@@ -31,7 +31,6 @@ import math
 import re
 import shutil
 import sys
-import types
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -417,9 +416,11 @@ class LoraView:
             merged += lora.delta(patch, self.device)
         return merged.to(base.dtype).cpu()
 
-    def provenance(self, *, lora_hashes: bool = True) -> dict:
-        info = dict(self.source.provenance())
-        info["loras"] = [*info.get("loras", []), *(lora.record(with_hash=lora_hashes) for lora in self.loras)]
+    def provenance(self, *, dry_run: bool = False) -> dict:
+        """The source's, plus each LoRA's file, sha256 and strength; a dry run
+        reads no LoRA data, so its hashes are equal-length zero placeholders."""
+        info = dict(self.source.provenance(dry_run=dry_run))
+        info["loras"] = [*info.get("loras", []), *(lora.record(with_hash=not dry_run) for lora in self.loras)]
         return info
 
     def close(self) -> None:
@@ -504,9 +505,8 @@ def bake_plan(view: LoraView, output=None, *, options: dict | None = None, dry_r
 
     output = _output_path(view, output)
     options = {"device": str(view.device), **(options or {})}
-    # pipeline.provenance asks its source for provenance(); this source answers without hashing in a dry run.
-    prov = types.SimpleNamespace(provenance=lambda: view.provenance(lora_hashes=not dry_run))
-    metadata = {"format": "pt", "qconvert": provenance_json(provenance(prov, fmt=FORMAT, options=options))}
+    metadata = {"format": "pt",
+                "qconvert": provenance_json(provenance(view, fmt=FORMAT, options=options, dry_run=dry_run))}
     tensors = view.tensors
     plans = [TensorPlan(n, m.key, m.shape, m.dtype, m.nbytes, _role(n)) for n, m in tensors.items()]
     # A folder keeps the source's shards (names and grouping); a single file stays one file.

@@ -68,10 +68,14 @@ def check_finite(name: str, tensor: torch.Tensor) -> None:
                                 "(re-download it, or check the merge/fine-tune that produced it)")
 
 
-def provenance(source, *, fmt: str, options: dict) -> dict:
-    """What produced an output: tool, source fingerprint, LoRAs, options.  Deterministic."""
+def provenance(source, *, fmt: str, options: dict, dry_run: bool = False) -> dict:
+    """What produced an output: tool, source fingerprint, LoRAs, options.  Deterministic.
+
+    ``dry_run`` lets a source skip whole-file hashes (a LoRA view writes
+    equal-length placeholders), so plans stay exact without reading data.
+    """
     info = {"tool": "qconvert", "tool_version": __version__, "format": fmt}
-    info.update(source.provenance())
+    info.update(source.provenance(dry_run=dry_run))
     info["options"] = options
     return info
 

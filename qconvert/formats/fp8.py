@@ -75,7 +75,6 @@ from __future__ import annotations
 import enum
 import json
 import os
-import types
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -285,19 +284,10 @@ def plan_fp8(source, options: Fp8Options, *, dry_run: bool = False) -> Fp8Plan:
     rows.sort(key=lambda r: (-DTYPES[r.plan.out_type][0], r.plan.out_name))
     metadata = None
     if options.layout != "plain":
-        info = provenance(_provenance_source(source, dry_run), fmt=f"safetensors-fp8-{options.layout}",
+        info = provenance(source, dry_run=dry_run, fmt=f"safetensors-fp8-{options.layout}",
                           options=options.to_json())
         metadata = {PROVENANCE_KEY: provenance_json(info)}
     return Fp8Plan(options, tuple(rows), metadata)
-
-
-def _provenance_source(source, dry_run: bool):
-    """A dry run reads no tensor data, so a LoRA view leaves out its whole-file
-    LoRA hashes (as equal-length placeholders: the planned size stays exact).
-    The checkpoint's own fingerprint samples about 1 MiB per file."""
-    if dry_run and hasattr(source, "loras"):
-        return types.SimpleNamespace(provenance=lambda: source.provenance(lora_hashes=False))
-    return source
 
 
 # ------------------------------------------------------------------- encode

@@ -106,9 +106,11 @@ def provenance_metadata(info: dict) -> tuple[tuple[str, str], ...]:
                  for k, v in sorted(flat.items()))
 
 
-def plan_files(source, levels: Sequence[str], *, policy: str, minimal_metadata: bool = False) -> list[GGUFPlan]:
+def plan_files(source, levels: Sequence[str], *, policy: str, minimal_metadata: bool = False,
+               dry_run: bool = False) -> list[GGUFPlan]:
     """One plan per level.  Provenance (which fingerprints the source) is computed once."""
-    info = None if minimal_metadata else provenance(source, fmt="gguf", options={"policy": policy})
+    info = None if minimal_metadata else provenance(source, fmt="gguf", options={"policy": policy},
+                                                    dry_run=dry_run)
     plans = []
     for level in levels:
         metadata = ()
