@@ -2,7 +2,7 @@
 
     python3 benchmarks/bench_quants.py [--threads N] [--device cpu|cuda] [--shape 3072x3072]
                                        [--types Q4_K,Q6_K] [--backends torch,numba] [--imatrix]
-                                       [--repeat 3]
+                                       [--repeat 3] [--gpu-chunk 23,25]
 
 All run in the same process on the same data: trained-looking bf16 values
 (student-t, rows of different scale) held as float32.  ggml's
@@ -14,6 +14,8 @@ of ``--repeat`` runs is reported, so a noisy machine slows all of them alike;
 "x torch" and "x ggml" are the numba backend's speed-ups, "identical" the
 share of blocks each backend wrote byte-identical to ggml.  The numba kernels
 are compiled (or loaded from numba's cache) during the warm-up, not timed.
+On a GPU ``--gpu-chunk`` times each type once per chunk size (log2 of the
+elements the device takes at a time), to choose ``quants._GPU_CHUNK``.
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ def main() -> None:
     ap.add_argument("--backends", default="torch,numba", help="qconvert backends to time")
     ap.add_argument("--imatrix", action="store_true", help="use a random importance matrix")
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--gpu-chunk", default=str(quants._GPU_CHUNK.bit_length() - 1),
+                    help="log2 of the elements per GPU chunk; a comma list times each")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -73,10 +77,14 @@ def main() -> None:
     mb = x.nbytes / 1e6
     print(f"{rows}x{cols} float32 ({mb:.1f} MB), {args.threads} thread(s), device {args.device}, "
           f"imatrix {'yes' if qw is not None else 'no'}, torch {torch.__version__}, best of {args.repeat}")
-    print(f"{'type':6} {'torch MB/s':>10} {'numba MB/s':>10} {'ggml MB/s':>10} {'x torch':>8} {'x ggml':>7} "
+    print(f"{'type':9} {'torch MB/s':>10} {'numba MB/s':>10} {'ggml MB/s':>10} {'x torch':>8} {'x ggml':>7} "
           f"{'torch ident.':>12} {'numba ident.':>12}")
-    for name in args.types.split(","):
-        qtype = QT[name.strip()]
+    chunks = [int(c) for c in args.gpu_chunk.split(",")] if args.device != "cpu" else [None]
+    cases = [(name.strip(), c) for name in args.types.split(",") for c in chunks]
+    for name, chunk in cases:
+        qtype = QT[name]
+        if chunk is not None:
+            quants._GPU_CHUNK = 1 << chunk
         assert qtype in SUPPORTED_TYPES, name
         def contenders(data: np.ndarray) -> dict:
             runs = {b: (lambda b=b: quantize(data, qtype, qw, device=args.device, backend=b)) for b in backends
@@ -110,7 +118,8 @@ def main() -> None:
             same = (out[b].reshape(-1, ts) == out["ggml"].reshape(-1, ts)).all(1).mean()
             return f"{same:12.4%}"
 
-        print(f"{qtype.name:6} {cell('torch', 10)} {cell('numba', 10)} {cell('ggml', 10)} "
+        label = qtype.name if chunk is None or len(chunks) == 1 else f"{qtype.name}@{chunk}"
+        print(f"{label:9} {cell('torch', 10)} {cell('numba', 10)} {cell('ggml', 10)} "
               f"{ratio('numba', 'torch', 8)} {ratio('numba', 'ggml', 7)} {identical('torch')} {identical('numba')}",
               flush=True)
 

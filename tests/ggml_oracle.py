@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -27,8 +28,12 @@ _LIB_NAMES = ("libggml-base.so", "libggml-base.dylib", "ggml-base.dll", "libggml
 
 
 def find_library() -> Path | None:
-    """The libggml that exports ``ggml_quantize_chunk`` inside the installed
-    ``llama_cpp`` package, or None."""
+    """The libggml that exports ``ggml_quantize_chunk``: ``$QCONVERT_LIBGGML``
+    if set (a GPU machine without llama-cpp-python gets a copied
+    ``libggml-base.so``, see ``benchmarks/device_check.sh``), else the one in
+    the installed ``llama_cpp`` package, or None."""
+    if os.environ.get("QCONVERT_LIBGGML"):
+        return Path(os.environ["QCONVERT_LIBGGML"])
     spec = importlib.util.find_spec("llama_cpp")
     if spec is None or spec.origin is None:
         return None

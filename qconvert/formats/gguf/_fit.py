@@ -106,30 +106,58 @@ def indices(mask: Tensor) -> Tensor | None:
 def seq_sum(terms: Tensor) -> Tensor:
     """``s = 0; for i: s += terms[i]`` in float32 (ggml's loop order).
 
-    On the CPU ``index_add_`` into a single row performs exactly these adds in
-    index order inside one call (checked once per process against the loop,
-    :func:`_index_add_is_sequential`); elsewhere (CUDA's index_add_ uses
-    atomics, in no fixed order) it is a loop of in-place adds."""
-    acc = torch.zeros_like(terms[:1])
-    if terms.device.type == "cpu" and _index_add_is_sequential():
-        return acc.index_add_(0, torch.zeros(terms.shape[0], dtype=torch.long), terms)[0]
-    acc = acc[0]
+    A loop of in-place adds is exact anywhere but costs a kernel launch per
+    term on a GPU, so where one torch call provably sums in index order it is
+    used instead (checked once per device type, :func:`_ordered_sum`): on the
+    CPU ``index_add_`` into a single row; on CUDA ``cumsum`` along the outer
+    dimension, whose kernel walks each column in order in float32 (CUDA's
+    ``index_add_`` uses atomics, in no fixed order; the CPU ``cumsum``
+    accumulates in float64)."""
+    return _ORDERED_SUMS.get(_ordered_sum(terms.device.type), _loop_sum)(terms)
+
+
+def _loop_sum(terms: Tensor) -> Tensor:
+    acc = torch.zeros_like(terms[0])
     for t in terms:
         acc.add_(t)
     return acc
 
 
+def _index_add_sum(terms: Tensor) -> Tensor:
+    acc = torch.zeros_like(terms[:1])
+    return acc.index_add_(0, torch.zeros(terms.shape[0], dtype=torch.long, device=terms.device), terms)[0]
+
+
+def _cumsum_sum(terms: Tensor) -> Tensor:
+    return terms.cumsum(0)[-1]
+
+
+_ORDERED_SUMS = {"index_add": _index_add_sum, "cumsum": _cumsum_sum}
+
+
 @functools.cache
-def _index_add_is_sequential() -> bool:
-    """Whether this torch's CPU ``index_add_`` sums in index order: terms of
-    wildly different magnitudes make any other order give other bits."""
+def _ordered_sum(device_type: str) -> str:
+    """The first single-call sum that gives the loop's bits on this device
+    type, or ``"loop"``."""
+    for how, fn in _ORDERED_SUMS.items():
+        if sums_like_loop(fn, torch.device(device_type)):
+            return how
+    return "loop"
+
+
+def sums_like_loop(fn, device: torch.device) -> bool:
+    """Whether ``fn(terms)`` gives the bits of :func:`_loop_sum` on terms whose
+    magnitudes span 2^±30 (any other order or a wider accumulator rounds
+    differently somewhere), signed zeros included, short and long sums."""
     gen = torch.Generator().manual_seed(0)
-    terms = torch.randn(64, 3, 999, generator=gen) * torch.exp2(torch.randint(-30, 30, (64, 3, 999), generator=gen))
-    acc = torch.zeros(3, 999)
-    for t in terms:
-        acc.add_(t)
-    got = torch.zeros(1, 3, 999).index_add_(0, torch.zeros(64, dtype=torch.long), terms)[0]
-    return torch.equal(acc, got)
+    for shape in ((64, 3, 999), (3000, 7)):
+        terms = torch.randn(shape, generator=gen) * torch.exp2(torch.randint(-30, 30, shape, generator=gen))
+        terms[:, 0] = -0.0
+        terms = terms.to(device)
+        want, got = _loop_sum(terms), fn(terms)
+        if got.shape != want.shape or not torch.equal(got.view(I32), want.view(I32)):
+            return False
+    return True
 
 
 # --------------------------------------------------------------------------
