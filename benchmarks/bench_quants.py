@@ -11,7 +11,9 @@ All run in the same process on the same data: trained-looking bf16 values
 threads (its worker pool, for either backend): equal cores.  MB/s counts
 float32 input bytes.  The contenders take turns in every repeat and the best
 of ``--repeat`` runs is reported, so a noisy machine slows all of them alike;
-"x torch" and "x ggml" are the numba backend's speed-ups, "identical" the
+"numba/torch" is the numba backend's speed-up over the torch one, "x ggml"
+qconvert's (its default backend for the device: numba on the CPU where it has
+the type, torch otherwise) over ggml, "identical" the
 share of blocks each backend wrote byte-identical to ggml.  The numba kernels
 are compiled (or loaded from numba's cache) during the warm-up, not timed.
 On a GPU ``--gpu-chunk`` times each type once per chunk size (log2 of the
@@ -77,7 +79,7 @@ def main() -> None:
     mb = x.nbytes / 1e6
     print(f"{rows}x{cols} float32 ({mb:.1f} MB), {args.threads} thread(s), device {args.device}, "
           f"imatrix {'yes' if qw is not None else 'no'}, torch {torch.__version__}, best of {args.repeat}")
-    print(f"{'type':9} {'torch MB/s':>10} {'numba MB/s':>10} {'ggml MB/s':>10} {'x torch':>8} {'x ggml':>7} "
+    print(f"{'type':9} {'torch MB/s':>10} {'numba MB/s':>10} {'ggml MB/s':>10} {'numba/torch':>11} {'x ggml':>7} "
           f"{'torch ident.':>12} {'numba ident.':>12}")
     chunks = [int(c) for c in args.gpu_chunk.split(",")] if args.device != "cpu" else [None]
     cases = [(name.strip(), c) for name in args.types.split(",") for c in chunks]
@@ -109,6 +111,8 @@ def main() -> None:
         def cell(b: str, width: int) -> str:
             return f"{speed[b]:{width}.1f}" if b in speed else f"{'-':>{width}}"
 
+        ours = "numba" if "numba" in speed else "torch"
+
         def ratio(a: str, b: str, width: int) -> str:
             return f"{speed[a] / speed[b]:{width}.2f}" if a in speed and b in speed else f"{'-':>{width}}"
 
@@ -120,7 +124,7 @@ def main() -> None:
 
         label = qtype.name if chunk is None or len(chunks) == 1 else f"{qtype.name}@{chunk}"
         print(f"{label:9} {cell('torch', 10)} {cell('numba', 10)} {cell('ggml', 10)} "
-              f"{ratio('numba', 'torch', 8)} {ratio('numba', 'ggml', 7)} {identical('torch')} {identical('numba')}",
+              f"{ratio('numba', 'torch', 11)} {ratio(ours, 'ggml', 7)} {identical('torch')} {identical('numba')}",
               flush=True)
 
 
