@@ -46,7 +46,7 @@ nvidia-smi -L 2>/dev/null || true
 python3 -c 'import sys, torch, numba; print("torch", torch.__version__, torch.cuda.get_device_name() if sys.argv[1] == "cuda" else "cpu", "| numba", numba.__version__)' "$device"
 
 echo "== CUDA bytes against ggml and the CPU"
-python3 -m pytest -q -p no:cacheprovider -rs tests/formats/test_gguf_quants.py tests/formats/test_to_gguf.py -k cuda || status=$?
+python3 -m pytest -q -p no:cacheprovider -rs tests/formats -k cuda || status=$?
 
 echo "== a whole to-gguf --level all, CUDA against CPU"
 rm -rf /tmp/qc-tiny /tmp/qc-cpu /tmp/qc-cuda
