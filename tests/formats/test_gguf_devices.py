@@ -1,10 +1,11 @@
 """The GGUF encoders across devices and source dtypes.
 
-On CUDA the torch encoders run; their bytes are compared here with ggml's and
-with the CPU's.  Those tests skip without a GPU (CI has none);
-``benchmarks/device_check.sh`` runs them on one (``-k cuda``).  What makes the
-torch code exact anywhere is tested on every machine: the check that picks a
-single-call sum only where it adds in ggml's order.
+On CUDA the torch encoders run (test_gguf_quants compares their bytes with
+ggml's; here, with the CPU's where chunks start inside rows).  Those tests
+skip without a GPU (CI has none); ``benchmarks/device_check.sh`` runs them on
+one (``-k cuda``).  What makes the torch code exact anywhere is tested on
+every machine: the check that picks a single-call sum only where it adds in
+ggml's order.
 """
 
 from __future__ import annotations
@@ -16,43 +17,14 @@ from gguf import GGMLQuantizationType as QT
 
 from qconvert.errors import QuantizationError
 from qconvert.formats.gguf import _fit
-from qconvert.formats.gguf.quants import K_QUANTS, SUPPORTED_TYPES, quantize, type_size
-from tests.formats.test_gguf_quants import ORACLE, block_errors, edge_rows, importance, oracle_test, trained_weights
+from qconvert.formats.gguf.quants import quantize
+from tests.formats.test_gguf_quants import importance, needs_cuda, trained_weights
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
 
 
-@pytest.fixture(scope="module")
-def data() -> np.ndarray:
-    rng = np.random.default_rng(4242)
-    return np.concatenate([trained_weights(rng, 256), edge_rows(rng)])
-
-
 # ------------------------------------------------------------------ CUDA
-
-@needs_cuda
-@oracle_test
-@pytest.mark.parametrize("with_imatrix", [False, True], ids=["ref", "imatrix"])
-@pytest.mark.parametrize("qtype", sorted(SUPPORTED_TYPES, key=int), ids=lambda t: t.name)
-def test_cuda_identical_to_ggml(qtype: QT, with_imatrix: bool, data: np.ndarray):
-    """The spec allows a K type 0.1% differing super-blocks on a GPU (a
-    compiler may fuse a multiply-add), none with a larger error than ggml's;
-    everything else must be exact."""
-    qw = importance(np.random.default_rng(9)) if with_imatrix else None
-    ours = quantize(data, qtype, qw, device="cuda", name="test")
-    ggml = ORACLE.quantize(data, qtype, qw)
-    ts = type_size(qtype)
-    same = (ours.reshape(-1, ts) == ggml.reshape(-1, ts)).all(1)
-    print(f"\ncuda {qtype.name:5} {'imatrix' if qw is not None else 'ref':7} {same.mean():9.4%} of {same.size} "
-          "blocks identical to ggml")
-    if qtype not in K_QUANTS:
-        assert same.all(), f"{qtype.name} on cuda: {(~same).sum()} of {same.size} blocks differ from ggml"
-        return
-    assert same.mean() >= 0.999, f"{qtype.name} on cuda: {(~same).sum()} of {same.size} super-blocks differ"
-    worse = block_errors(data, ours, qtype, qw) > block_errors(data, ggml, qtype, qw)
-    assert not (worse & ~same).any(), "a differing block has a larger error than ggml's"
-
+# (test_gguf_quants runs its oracle tests on CUDA too)
 
 @needs_cuda
 @pytest.mark.parametrize("qtype", [QT.Q4_K, QT.Q3_K, QT.Q5_0], ids=lambda t: t.name)

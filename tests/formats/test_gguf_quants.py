@@ -63,6 +63,18 @@ def with_backends(types) -> list:
     return cases
 
 
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def with_devices(types) -> list:
+    """``(qtype, backend, device)`` cases: :func:`with_backends` on the CPU,
+    and the quantized types in torch on CUDA (skipped without a GPU)."""
+    cases = [pytest.param(*case.values, "cpu", id=case.id, marks=case.marks) for case in with_backends(types)]
+    cases += [pytest.param(qtype, "torch", "cuda", id=f"{qtype.name}-torch-cuda", marks=needs_cuda)
+              for qtype in sorted(types, key=int) if qtype not in FLOAT_TYPES]
+    return cases
+
+
 EXACT_TYPES = sorted(FLOAT_TYPES - {QT.F32} | LEGACY_QUANTS, key=int)
 ALL_QUANTS = sorted(LEGACY_QUANTS | K_QUANTS, key=int)
 N = 1024  # row length: 4 super-blocks, 32 legacy blocks
@@ -135,25 +147,38 @@ def block_errors(x: np.ndarray, raw: np.ndarray, qtype: QT, qw: np.ndarray | Non
     return err.reshape(-1, bs).sum(1)
 
 
+def assert_same_blocks(ours: np.ndarray, ggml: np.ndarray, qtype: QT, backend: str, device: str = "cpu",
+                       x: np.ndarray | None = None, qw: np.ndarray | None = None) -> np.ndarray:
+    """Every block equal to ggml's on the CPU, K-quants included (both
+    backends measure 100%).  On another device the spec's allowance holds for
+    the K-quants: up to 0.1% of super-blocks may differ (a fused multiply-add
+    can flip a near-tie), and, given ``x``, none with a larger error than
+    ggml's.  Returns which blocks are identical."""
+    ts = type_size(qtype)
+    same = (ours.reshape(-1, ts) == ggml.reshape(-1, ts)).all(1)
+    differ = f"{qtype.name} {backend} on {device}: {(~same).sum()} of {same.size} blocks differ from ggml"
+    if device == "cpu" or qtype not in K_QUANTS:
+        assert same.all(), f"{differ}, the first is block {np.argmin(same)}"
+        return same
+    assert same.mean() >= 0.999, f"{differ}, more than the 0.1% allowed off the CPU"
+    if x is not None:
+        worse = block_errors(x, ours, qtype, qw) > block_errors(x, ggml, qtype, qw)
+        assert not (worse & ~same).any(), f"{differ}, one with a larger error than ggml's"
+    return same
+
+
 # ---------------------------------------------------------------- the oracle
 
 @oracle_test
 @pytest.mark.parametrize("with_imatrix", [False, True], ids=["ref", "imatrix"])
-@pytest.mark.parametrize(("qtype", "backend"), with_backends(SUPPORTED_TYPES))
-def test_identical_to_ggml(qtype: QT, backend: str, with_imatrix: bool, data: np.ndarray, imatrix: np.ndarray):
+@pytest.mark.parametrize(("qtype", "backend", "device"), with_devices(SUPPORTED_TYPES))
+def test_identical_to_ggml(qtype: QT, backend: str, device: str, with_imatrix: bool, data: np.ndarray,
+                           imatrix: np.ndarray):
     qw = imatrix if with_imatrix else None
-    ours = quantize(data, qtype, qw, name="test", backend=backend)
-    ggml = ORACLE.quantize(data, qtype, qw)
-    ts = type_size(qtype)
-    same = (ours.reshape(-1, ts) == ggml.reshape(-1, ts)).all(1)
-    print(f"\n{qtype.name:5} {backend:5} {'imatrix' if qw is not None else 'ref':7} "
+    ours = quantize(data, qtype, qw, name="test", device=device, backend=backend)
+    same = assert_same_blocks(ours, ORACLE.quantize(data, qtype, qw), qtype, backend, device, data, qw)
+    print(f"\n{qtype.name:5} {backend:5} {device:4} {'imatrix' if qw is not None else 'ref':7} "
           f"{same.mean():9.4%} of {same.size} blocks identical to ggml")
-    if qtype not in K_QUANTS:
-        assert same.all(), f"{(~same).sum()} blocks differ from ggml"
-        return
-    assert same.mean() >= 0.999
-    worse = block_errors(data, ours, qtype, qw) > block_errors(data, ggml, qtype, qw)
-    assert not (worse & ~same).any(), "a differing block has a larger error than ggml's"
 
 
 @oracle_test
@@ -164,21 +189,19 @@ def test_roundtrip_through_gguf_py_matches_ggml(qtype: QT, data: np.ndarray):
     ggml = dequantize(ORACLE.quantize(data, qtype), qtype, data.shape)
     bs = block_size(qtype)
     same = (ours.reshape(-1, bs) == ggml.reshape(-1, bs)).all(1)
-    assert same.mean() >= (0.999 if qtype in K_QUANTS else 1.0)
+    assert same.all(), f"{qtype.name}: {(~same).sum()} of {same.size} blocks decode differently from ggml's"
     assert np.isfinite(ours).all()
 
 
 @oracle_test
 @pytest.mark.slow
-@pytest.mark.parametrize(("qtype", "backend"), with_backends(K_QUANTS))
-def test_full_size_layer_identical_to_ggml(qtype: QT, backend: str):
+@pytest.mark.parametrize(("qtype", "backend", "device"), with_devices(K_QUANTS))
+def test_full_size_layer_identical_to_ggml(qtype: QT, backend: str, device: str):
     """A 3072x3072 layer (36,864 super-blocks) of trained-looking weights."""
     x = trained_weights(np.random.default_rng(3072), 3072, 3072)
-    ts = type_size(qtype)
-    ours = quantize(x, qtype, backend=backend)
-    same = (ours.reshape(-1, ts) == ORACLE.quantize(x, qtype, threads=2).reshape(-1, ts)).all(1)
-    print(f"\n{qtype.name} {backend}: {same.mean():.5%} of {same.size} super-blocks identical")
-    assert same.mean() >= 0.999
+    ours = quantize(x, qtype, device=device, backend=backend)
+    same = assert_same_blocks(ours, ORACLE.quantize(x, qtype, threads=2), qtype, backend, device, x)
+    print(f"\n{qtype.name} {backend} {device}: {same.mean():.5%} of {same.size} super-blocks identical")
 
 
 @oracle_test
@@ -190,10 +213,7 @@ def test_chunks_starting_inside_a_row_match_ggml(qtype: QT, backend: str):
     rng = np.random.default_rng(768)
     x = trained_weights(rng, 700, 768)
     qw = importance(rng, 768)
-    ts = type_size(qtype)
-    ours = quantize(x, qtype, qw, backend=backend).reshape(-1, ts)
-    same = (ours == ORACLE.quantize(x, qtype, qw).reshape(-1, ts)).all(1)
-    assert same.mean() >= (0.999 if qtype in K_QUANTS else 1.0)
+    assert_same_blocks(quantize(x, qtype, qw, backend=backend), ORACLE.quantize(x, qtype, qw), qtype, backend)
 
 
 @needs_numba
@@ -386,6 +406,8 @@ def test_cpu_rounding_helpers_match_c(cpu):
     # cvtt: C's truncating cast as x86 does it, 0x80000000 when out of range
     v = np.array([1.9, -1.9, 2147483520.0, 2147483648.0, -2147483648.0, np.inf, np.nan], f)
     assert [cpu.cvtt(a) for a in v] == [1, -1, 2147483520, -2 ** 31, -2 ** 31, -2 ** 31, -2 ** 31]
+    # int8_of: a store into int8_t wraps modulo 256
+    assert [cpu.int8_of(i) for i in (127, 128, 255, 256, -129, 300, -2 ** 31)] == [127, -128, -1, 0, 127, 44, 0]
 
 
 def test_zero_element_tensors_encode_to_no_bytes():

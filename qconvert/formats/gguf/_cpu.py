@@ -6,7 +6,8 @@ values that stay in registers.  Here they are compiled loops again, one
 function per ggml routine under ggml's name (``make_qkx2_quants``,
 ``quantize_row_q4_k_ref``...), byte-identical to ggml.  On the same cores they
 run 3-15x faster than the torch port and, measured against ggml's own C,
-about as fast for Q4_0/Q4_1 and 1.5-7x faster for every other type.
+1.1-1.3x faster for Q4_0/Q4_1 (ggml's simplest loops; here the copies into
+and out of the lanes take half the time) and 1.5-7x for every other type.
 
 Where the speed comes from: the fitting routines take many *groups* (the
 16/32-value sub-blocks that ggml fits one after the other) at once, one group
@@ -94,16 +95,17 @@ def rounded(v, lo, hi):
 def cvtt(v):
     """C's float -> int conversion as x86 ``cvttss2si`` does it: truncation,
     and 0x80000000 for NaN or out-of-range values (ggml's legacy quantizers
-    cast ``x*id + 8.5f`` and friends, with ``id`` infinite for tiny blocks)."""
-    if not (abs(v) < F32(2147483648.0)):
-        return -2147483648
-    return np.int64(v)
+    cast ``x*id + 8.5f`` and friends, with ``id`` infinite for tiny blocks).
+    A select on an int32, so loops of it stay in 8-lane SIMD (an early
+    return, or an int64 result, halves the lanes of the legacy code loops)."""
+    return np.int32(v) if abs(v) < F32(2147483648.0) else np.int32(-2147483648)
 
 
 @njit(**_JIT)
 def int8_of(i):
-    """Store of an int into ``int8_t`` (wraps modulo 256)."""
-    return ((i + 128) & 0xFF) - 128
+    """Store of an int into ``int8_t`` (wraps modulo 256), as int32: numba
+    widens int32 arithmetic to int64, a cast keeps the lanes 32-bit."""
+    return np.int32(np.int8(i))
 
 
 @njit(**_JIT)
@@ -1007,34 +1009,38 @@ def quantize_row_q6_k_impl(x, y, qw, b0):
 def store_legacy(Q, G, s0, d, mn, nmax, with_min, H, y):
     """Write blocks ``s0 .. s0+G`` from lanes: f16 ``d`` (and ``m``), for
     Q5_0/Q5_1 the little-endian ``uint32_t qh`` (bit ``j`` = bit 4 of code
-    ``j``), then ``qs[j] = q[j] & 15 | (q[j+16] & 15) << 4``.  The bytes are
-    assembled in lanes (SIMD) into ``H`` (block-major scratch) and then
-    copied out per block."""
-    qs = y.shape[1] - 16
+    ``j``), then ``qs[j] = q[j] & 15 | (q[j+16] & 15) << 4``.
+
+    Every legacy block is a whole number of 16-bit words (18, 20, 22 or 24
+    bytes), so the blocks are assembled in lanes (SIMD) as little-endian
+    words, word ``k`` of block ``s0+g`` in ``H[k, g]`` (scratch, ``(12,
+    >=G)``), and copied out through a uint16 view of ``y``: the copy, a
+    transpose that no SIMD loop does, costs one store per word instead of
+    one per byte (x86 and ARM are little-endian, like GGUF)."""
+    y16 = y.view(np.uint16)
+    words = y16.shape[1]
+    qs = words - 8                          # qs[16] fills the last 8 words
     for g in range(G):
         H[0, g] = fp32_to_fp16(d[g])
-        H[1, g] = fp32_to_fp16(mn[g])
-    for j in range(16):
+    if with_min:
         for g in range(G):
-            H[2 + j, g] = (Q[j, g] & 0xF) | ((Q[j + 16, g] & 0xF) << 4)
-    for k in range(4):
+            H[1, g] = fp32_to_fp16(mn[g])
+    if nmax == 16 or nmax == 31:
+        for k in range(2):                  # qh's two words: codes 0-15, 16-31
+            for g in range(G):
+                H[qs - 2 + k, g] = 0
+            for i in range(16):
+                for g in range(G):
+                    H[qs - 2 + k, g] |= ((Q[16 * k + i, g] >> 4) & 1) << i
+    for j in range(0, 16, 2):
         for g in range(G):
-            h = 0
-            for i in range(8):
-                h |= ((Q[8 * k + i, g] >> 4) & 1) << i
-            H[18 + k, g] = h
+            lo = (Q[j, g] & 0xF) | ((Q[j + 16, g] & 0xF) << 4)
+            hi = (Q[j + 1, g] & 0xF) | ((Q[j + 17, g] & 0xF) << 4)
+            H[qs + j // 2, g] = lo | (hi << 8)
     for g in range(G):
         b = s0 + g
-        y[b, 0] = H[0, g] & 0xFF
-        y[b, 1] = H[0, g] >> 8
-        if with_min:
-            y[b, 2] = H[1, g] & 0xFF
-            y[b, 3] = H[1, g] >> 8
-        if nmax == 16 or nmax == 31:
-            for k in range(4):
-                y[b, qs - 4 + k] = H[18 + k, g]
-        for j in range(16):
-            y[b, qs + j] = H[2 + j, g]
+        for k in range(words):
+            y16[b, k] = H[k, g]
 
 
 @njit(**_JIT)
@@ -1074,48 +1080,66 @@ def quantize_row_q8_0_ref(x, y):
 
 
 @njit(**_JIT)
+def legacy_extremes(X, G, with_min, lo, hi, nonfin):
+    """Per lane what ggml's legacy ``_ref`` quantizers derive ``d`` from: for
+    Q4_1/Q5_1 the block's ``min`` and ``max`` into ``lo``/``hi`` (``if (v <
+    min) min = v`` from ``FLT_MAX``, ``max`` alike from ``-FLT_MAX``); for
+    Q4_0/Q5_0 :func:`first_abs_max`'s ``amax`` and ``max``.  ``nonfin`` gets
+    0, or a NaN/Inf of the lane: the check rides on this pass instead of
+    making one of its own (:func:`nonfinite`, about 6% of Q4_0's time)."""
+    big = F32(np.finfo(np.float32).max)
+    for g in range(G):
+        lo[g] = big if with_min else _ZERO
+        hi[g] = -big if with_min else _ZERO
+        nonfin[g] = _ZERO
+    for i in range(X.shape[0]):
+        for g in range(G):
+            v = X[i, g]
+            a = abs(v)
+            nonfin[g] = nonfin[g] if a <= big else v
+            if with_min:
+                lo[g] = v if v < lo[g] else lo[g]
+                hi[g] = v if v > hi[g] else hi[g]
+            else:
+                hi[g] = v if a > lo[g] else hi[g]
+                lo[g] = max(lo[g], a)
+
+
+@njit(**_JIT)
+def legacy_code(v, inv, bias, top):
+    """``MIN(top, (int8_t)(v*id + bias))`` as a byte: Q5_1's ``(uint8_t)(v*id +
+    0.5f)`` is the same byte with ``top`` 255."""
+    return min(top, int8_of(cvtt(v * inv + bias))) & 0xFF
+
+
+@njit(**_JIT)
 def quantize_legacy_ref(x, y, nmax, with_min):
     """``quantize_row_q4_0_ref``/``q5_0_ref`` (``with_min`` False): ``max`` the
     first value of largest |x|, ``d = max / -nmax``, ``q = MIN(2*nmax-1,
     (int8_t)(x*id + nmax + 0.5f))``; ``quantize_row_q4_1_ref``/``q5_1_ref``:
     ``d = (max - min)/nmax``, ``q = (int8_t)((x - min)*id + 0.5f)``, Q4_1
-    with ``MIN(15, .)``, Q5_1 as ``uint8_t`` without."""
+    with ``MIN(15, .)``, Q5_1 as ``uint8_t`` without; :func:`legacy_code`
+    serves all four, the offset ``min`` being 0 for Q4_0/Q5_0."""
     X = np.empty((32, LEGACY_LANES), F32)
     Q = np.empty((32, LEGACY_LANES), np.int32)
-    st = np.empty((4, LEGACY_LANES), F32)
-    lo, hi, d, inv = st[0], st[1], st[2], st[3]
-    H = np.empty((22, LEGACY_LANES), np.int32)
-    big = F32(np.finfo(np.float32).max)
-    bias = F32(nmax) + F32(0.5)
+    st = np.empty((5, LEGACY_LANES), F32)
+    lo, hi, d, inv, nonfin = st[0], st[1], st[2], st[3], st[4]
+    H = np.empty((12, LEGACY_LANES), np.int32)
+    bias = F32(0.5) if with_min else F32(nmax) + F32(0.5)
+    top = np.int32(2 * nmax - 1 if not with_min else 15 if nmax == 15 else 255)
     bad = 0
     for s0 in range(0, x.shape[0], LEGACY_LANES):
         G = min(x.shape[0] - s0, LEGACY_LANES)
         to_lanes(x, s0, G, 32, X)
-        bad += nonfinite(X, G)
-        if with_min:
+        legacy_extremes(X, G, with_min, lo, hi, nonfin)
+        for g in range(G):
+            bad += nonfin[g] != 0
+            d[g] = (hi[g] - lo[g]) / F32(nmax) if with_min else hi[g] / F32(-nmax)
+            inv[g] = _ONE / d[g] if d[g] != 0 else _ZERO
+            lo[g] = lo[g] if with_min else _ZERO        # x - 0 is x, -0 included
+        for i in range(32):
             for g in range(G):
-                lo[g] = big
-                hi[g] = -big
-            for i in range(32):
-                for g in range(G):
-                    v = X[i, g]
-                    lo[g] = v if v < lo[g] else lo[g]
-                    hi[g] = v if v > hi[g] else hi[g]
-            for g in range(G):
-                d[g] = (hi[g] - lo[g]) / F32(nmax)
-                inv[g] = _ONE / d[g] if d[g] != 0 else _ZERO
-            for i in range(32):
-                for g in range(G):
-                    c = cvtt((X[i, g] - lo[g]) * inv[g] + F32(0.5))
-                    Q[i, g] = (min(15, int8_of(c)) if nmax == 15 else c) & 0xFF
-        else:
-            first_abs_max(X, G, lo, hi)
-            for g in range(G):
-                d[g] = hi[g] / F32(-nmax)
-                inv[g] = _ONE / d[g] if d[g] != 0 else _ZERO
-            for i in range(32):
-                for g in range(G):
-                    Q[i, g] = min(2 * nmax - 1, int8_of(cvtt(X[i, g] * inv[g] + bias))) & 0xFF
+                Q[i, g] = legacy_code(X[i, g] - lo[g], inv[g], bias, top)
         store_legacy(Q, G, s0, d, lo, nmax, with_min, H, y)
     return bad == 0
 
@@ -1155,7 +1179,7 @@ def quantize_legacy_impl(x, y, qw, b0, sigma2, nmax, with_min):
     scales, mins, sw = st[0], st[1], st[2]
     sig = np.empty(LEGACY_LANES, F32)
     Q = np.empty((32, LEGACY_LANES), np.int32)
-    H = np.empty((22, LEGACY_LANES), np.int32)
+    H = np.empty((12, LEGACY_LANES), np.int32)
     bpr = qw.shape[0]
     bad = 0
     for s0 in range(0, x.shape[0], LEGACY_LANES):
