@@ -2,17 +2,18 @@
 
 ``quantize`` reproduces what ggml's ``ggml_quantize_chunk`` writes, byte for
 byte: the ``quantize_row_*_ref`` functions without an importance matrix and the
-``quantize_row_*_impl`` ones with it (Q8_0 ignores it, as in ggml).  The math
-runs in torch float32 on the chosen device, whole chunks of blocks at a time
-(see ``_fit`` for how ggml's sequential float32 order is kept).
+``quantize_row_*_impl`` ones with it (Q8_0 ignores it, as in ggml).  The
+quantized types run in float32 whole chunks of blocks at a time (see ``_fit``
+for how ggml's sequential float32 order is kept); F32/F16/BF16 are one
+checked cast of the whole tensor.
 
 gguf-py 0.19 cannot quantize the K types.  Its legacy and float encoders were
 measured and not reused: they are single-threaded numpy without imatrix paths
 (250-750 MB/s on one core here, about what one torch worker does) and its
 Q4_0/Q4_1/Q5_0/Q5_1 differ from ggml on signed-zero and subnormal blocks.
 ``dequantize`` does delegate to gguf-py: it decodes every type written here
-exactly, at 300-450 MB/s, far faster than any encoder, so a torch decoder
-would buy nothing yet.
+exactly, at 300-450 MB/s, which is plenty for tests and ``inspect``; nothing
+in a conversion decodes.
 
 On the CPU the chunks run on a small pool of single-threaded workers
 (:func:`_cpu_pool`), one chunk each.  There, when numba is installed, the
