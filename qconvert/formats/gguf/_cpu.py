@@ -35,7 +35,7 @@ Exactness rules (the bytes must equal ``ggml_quantize_chunk``'s):
   out (:func:`cvtt`, :func:`roundf`); f16 conversions work on the bits.
 
 Entry points: ``quantize_row_<type>_ref(x, y)`` takes a run of blocks ``x``
-(``(nb, block)`` float32, C-contiguous) and writes their ``(nb, type_size)``
+(``(nb, block)`` float32, or BF16 bits as uint16, C-contiguous) and writes their ``(nb, type_size)``
 bytes to ``y``, like ggml's function of the same name.
 ``quantize_row_<type>_impl(x, y, qw, b0)`` is ggml's imatrix path; ggml calls
 it a row at a time, here ``qw`` is the row's importance as
@@ -53,7 +53,8 @@ second.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import njit, types
+from numba.extending import overload
 
 F32 = np.float32
 _JIT = dict(cache=True, nogil=True, error_model="numpy")
@@ -457,6 +458,20 @@ def make_qp_quants(n, nmax, x, L, quant_weights, off):
 # The per-block code below indexes y[b, ...] rather than taking row views:
 # each view costs numba a reference count.
 
+def as_f32(v):
+    """A source value as float32, in compiled code only: float32 itself, or
+    BF16 bits (uint16) widened, which is exact (a shift), so a BF16
+    checkpoint needs no float32 copy before quantizing."""
+    raise NotImplementedError("as_f32 runs inside numba-compiled code only")
+
+
+@overload(as_f32)
+def _as_f32(v):
+    if isinstance(v, types.Integer):
+        return lambda v: np.uint32(np.uint32(v) << np.uint32(16)).view(np.float32)
+    return lambda v: v
+
+
 @njit(**_JIT)
 def to_lanes(x, s0, S, n, X):
     """Blocks ``x[s0:s0+S]`` -> position-major groups of ``n``: column
@@ -465,7 +480,7 @@ def to_lanes(x, s0, S, n, X):
     for s in range(S):
         for j in range(gpb):
             for i in range(n):
-                X[i, s * gpb + j] = x[s0 + s, n * j + i]
+                X[i, s * gpb + j] = as_f32(x[s0 + s, n * j + i])
 
 
 @njit(**_JIT)
@@ -485,7 +500,8 @@ def sum_squares(x, b):
     """``sum_x2 += x[l]*x[l]`` over block ``b``, in order."""
     s = _ZERO
     for l in range(x.shape[1]):
-        s += x[b, l] * x[b, l]
+        v = as_f32(x[b, l])
+        s += v * v
     return s
 
 

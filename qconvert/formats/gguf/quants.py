@@ -172,9 +172,12 @@ def quantize(
     chunk = _CPU_CHUNK_BY_TYPE.get(qtype, _CPU_CHUNK) if dev.type == "cpu" else _GPU_CHUNK
     per_chunk = max(1, chunk // bs)
 
+    # The numba kernels read BF16 bits themselves: no float32 copy per chunk.
+    as_is = kernels is not None and rows.dtype in (F32, torch.bfloat16)
+
     def run(b0: int) -> None:
         b1 = min(b0 + per_chunk, flat.shape[0])
-        x = flat[b0:b1].to(device=dev, dtype=F32)
+        x = flat[b0:b1] if as_is else flat[b0:b1].to(device=dev, dtype=F32)
         if not encode(x, b0, out[b0:b1]):
             _refuse_nonfinite(rows, label)
 
@@ -354,8 +357,10 @@ def _numba_encoder(qtype: QT, kernels: tuple, rows: Tensor, qw: Tensor | None) -
 
 
 def _c_array(t: Tensor) -> np.ndarray:
-    """A C-contiguous numpy view (numba compiles one variant per layout)."""
-    return t.detach().contiguous().numpy()
+    """A C-contiguous numpy view (numba compiles one variant per layout);
+    BF16, which numpy lacks, as its uint16 bits."""
+    t = t.detach().contiguous()
+    return t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else t.numpy()
 
 
 def _row_mean_square(rows: Tensor, dev: torch.device) -> Tensor:
