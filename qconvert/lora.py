@@ -25,6 +25,7 @@ dtype (BF16 for the official weights) and layout (``qconvert bake-lora``).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -597,15 +598,15 @@ def bake(view: LoraView, plan: BakePlan, *, quiet: bool = False) -> None:
 
 def _write_file(f, view, out: OutputFile, metadata: dict, bar) -> None:
     from .io import SafetensorsWriter
-    from .pipeline import check_finite
+    from .pipeline import check_finite, prefetched
 
     writer = SafetensorsWriter(f, out.entries, metadata)
-    for (key, _, _), name in zip(out.entries, out.names):
-        tensor = view.load(name)
-        check_finite(name, tensor)
-        writer.write(key, tensor)
-        bar.update(tensor.numel() * tensor.element_size())
-        del tensor
+    with contextlib.closing(prefetched(view.load, out.names)) as tensors:
+        for (key, _, _), (name, tensor) in zip(out.entries, tensors):
+            check_finite(name, tensor)
+            writer.write(key, tensor)
+            bar.update(tensor.numel() * tensor.element_size())
+            del tensor
     writer.close()
 
 

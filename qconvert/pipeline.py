@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
-from typing import Iterable
+from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 import torch
 
@@ -47,6 +48,26 @@ def parse_device(device) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise QConvertError(f"--device {device}: no CUDA device is available here; use --device cpu")
     return dev
+
+
+T = TypeVar("T")
+
+
+def prefetched(load: Callable[[str], T], names: Sequence[str]) -> Iterator[tuple[str, T]]:
+    """``(name, load(name))`` in order, the next one read by a background
+    thread while the caller encodes this one: reading (disk, or the page
+    cache's copy) overlaps the encoding instead of adding to it.  Memory: two
+    tensors at a time, whatever the model's size."""
+    if not names:
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="qconvert-read") as pool:
+        ahead = pool.submit(load, names[0])
+        for i, name in enumerate(names):
+            tensor = ahead.result()
+            if i + 1 < len(names):
+                ahead = pool.submit(load, names[i + 1])
+            yield name, tensor
+            del tensor
 
 
 def check_finite(name: str, tensor: torch.Tensor) -> None:

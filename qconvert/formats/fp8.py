@@ -72,6 +72,7 @@ FP8 values without their scale), so for diffusers use the dequantizing loader::
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
 import os
@@ -86,7 +87,8 @@ from ..checkpoint import COMFY_PREFIXES, DTYPES, Checkpoint, read_safetensors_he
 from ..errors import CheckpointError, QConvertError
 from ..io import SafetensorsWriter, atomic_output, safetensors_size, tensor_bytes
 from ..models import qwen_image as qi
-from ..pipeline import TensorPlan, check_finite, parse_device, progress, provenance, provenance_json, type_counts
+from ..pipeline import (TensorPlan, check_finite, parse_device, prefetched, progress, provenance,
+                        provenance_json, type_counts)
 
 LAYOUTS = ("comfy", "scaled", "plain")
 HIGH_PRECISION = "BF16"  # what non-quantized tensors become in the comfy and scaled layouts
@@ -338,7 +340,8 @@ def write_fp8(source, plan: Fp8Plan, target: str | os.PathLike, *, device: str |
     loaded = [r.plan for r in plan.rows if r.how in (How.QUANTIZE, How.CAST)]
     total = sum(source.tensors[p.name].nbytes for p in loaded)
     with atomic_output(target, expected_bytes=plan.total_bytes) as f, \
-            progress(total, f"to-fp8 {target.name}", quiet=quiet) as bar:
+            progress(total, f"to-fp8 {target.name}", quiet=quiet) as bar, \
+            contextlib.closing(prefetched(source.load, [p.name for p in loaded])) as weights:
         writer = SafetensorsWriter(f, plan.entries, plan.metadata)
         slots: dict[str, int] = {}  # scale name -> file offset of its placeholder
         scales: dict[str, torch.Tensor] = {}
@@ -350,7 +353,7 @@ def write_fp8(source, plan: Fp8Plan, target: str | os.PathLike, *, device: str |
             elif row.how is How.CONST:
                 writer.write(p.out_name, const_tensor(p, fp8))
             else:
-                weight = source.load(p.name)
+                _, weight = next(weights)                 # in plan order, read ahead
                 check_finite(p.name, weight)
                 if row.how is How.QUANTIZE:
                     q, scale = quantize_fp8(weight.to(device), fp8)

@@ -39,22 +39,23 @@ def sha256(path: Path) -> str:
 
 
 class RecordingSource:
-    """A source that records every load and fails if a tensor is still alive when the next is read."""
+    """A source that records every load and fails if more than two tensors
+    would be alive: the one being encoded and the next, read ahead."""
 
     def __init__(self, source):
         self._source = source
         self.loads: list[str] = []
-        self._last = None
+        self._alive: list = []
 
     def __getattr__(self, attr):
         return getattr(self._source, attr)
 
     def load(self, name):
-        if self._last is not None and self._last() is not None:
-            raise AssertionError(f"{self.loads[-1]} is still in memory when {name} is read")
+        if len(self._alive) == 2 and self._alive[0]() is not None:
+            raise AssertionError(f"{self.loads[-2]} is still in memory when {name} is read")
         tensor = self._source.load(name)
         self.loads.append(name)
-        self._last = weakref.ref(tensor)
+        self._alive = [*self._alive[-1:], weakref.ref(tensor)]
         return tensor
 
 

@@ -22,6 +22,7 @@ import io
 import json
 import os
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Callable, Sequence
@@ -34,7 +35,7 @@ from gguf.gguf_writer import WriterState
 from ...errors import QConvertError
 from ...io import atomic_output, check_disk_space
 from ...models import qwen_image as qi
-from ...pipeline import TensorPlan, parse_device, progress, provenance, type_counts
+from ...pipeline import TensorPlan, parse_device, prefetched, progress, provenance, type_counts
 from . import quants
 from .policy import FILE_TYPE, assign_types, tensor_nbytes
 
@@ -202,21 +203,33 @@ def write_gguf(source, plans: Sequence[GGUFPlan], paths: Sequence[Path], *, devi
         writers = [GGUFFileWriter(stack.enter_context(atomic_output(path, expected_bytes=plan.bytes)), plan)
                    for plan, path in zip(plans, paths)]
         bar = stack.enter_context(progress(sum(p.bytes for p in plans), "to-gguf", quiet=quiet))
-        for i, name in enumerate(names):
-            # In its stored dtype: quantize upcasts chunk by chunk, checks
-            # for NaN/Inf on the way, and copies a BF16 tensor to BF16 as is.
-            x = source.load(name)
+        # One encoding is written by this thread while the next is computed;
+        # it is joined before the outputs close (or are removed on failure).
+        write_behind = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="qconvert-write"))
+        pending = None
+
+        def write(name: str, data: np.ndarray, ks: list[int]) -> int:
+            for k in ks:
+                writers[k].write(name, data)
+            return _pad(data.nbytes) * len(ks)
+
+        # In its stored dtype: quantize upcasts chunk by chunk (or lets the
+        # kernels read BF16), checks for NaN/Inf, and copies BF16 to BF16 as is.
+        tensors = stack.enter_context(contextlib.closing(prefetched(source.load, names)))
+        for i, (name, x) in enumerate(tensors):
             # Levels that share a type for this tensor share one encoding.
             by_type: dict[str, list[int]] = {}
             for k, plan in enumerate(plans):
                 by_type.setdefault(plan.tensors[i].out_type, []).append(k)
             for out_type, ks in by_type.items():
                 data = encode(name, x, GGMLQuantizationType[out_type], device=device)
-                for k in ks:
-                    writers[k].write(name, data)
-                    bar.update(_pad(data.nbytes))
+                if pending is not None:
+                    bar.update(pending.result())
+                pending = write_behind.submit(write, name, data, ks)
                 del data
             del x
+        if pending is not None:
+            bar.update(pending.result())
         for w in writers:
             w.close()
 
