@@ -84,9 +84,14 @@ def check_finite(name: str, tensor: torch.Tensor) -> None:
     if bool(torch.isfinite(lo) & torch.isfinite(hi)):
         return
     if not bool(torch.isfinite(tensor).all()):
-        bad = int((~torch.isfinite(tensor)).sum())
-        raise QuantizationError(f"tensor {name}: {bad} NaN/Inf value(s) in the weights; the source is damaged "
-                                "(re-download it, or check the merge/fine-tune that produced it)")
+        raise nonfinite_error(name, tensor)
+
+
+def nonfinite_error(name: str, tensor: torch.Tensor) -> QuantizationError:
+    """The error every converter gives for a tensor that holds NaN/Inf."""
+    bad = int((~torch.isfinite(tensor)).sum())
+    return QuantizationError(f"tensor {name}: {bad} NaN/Inf value(s) in the weights; the source is damaged "
+                             "(re-download it, or check the merge/fine-tune that produced it)")
 
 
 def provenance(source, *, fmt: str, options: dict, dry_run: bool = False) -> dict:

@@ -330,7 +330,7 @@ def test_roundtrip_error_is_bounded(qtype: QT, with_imatrix: bool):
 def test_nan_or_inf_is_refused(qtype: QT, backend: str, bad: float):
     x = np.zeros((600, 512), dtype=np.float32)   # several chunks; the bad value in the last
     x[-1, -1] = bad
-    with pytest.raises(QuantizationError, match=r"tensor blk\.0\.w: contains NaN/Inf"):
+    with pytest.raises(QuantizationError, match=r"tensor blk\.0\.w: 1 NaN/Inf value\(s\) in the weights"):
         quantize(x, qtype, name="blk.0.w", backend=backend)
 
 

@@ -40,6 +40,7 @@ from gguf import GGMLQuantizationType as QT
 from torch import Tensor
 
 from ...errors import QuantizationError
+from ...pipeline import nonfinite_error
 from . import _kquants as kq
 from . import _legacy as lq
 from ._fit import F32, div, seq_sum
@@ -181,7 +182,7 @@ def quantize(
         # over PCIe), then widened there rather than on the CPU.
         x = flat[b0:b1] if as_is else flat[b0:b1].to(dev).to(F32)
         if not encode(x, b0, out[b0:b1]):
-            _refuse_nonfinite(rows, label)
+            raise nonfinite_error(label, rows)
 
     starts = range(0, flat.shape[0], per_chunk)
     if dev.type == "cpu" and len(starts) > 1:
@@ -190,13 +191,6 @@ def quantize(
         for b0 in starts:
             run(b0)
     return out.reshape(*lead_shape, n // bs * ts)
-
-
-def _refuse_nonfinite(rows: Tensor, label: str) -> None:
-    """The error for a tensor known to hold NaN/Inf, with their count."""
-    bad = int((~torch.isfinite(rows)).sum())
-    raise QuantizationError(f"tensor {label}: contains NaN/Inf ({bad} value(s)); the source is damaged "
-                            "(re-download it, or check the merge/fine-tune that produced it)")
 
 
 def _all_finite(x: Tensor) -> bool:
@@ -388,7 +382,7 @@ def _encode_float(rows: Tensor, qtype: QT, dev: torch.device, label: str) -> np.
     its own answer: no float32 round trip."""
     lo, hi = torch.aminmax(rows)
     if not bool(torch.isfinite(lo) & torch.isfinite(hi)):
-        _refuse_nonfinite(rows, label)
+        raise nonfinite_error(label, rows)
     if qtype == QT.F16:
         # Values just past ±65504 would round back to it rather than to inf;
         # they are out of range all the same, so refuse them too.
