@@ -17,8 +17,8 @@ from gguf import GGMLQuantizationType as QT
 
 from qconvert.errors import QuantizationError
 from qconvert.formats.gguf import _fit
-from qconvert.formats.gguf.quants import quantize
-from tests.formats.test_gguf_quants import importance, needs_cuda, trained_weights
+from qconvert.formats.gguf.quants import K_QUANTS, LEGACY_QUANTS, quantize
+from tests.formats.test_gguf_quants import edge_rows, importance, needs_cuda, needs_numba, trained_weights
 
 DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
 
@@ -65,6 +65,20 @@ def test_the_order_check_tells_other_orders_apart():
     assert _fit._ordered_sum("cpu") in ("index_add", "loop")
 
 
+@needs_numba
+@pytest.mark.parametrize("with_imatrix", [False, True], ids=["ref", "imatrix"])
+def test_torch_encoders_are_exact_with_the_plain_loop_sum(with_imatrix: bool, monkeypatch):
+    """Where no single-call sum passes the order check (a GPU whose torch sums
+    otherwise), the torch encoders fall back to a loop of adds: every type
+    still writes the numba (ggml-identical) bytes with it."""
+    monkeypatch.setattr(_fit, "_ordered_sum", lambda device_type: "loop")
+    rng = np.random.default_rng(11)
+    x = np.concatenate([trained_weights(rng, 24, 512), edge_rows(rng, 512)])
+    qw = importance(rng, 512) if with_imatrix else None
+    for qtype in sorted(LEGACY_QUANTS | K_QUANTS, key=int):
+        assert np.array_equal(quantize(x, qtype, qw, backend="torch"), quantize(x, qtype, qw, backend="numba")), qtype.name
+
+
 # ------------------------------------------------------------------ source dtypes
 
 @pytest.mark.parametrize(("qtype", "dtype"), [(QT.BF16, torch.bfloat16), (QT.F16, torch.float16),
@@ -84,3 +98,4 @@ def test_nonfinite_values_are_counted_in_the_error(qtype: QT):
     x[1, 7], x[3, 0] = float("nan"), float("-inf")
     with pytest.raises(QuantizationError, match=r"tensor blk\.1\.w: 2 NaN/Inf value\(s\) in the weights"):
         quantize(x, qtype, name="blk.1.w")
+
