@@ -99,3 +99,25 @@ def test_nonfinite_values_are_counted_in_the_error(qtype: QT):
     with pytest.raises(QuantizationError, match=r"tensor blk\.1\.w: 2 NaN/Inf value\(s\) in the weights"):
         quantize(x, qtype, name="blk.1.w")
 
+
+
+# ------------------------------------------------------------------ first use
+
+def test_a_slow_first_use_is_announced_once(monkeypatch):
+    """numba compiling a kernel (up to a minute on a new machine) is announced
+    instead of a silent stall; a later use, or a quick one, says nothing."""
+    import time
+
+    from qconvert.formats.gguf import quants
+
+    monkeypatch.setattr(quants, "_SLOW_START_S", 0.01)
+    monkeypatch.setattr(quants, "_USED_KERNELS", set())
+    said: list[str] = []
+    with quants._first_use_notice("k", said.append, "compiling"):
+        time.sleep(0.5)
+    with quants._first_use_notice("k", said.append, "compiling"):
+        time.sleep(0.5)
+    monkeypatch.setattr(quants, "_SLOW_START_S", 60.0)
+    with quants._first_use_notice("quick", said.append, "compiling"):
+        pass
+    assert said == ["compiling"]

@@ -25,6 +25,7 @@ the torch code serves CUDA devices and machines without numba, and
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -129,6 +130,7 @@ def quantize(
     device: str | torch.device | None = None,
     name: str | None = None,
     backend: str | None = None,
+    on_slow_start: Callable[[str], None] | None = None,
 ) -> np.ndarray:
     """Encode ``data`` along its last axis as ggml's ``ggml_quantize_chunk``.
 
@@ -140,7 +142,9 @@ def quantize(
 
     ``backend`` ("torch" or "numba") forces an implementation; by default the
     quantized types use numba on the CPU when it is installed, torch otherwise.
-    Both write the same bytes.
+    Both write the same bytes.  A numba kernel compiles on its first use on a
+    machine (then loads from numba's cache in about a second); when that
+    first call runs long, ``on_slow_start`` gets a line to show the user.
     """
     qtype = QT(qtype)
     label = name or "<unnamed>"
@@ -185,12 +189,35 @@ def quantize(
             raise nonfinite_error(label, rows)
 
     starts = range(0, flat.shape[0], per_chunk)
-    if dev.type == "cpu" and len(starts) > 1:
-        list(_cpu_pool(torch.get_num_threads()).map(run, starts))
-    else:
-        for b0 in starts:
-            run(b0)
+    with _first_use_notice((qtype, flat.dtype, qw is None) if kernels else None, on_slow_start,
+                           f"compiling the {qtype.name} quantizer for this machine (numba; once, up to a minute)"):
+        if dev.type == "cpu" and len(starts) > 1:
+            list(_cpu_pool(torch.get_num_threads()).map(run, starts))
+        else:
+            for b0 in starts:
+                run(b0)
     return out.reshape(*lead_shape, n // bs * ts)
+
+
+_USED_KERNELS: set = set()       # (type, source dtype, no imatrix) run in this process
+_SLOW_START_S = 3.0
+
+
+@contextlib.contextmanager
+def _first_use_notice(key, say: Callable[[str], None] | None, message: str):
+    """Calls ``say(message)`` if the first use of ``key`` in this process
+    takes longer than a cache load would (numba is compiling)."""
+    if key is None or say is None or key in _USED_KERNELS:
+        yield
+        return
+    timer = threading.Timer(_SLOW_START_S, say, [message])
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+    _USED_KERNELS.add(key)
 
 
 def _all_finite(x: Tensor) -> bool:

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import io
 import json
 import os
+import sys
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -185,9 +187,10 @@ class GGUFFileWriter:
 
 # ------------------------------------------------------------------- encoding
 
-def encode(name: str, x: torch.Tensor, qtype: GGMLQuantizationType, *, device: str | None = None) -> np.ndarray:
+def encode(name: str, x: torch.Tensor, qtype: GGMLQuantizationType, *, device: str | None = None,
+           on_slow_start: Callable[[str], None] | None = None) -> np.ndarray:
     """One tensor (any float dtype) as the bytes GGUF stores for ``qtype``."""
-    return quants.quantize(x, qtype, device=device, name=name)
+    return quants.quantize(x, qtype, device=device, name=name, on_slow_start=on_slow_start)
 
 
 def write_gguf(source, plans: Sequence[GGUFPlan], paths: Sequence[Path], *, device: str | None = None,
@@ -203,6 +206,7 @@ def write_gguf(source, plans: Sequence[GGUFPlan], paths: Sequence[Path], *, devi
         writers = [GGUFFileWriter(stack.enter_context(atomic_output(path, expected_bytes=plan.bytes)), plan)
                    for plan, path in zip(plans, paths)]
         bar = stack.enter_context(progress(sum(p.bytes for p in plans), "to-gguf", quiet=quiet))
+        say = None if quiet else functools.partial(bar.write, file=sys.stderr)   # above the bar, if any
         # One encoding is written by this thread while the next is computed;
         # it is joined before the outputs close (or are removed on failure).
         write_behind = stack.enter_context(ThreadPoolExecutor(1, thread_name_prefix="qconvert-write"))
@@ -222,7 +226,7 @@ def write_gguf(source, plans: Sequence[GGUFPlan], paths: Sequence[Path], *, devi
             for k, plan in enumerate(plans):
                 by_type.setdefault(plan.tensors[i].out_type, []).append(k)
             for out_type, ks in by_type.items():
-                data = encode(name, x, GGMLQuantizationType[out_type], device=device)
+                data = encode(name, x, GGMLQuantizationType[out_type], device=device, on_slow_start=say)
                 if pending is not None:
                     bar.update(pending.result())
                 pending = write_behind.submit(write, name, data, ks)
