@@ -71,20 +71,18 @@ def prefetched(load: Callable[[str], T], names: Sequence[str]) -> Iterator[tuple
 
 
 def check_finite(name: str, tensor: torch.Tensor) -> None:
-    """NaN/Inf in a weight is always an error: quantizing it would hide the damage.
-
-    The common case costs one min/max reduction: ``isfinite(...).all()`` is
-    about 20x slower on CPU and would dominate a 20B-parameter conversion.
-    NaN propagates through ``aminmax`` and ±Inf shows in it, so finite
-    extremes mean a finite tensor.
-    """
-    if not tensor.is_floating_point() or tensor.numel() == 0:
-        return
-    lo, hi = torch.aminmax(tensor)
-    if bool(torch.isfinite(lo) & torch.isfinite(hi)):
-        return
-    if not bool(torch.isfinite(tensor).all()):
+    """NaN/Inf in a weight is always an error: quantizing it would hide the damage."""
+    if tensor.is_floating_point() and tensor.numel() and not all_finite(tensor):
         raise nonfinite_error(name, tensor)
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether a (non-empty, floating) tensor holds no NaN/Inf, in one
+    ``aminmax`` pass: NaN propagates through the extremes and ±Inf is one, so
+    finite extremes mean a finite tensor.  ``isfinite(...).all()`` is about
+    30x slower on the CPU and would dominate a 20B-parameter conversion."""
+    lo, hi = torch.aminmax(tensor)
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
 
 
 def nonfinite_error(name: str, tensor: torch.Tensor) -> QuantizationError:
