@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import re
 import struct
@@ -25,6 +24,7 @@ from typing import Iterator, Mapping
 
 import torch
 
+from . import untrusted
 from .errors import CheckpointError
 from .models import qwen_image as qi
 
@@ -48,6 +48,21 @@ FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 
 # The safetensors library refuses headers above 100 MB; so do we.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+# Qwen-Image has 1,933 tensors and a whole ComfyUI checkpoint (VAE and text
+# encoders too) a few thousand; a header with more is not a model we read.
+MAX_TENSORS = 100_000
+MAX_DIMS = 8
+# Elements a shape may span, counting a zero dimension as one: an empty tensor
+# with astronomically large other dimensions asks for work on them.
+MAX_ELEMENTS = 2 ** 48
+# Per entry: one object and two lists; about a dozen commas.  Metadata strings
+# (kohya's tag lists, embedded workflows) add some: the room is generous.
+HEADER_LIMITS = untrusted.Limits(objects=3 * MAX_TENSORS + 16, items=16 * MAX_TENSORS)
+# config.json and shard indexes: a few KB to a few MB in real models.
+MAX_JSON_FILE_BYTES = 64 * 1024 * 1024
+INDEX_LIMITS = untrusted.Limits(objects=1024, items=2 * MAX_TENSORS)
+CONFIG_LIMITS = untrusted.Limits(objects=1024, items=4096)
+MAX_SHARDS = 4096
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"}
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 COMFY_PREFIXES = ("model.diffusion_model.",)
@@ -81,7 +96,14 @@ class SafetensorsHeader:
 
 
 def read_safetensors_header(path: Path) -> SafetensorsHeader:
-    """Parse and validate one safetensors header without reading tensor data."""
+    """Parse and validate one safetensors header without reading tensor data.
+
+    The rules are the safetensors library's own (a header that starts with
+    ``{``, tensors that tile the data section from its first byte to the end
+    of the file, byte counts that match dtype and shape), so a file qconvert
+    accepts is one every other loader accepts too, plus bounds on what the
+    header may ask of us (tensor count, dimensions, JSON structure).
+    """
     path = Path(path)
     refuse_pickle(path)
     try:
@@ -92,64 +114,83 @@ def read_safetensors_header(path: Path) -> SafetensorsHeader:
                 raise CheckpointError(f"{path}: file is {size} bytes, too short to be safetensors (truncated?)")
             (n,) = struct.unpack("<Q", head)
             if n > MAX_HEADER_BYTES or n > size - 8:
-                if _looks_like_pickle(head):
-                    raise _pickle_error(path)
-                if head[:4] == b"GGUF":
-                    raise CheckpointError(f"{path}: this is a GGUF file, not safetensors; give the .safetensors "
-                                          "it was made from")
-                raise CheckpointError(
-                    f"{path}: header length field says {n:,} bytes but the file has {size:,}; "
-                    "the file is corrupt or not safetensors")
+                raise _not_safetensors(path, head, f"header length field says {n:,} bytes but the file has "
+                                                   f"{size:,}")
             raw = f.read(n)
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        if _looks_like_pickle(head):
-            raise _pickle_error(path) from None
-        raise CheckpointError(f"{path}: header is not valid JSON ({exc}); the file is corrupt") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: header is not a JSON object; the file is corrupt")
+    if raw[:1] != b"{":
+        raise _not_safetensors(path, head, "header does not start with '{'")
+    header = untrusted.load_json(raw, f"{path}: header", HEADER_LIMITS)
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise CheckpointError(f"{path}: __metadata__ must map strings to strings")
+    for key, value in metadata.items():
+        untrusted.check_text(key, str(path), "metadata key")
+        untrusted.check_text(value, str(path), f"metadata value of {untrusted.shown(key)}")
     data_start = 8 + n
-    data_len = size - data_start
     tensors: dict[str, TensorMeta] = {}
     spans = []
     for key, entry in header.items():
-        where = f"{path}: tensor {key}"
+        where = f"{path}: tensor {untrusted.shown(key)}"
+        untrusted.check_text(key, str(path), "tensor name")
         if not isinstance(entry, dict):
-            raise CheckpointError(f"{where}: header entry is not an object")
+            raise CheckpointError(f"{where}: header entry is {untrusted.type_name(entry)}, not an object")
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if dtype not in DTYPES:
-            raise CheckpointError(f"{where}: unknown dtype {dtype!r}")
-        if (not isinstance(shape, list) or len(shape) > 8
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise CheckpointError(f"{where}: unknown dtype {untrusted.shown(dtype, 40)}")
+        if (not isinstance(shape, list) or len(shape) > MAX_DIMS
                 or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)):
-            raise CheckpointError(f"{where}: malformed shape {shape!r}")
+            raise CheckpointError(f"{where}: malformed shape {untrusted.shown(shape, 60)}")
         if (not isinstance(offsets, list) or len(offsets) != 2
                 or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
-            raise CheckpointError(f"{where}: malformed data_offsets {offsets!r}")
+            raise CheckpointError(f"{where}: malformed data_offsets {untrusted.shown(offsets, 60)}")
+        extent = 1
+        for s in shape:
+            extent *= max(s, 1)
+        if extent > MAX_ELEMENTS:
+            raise CheckpointError(f"{where}: shape {untrusted.shown(shape, 60)} spans more than 2^48 elements; "
+                                  "no real tensor is that large")
         begin, end = offsets
         numel = 1
         for s in shape:
             numel *= s
         nbytes = numel * DTYPES[dtype][0]
         if begin < 0 or end < begin or end - begin != nbytes:
-            raise CheckpointError(
-                f"{where}: data_offsets {offsets} hold {end - begin} bytes but shape {shape} {dtype} needs {nbytes}")
-        if end > data_len:
-            raise CheckpointError(
-                f"{where}: data ends at byte {data_start + end:,} but the file has {size:,} bytes; "
-                "the file is truncated (re-download it)")
+            raise CheckpointError(f"{where}: data_offsets {offsets} hold {end - begin:,} bytes but shape "
+                                  f"{shape} {dtype} needs {nbytes:,}")
         spans.append((begin, end, key))
         tensors[key] = TensorMeta(key, dtype, tuple(shape), path, key, data_start + begin, nbytes)
-    spans.sort()
-    for (b0, e0, k0), (b1, e1, k1) in zip(spans, spans[1:]):
-        if b1 < e0:
-            raise CheckpointError(f"{path}: tensors {k0} and {k1} overlap in the data section; the file is corrupt")
+    if len(tensors) > MAX_TENSORS:
+        raise CheckpointError(f"{path}: {len(tensors):,} tensors, more than the {MAX_TENSORS:,} qconvert reads "
+                              "from one file")
+    _check_tiling(path, sorted(spans), size - data_start, size)
     return SafetensorsHeader(path, tensors, metadata, data_start)
+
+
+def _check_tiling(path: Path, spans: list, data_len: int, size: int) -> None:
+    """Tensors must cover the data section exactly, in order, as the safetensors library requires."""
+    at = 0
+    for begin, end, key in spans:
+        if begin != at:
+            what = "overlaps the tensor before it" if begin < at else f"leaves a gap of {begin - at:,} bytes"
+            raise CheckpointError(f"{path}: tensor {untrusted.shown(key)} {what} in the data section; "
+                                  "the file is corrupt (the safetensors library refuses it too)")
+        at = end
+    if at > data_len:
+        raise CheckpointError(f"{path}: the tensors' data ends at byte {size - data_len + at:,} but the file has "
+                              f"{size:,} bytes; the file is truncated (re-download it)")
+    if at < data_len:
+        raise CheckpointError(f"{path}: {data_len - at:,} bytes follow the last tensor's data; the file is "
+                              "corrupt or was appended to (the safetensors library refuses it too)")
+
+
+def _not_safetensors(path: Path, head: bytes, why: str) -> CheckpointError:
+    if _looks_like_pickle(head):
+        return _pickle_error(path)
+    if head[:4] == b"GGUF":
+        return CheckpointError(f"{path}: this is a GGUF file, not safetensors; give the .safetensors it was made from")
+    return CheckpointError(f"{path}: {why}; the file is corrupt or not safetensors")
 
 
 def refuse_pickle(path: Path) -> None:
@@ -171,6 +212,45 @@ def _pickle_error(path: Path) -> CheckpointError:
                            "because unpickling can execute arbitrary code")
 
 
+class TensorReader:
+    """Reads tensors that a validated header describes, one open descriptor per file.
+
+    A plain positioned read rather than a memory map: the header was
+    validated when the file was opened, and a read leaves nothing mapped, so
+    resident memory stays at one tensor however many have been read.
+    """
+
+    def __init__(self) -> None:
+        self._fds: dict = {}
+
+    def read(self, meta: TensorMeta) -> torch.Tensor:
+        # Uninitialised: zero-filling first (bytearray) costs as much as the read.
+        buf = torch.empty(meta.nbytes, dtype=torch.uint8)
+        try:
+            fd = self._fds.get(meta.file)
+            if fd is None:
+                fd = self._fds[meta.file] = os.open(meta.file, os.O_RDONLY)
+            view, done = memoryview(buf.numpy()), 0
+            while done < meta.nbytes:
+                n = os.preadv(fd, [view[done:]], meta.begin + done)
+                if n == 0:
+                    raise CheckpointError(f"{meta.file}: tensor {meta.key} ends early; the file was truncated "
+                                          "after it was opened")
+                done += n
+        except OSError as exc:
+            raise CheckpointError(f"{meta.file}: cannot read tensor {meta.key}: {exc.strerror or exc}") from None
+        dtype = DTYPES[meta.dtype][1]
+        if meta.nbytes == 0:
+            return torch.empty(meta.shape, dtype=dtype)
+        return buf.view(dtype).reshape(meta.shape)
+
+    def close(self) -> None:
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
 @dataclass
 class Checkpoint:
     """A validated source: config, tensor metadata, and one-at-a-time loading."""
@@ -183,7 +263,7 @@ class Checkpoint:
     extra: list = field(default_factory=list)  # names outside the model (allowed by --allow-extra)
     config_source: str = "config.json"
     repo_id: str | None = None  # set when the source was a Hugging Face repo id
-    _handles: dict = field(default_factory=dict, repr=False)
+    _reader: "TensorReader" = field(default_factory=lambda: TensorReader(), repr=False)
 
     @property
     def variant(self) -> str:
@@ -215,38 +295,11 @@ class Checkpoint:
         return sum(t.nbytes for t in self.tensors.values())
 
     def load(self, name: str) -> torch.Tensor:
-        """Read one tensor (a fresh CPU tensor in its stored dtype).
-
-        A plain positioned read rather than a memory map: the header was
-        validated when the checkpoint opened, and a read leaves nothing mapped,
-        so resident memory stays at one tensor however many have been read.
-        """
-        meta = self.tensors[name]
-        # Uninitialised: zero-filling first (bytearray) costs as much as the read.
-        buf = torch.empty(meta.nbytes, dtype=torch.uint8)
-        try:
-            fd = self._handles.get(meta.file)
-            if fd is None:
-                fd = self._handles[meta.file] = os.open(meta.file, os.O_RDONLY)
-            view, done = memoryview(buf.numpy()), 0
-            while done < meta.nbytes:
-                n = os.preadv(fd, [view[done:]], meta.begin + done)
-                if n == 0:
-                    raise CheckpointError(f"{meta.file}: tensor {meta.key} ends early; the file was truncated "
-                                          "after it was opened")
-                done += n
-        except OSError as exc:
-            raise CheckpointError(f"{meta.file}: cannot read tensor {meta.key}: {exc.strerror or exc}") from None
-        dtype = DTYPES[meta.dtype][1]
-        if meta.nbytes == 0:
-            return torch.empty(meta.shape, dtype=dtype)
-        return buf.view(dtype).reshape(meta.shape)
+        """Read one tensor (a fresh CPU tensor in its stored dtype)."""
+        return self._reader.read(self.tensors[name])
 
     def close(self) -> None:
-        handles, self._handles = self._handles, {}
-        for fd in handles.values():
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        self._reader.close()
 
     def __del__(self) -> None:
         self.close()
@@ -325,7 +378,7 @@ def _open_single(path: Path, *, allow_extra: bool) -> Checkpoint:
         tensors[name] = TensorMeta(name, meta.dtype, meta.shape, path, key, meta.begin, meta.nbytes)
     if not qi.detect(tensors):
         raise CheckpointError(f"{path}: {qi.explain_not_qwen(tensors)}")
-    config = qi.config_from_shapes({n: t.shape for n, t in tensors.items()})
+    config = qi.config_from_shapes({n: t.shape for n, t in tensors.items()}, str(path))
     return _finish(path, "single-file", config, tensors, header.metadata, allow_extra, "inferred from shapes")
 
 
@@ -350,7 +403,7 @@ def _open_folder(path: Path, *, allow_extra: bool) -> Checkpoint:
         shard_names = sorted(set(weight_map.values()))
         shards = [folder / s for s in shard_names]
         for s in shards:
-            if not s.is_file():
+            if not _is_file(s):
                 raise CheckpointError(f"{index_path}: names shard {s.name}, which is missing from {folder}")
     elif len(shards) > 1:
         raise CheckpointError(f"{folder}: {len(shards)} safetensors files but no {INDEX_NAME}")
@@ -379,35 +432,66 @@ def _open_folder(path: Path, *, allow_extra: bool) -> Checkpoint:
 
     config_path = folder / "config.json"
     if config_path.is_file():
-        try:
-            raw = json.loads(config_path.read_text())
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CheckpointError(f"{config_path}: not valid JSON ({exc})") from None
+        raw = read_json_file(config_path, CONFIG_LIMITS)
         if not isinstance(raw, dict):
             raise CheckpointError(f"{config_path}: not a JSON object")
-        cls = raw.get("_class_name", qi.DIFFUSERS_CLASS)
+        cls = untrusted.field_str(raw, "_class_name", str(config_path), default=qi.DIFFUSERS_CLASS)
         if cls != qi.DIFFUSERS_CLASS:
-            raise CheckpointError(f"{config_path}: _class_name is {cls!r}, not {qi.DIFFUSERS_CLASS}")
-        config, how = qi.QwenImageConfig.from_json(raw), "config.json"
+            raise CheckpointError(f"{config_path}: _class_name is {untrusted.shown(cls, 60)}, "
+                                  f"not {qi.DIFFUSERS_CLASS}")
+        config, how = qi.QwenImageConfig.from_json(raw, str(config_path)), "config.json"
     else:
-        config, how = qi.config_from_shapes({n: t.shape for n, t in tensors.items()}), "inferred from shapes"
+        config = qi.config_from_shapes({n: t.shape for n, t in tensors.items()}, str(folder))
+        how = "inferred from shapes"
     root = path if layout == "diffusers" else folder
     return _finish(root, layout, config, tensors, metadata, allow_extra, how)
 
 
 def _read_index(index_path: Path) -> dict:
-    try:
-        index = json.loads(index_path.read_text())
-        weight_map = index["weight_map"]
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{index_path}: not a valid safetensors index ({exc})") from None
+    index = read_json_file(index_path, INDEX_LIMITS)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict):
-        raise CheckpointError(f"{index_path}: weight_map is not an object")
+        raise CheckpointError(f"{index_path}: not a safetensors index (no weight_map object)")
     for key, shard in weight_map.items():
+        untrusted.check_text(key, str(index_path), "tensor name")
         # An index is just JSON: it must not point outside its own folder.
-        if not isinstance(shard, str) or "/" in shard or "\\" in shard or shard in ("", ".", ".."):
-            raise CheckpointError(f"{index_path}: tensor {key} maps to an invalid shard name {shard!r}")
+        if not isinstance(shard, str) or not _is_shard_name(shard):
+            raise CheckpointError(f"{index_path}: tensor {untrusted.shown(key)} maps to an invalid shard name "
+                                  f"'{untrusted.shown(shard, 80)}' (not a .safetensors file name in this folder)")
+    if len(set(weight_map.values())) > MAX_SHARDS:
+        raise CheckpointError(f"{index_path}: names {len(set(weight_map.values())):,} shards, more than the "
+                              f"{MAX_SHARDS:,} qconvert reads")
     return weight_map
+
+
+def _is_shard_name(name: str) -> bool:
+    """A plain file name in the same folder: no separators, NUL or control characters, within NAME_MAX."""
+    try:
+        encoded = name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return (name.endswith(".safetensors") and len(encoded) <= 255 and name.isprintable()
+            and not any(c in name for c in "/\\"))
+
+
+def read_json_file(path: Path, limits: untrusted.Limits) -> object:
+    """A small JSON file (config, index) read within size and structure bounds."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_JSON_FILE_BYTES:
+            raise CheckpointError(f"{path}: {size:,} bytes, far larger than a file of this kind can be; "
+                                  "the file is corrupt")
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    return untrusted.load_json(raw, str(path), limits)
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except (OSError, ValueError) as exc:  # a name the file system cannot take
+        raise CheckpointError(f"{path}: cannot look it up: {getattr(exc, 'strerror', None) or exc}") from None
 
 
 def _finish(path, layout, config, tensors, metadata, allow_extra, how) -> Checkpoint:

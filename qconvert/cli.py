@@ -269,6 +269,14 @@ def bake_lora_cmd(source, output, dry_run, as_json, device, loras, ignore_unmatc
         click.echo(format_report(report))
 
 
+def _printable(exc: BaseException) -> str:
+    """An error message fit for one terminal line: names from a hostile file may hold
+    control characters, lone surrogates or megabytes of text."""
+    from .untrusted import shown
+
+    return shown(str(exc), 2000)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
@@ -287,12 +295,12 @@ def main(argv: list[str] | None = None) -> None:
     except QConvertError as exc:
         if debug:
             raise
-        click.echo(f"error: {exc}", err=True)
+        click.echo(f"error: {_printable(exc)}", err=True)
         sys.exit(1)
     except Exception as exc:  # a bug: say so in one line, keep the traceback for --debug
         if debug:
             raise
-        click.echo(f"error: internal error ({type(exc).__name__}: {exc}); rerun with --debug and report it",
-                   err=True)
+        click.echo(f"error: internal error ({type(exc).__name__}: {_printable(exc)}); rerun with --debug and "
+                   "report it", err=True)
         sys.exit(1)
     sys.exit(rv if isinstance(rv, int) else 0)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Iterable, Mapping
 
+from .. import untrusted
 from ..errors import CheckpointError
 
 ARCHITECTURE = "qwen_image"
@@ -122,7 +123,14 @@ _TOP_LINEARS = {
     "proj_out": Role.FINAL,
 }
 
-_BLOCK_RE = re.compile(r"^transformer_blocks\.(\d+)\.(.+)\.(weight|bias)$")
+# Qwen-Image has 60 blocks; the bound keeps a hostile config or tensor name
+# ("transformer_blocks.<a billion>.…") from asking for a billion blocks' keys.
+MAX_LAYERS = 1024
+# Widths (inner, text, channels) far beyond any real model's; bounds for hostile configs.
+MAX_WIDTH = 1 << 16
+# Block indices as diffusers writes them: no sign, no leading zeros, no more
+# digits than MAX_LAYERS needs ("transformer_blocks.00" would alias block 0).
+_BLOCK_RE = re.compile(r"^transformer_blocks\.(0|[1-9][0-9]{0,3})\.(.+)\.(weight|bias)$")
 
 
 @dataclass(frozen=True)
@@ -162,17 +170,41 @@ class QwenImageConfig:
         return {"_class_name": DIFFUSERS_CLASS, "_diffusers_version": "0.35.0", **d}
 
     @classmethod
-    def from_json(cls, data: Mapping) -> "QwenImageConfig":
-        fields = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in data.items() if k in fields}
-        if "axes_dims_rope" in kwargs:
-            kwargs["axes_dims_rope"] = tuple(kwargs["axes_dims_rope"])
-        if kwargs.get("out_channels") is None:
-            kwargs.pop("out_channels", None)
-        try:
-            return cls(**kwargs)
-        except TypeError as exc:  # pragma: no cover - dataclass field mismatch
-            raise CheckpointError(f"transformer config is not a Qwen-Image config: {exc}") from None
+    def from_json(cls, data: Mapping, where: str = "transformer config") -> "QwenImageConfig":
+        """A config from ``config.json``'s object, every field checked for type and range.
+
+        Missing fields take Qwen-Image's values; unknown ones (``pooled_projection_dim``) are ignored.
+        """
+        if not isinstance(data, Mapping):
+            raise CheckpointError(f"{where}: not a JSON object but {untrusted.type_name(data)}")
+        d = cls()
+        ints = {name: untrusted.field_int(data, name, where, low=low, high=high, default=getattr(d, name))
+                for name, low, high in (("num_layers", 1, MAX_LAYERS), ("num_attention_heads", 1, MAX_WIDTH),
+                                        ("attention_head_dim", 1, MAX_WIDTH),
+                                        ("joint_attention_dim", 1, MAX_WIDTH), ("in_channels", 1, MAX_WIDTH),
+                                        ("patch_size", 1, 64))}
+        out = data.get("out_channels")
+        ints["out_channels"] = d.out_channels if out is None else untrusted.field_int(
+            data, "out_channels", where, low=1, high=MAX_WIDTH)
+        flags = {name: untrusted.field_bool(data, name, where, default=getattr(d, name))
+                 for name in ("guidance_embeds", "zero_cond_t", "use_additional_t_cond", "use_layer3d_rope")}
+        axes = data.get("axes_dims_rope", list(d.axes_dims_rope))
+        if (not isinstance(axes, (list, tuple)) or len(axes) != 3
+                or not all(isinstance(a, int) and not isinstance(a, bool) and 0 <= a <= MAX_WIDTH for a in axes)):
+            raise CheckpointError(f"{where}: axes_dims_rope must be a list of three dimensions, not "
+                                  f"{untrusted.shown(axes, 60)}")
+        return validated(cls(**ints, **flags, axes_dims_rope=tuple(axes)), where)
+
+
+def validated(config: QwenImageConfig, where: str) -> QwenImageConfig:
+    """Relations between fields that every Qwen-Image config keeps."""
+    if config.inner_dim > MAX_WIDTH:
+        raise CheckpointError(f"{where}: {config.num_attention_heads} heads of {config.attention_head_dim} make "
+                              f"an inner dimension of {config.inner_dim:,}, beyond any Qwen-Image ({MAX_WIDTH:,})")
+    if sum(config.axes_dims_rope) != config.attention_head_dim:
+        raise CheckpointError(f"{where}: axes_dims_rope {list(config.axes_dims_rope)} must add up to "
+                              f"attention_head_dim {config.attention_head_dim}")
+    return config
 
 
 @dataclass(frozen=True)
@@ -201,6 +233,8 @@ def _describe(name: str) -> TensorInfo:
     m = _BLOCK_RE.match(name)
     if m:
         block, module, kind = int(m.group(1)), m.group(2), m.group(3)
+        if block >= MAX_LAYERS:
+            raise KeyError(name)
         if module in _BLOCK_LINEAR_MODULES:
             role = _BLOCK_LINEAR_MODULES[module] if kind == "weight" else Role.BIAS
             return TensorInfo(name, role, block, f"transformer_blocks.{block}.{module}")
@@ -311,21 +345,28 @@ def explain_not_qwen(names: Iterable[str]) -> str:
             f"missing Qwen-Image keys {', '.join(missing)}")
 
 
-def config_from_shapes(shapes: Mapping[str, tuple]) -> QwenImageConfig:
+def config_from_shapes(shapes: Mapping[str, tuple], where: str = "checkpoint") -> QwenImageConfig:
     """Infer the config when no config.json is at hand (single-file checkpoints)."""
-    try:
-        d, in_ch = shapes["img_in.weight"]
-        _, t = shapes["txt_in.weight"]
-        head_dim = shapes["transformer_blocks.0.attn.norm_q.weight"][0]
-        out = shapes["proj_out.weight"][0]
-    except (KeyError, ValueError) as exc:
-        raise CheckpointError(f"cannot infer the Qwen-Image config: tensor {exc} missing or malformed") from None
-    blocks = {int(m.group(1)) for n in shapes if (m := _BLOCK_RE.match(n))}
+    d, in_ch = _dims(shapes, "img_in.weight", 2, where)
+    _, t = _dims(shapes, "txt_in.weight", 2, where)
+    (head_dim,) = _dims(shapes, "transformer_blocks.0.attn.norm_q.weight", 1, where)
+    out = _dims(shapes, "proj_out.weight", 2, where)[0]
+    blocks = {info.block for n in shapes if (info := _known(n)) and info.block is not None}
+    stray = next((n for n in shapes if n.startswith("transformer_blocks.") and _known(n) is None
+                  and (m := re.match(r"transformer_blocks\.(\d+)\.", n)) and len(m.group(1)) > 3), None)
+    if stray:
+        raise CheckpointError(f"{where}: tensor {untrusted.shown(stray)} names a block beyond the "
+                              f"{MAX_LAYERS} qconvert accepts; the file is corrupt or not Qwen-Image")
     layers = max(blocks) + 1 if blocks else 0
-    if head_dim <= 0 or d % head_dim:
-        raise CheckpointError(f"cannot infer the Qwen-Image config: inner dim {d} is not a multiple of head dim {head_dim}")
+    if not 0 < head_dim <= d or d % head_dim:
+        raise CheckpointError(f"{where}: cannot infer the Qwen-Image config: inner dim {d} is not a multiple of "
+                              f"head dim {head_dim}")
+    for name, value in (("inner dim", d), ("text dim", t), ("input channels", in_ch), ("output size", out)):
+        if not 0 < value <= MAX_WIDTH:
+            raise CheckpointError(f"{where}: cannot infer the Qwen-Image config: {name} {value:,} is out of range "
+                                  f"(1 to {MAX_WIDTH:,})")
     patch = 2
-    return QwenImageConfig(
+    return validated(QwenImageConfig(
         num_layers=layers,
         num_attention_heads=d // head_dim,
         attention_head_dim=head_dim,
@@ -337,7 +378,24 @@ def config_from_shapes(shapes: Mapping[str, tuple]) -> QwenImageConfig:
         zero_cond_t=MARKER_EDIT_2511 in shapes,
         use_additional_t_cond=ADDITION_T_EMBEDDING in shapes,
         use_layer3d_rope=ADDITION_T_EMBEDDING in shapes,
-    )
+    ), where)
+
+
+def _dims(shapes: Mapping[str, tuple], name: str, rank: int, where: str) -> tuple:
+    if name not in shapes:
+        raise CheckpointError(f"{where}: cannot infer the Qwen-Image config: tensor {name} is missing")
+    shape = tuple(shapes[name])
+    if len(shape) != rank:
+        raise CheckpointError(f"{where}: tensor {name} has shape {list(shape)}; a Qwen-Image has "
+                              f"{rank} dimension(s) there")
+    return shape
+
+
+def _known(name: str) -> TensorInfo | None:
+    try:
+        return _describe(name)
+    except KeyError:
+        return None
 
 
 def default_axes_dims(head_dim: int) -> tuple:
