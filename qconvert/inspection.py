@@ -9,6 +9,7 @@ from pathlib import Path
 from .checkpoint import COMFY_PREFIXES, open_checkpoint, read_safetensors_header, refuse_pickle
 from .errors import CheckpointError
 from .models import qwen_image as qi
+from .untrusted import shown
 
 # Tensors that quantized safetensors formats add beside a layer's weight.
 AUX_SUFFIXES = (".weight_scale", ".comfy_quant", ".scale_weight", ".input_scale", ".scale_input",
@@ -52,21 +53,10 @@ def _inspect_safetensors(path: Path) -> dict:
 
 
 def _inspect_gguf(path: Path) -> dict:
-    import gguf
+    from .formats.gguf.reader import open_gguf
 
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as exc:  # gguf raises ValueError, struct errors, memmap errors...
-        raise CheckpointError(f"{path}: not a readable GGUF file ({type(exc).__name__}: {exc})") from None
-    metadata = {}
-    for key, fld in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        try:
-            value = fld.contents()
-        except Exception:  # pragma: no cover - exotic field types
-            value = "<unreadable>"
-        metadata[key] = value
+    reader = open_gguf(path)  # header checked first: every field below is readable
+    metadata = {key: fld.contents() for key, fld in reader.fields.items() if not key.startswith("GGUF.")}
     tensors = {t.name: (t.tensor_type.name, tuple(reversed([int(x) for x in t.shape])), int(t.n_bytes))
                for t in reader.tensors}
     return _summary(str(path), "gguf", f"GGUF v{_gguf_version(reader)}", tensors, metadata,
@@ -74,10 +64,7 @@ def _inspect_gguf(path: Path) -> dict:
 
 
 def _gguf_version(reader) -> int:
-    try:
-        return int(reader.fields["GGUF.version"].contents())
-    except Exception:  # pragma: no cover
-        return 3
+    return int(reader.fields["GGUF.version"].contents())
 
 
 def _summary(path, layout, fmt, tensors: dict, metadata: dict, file_bytes: int, *, config=None,
@@ -86,7 +73,7 @@ def _summary(path, layout, fmt, tensors: dict, metadata: dict, file_bytes: int, 
     if not qi.detect(model_names):
         raise CheckpointError(f"{path}: {qi.explain_not_qwen(model_names)}")
     shapes = {n: tensors[n][1] for n in model_names}
-    cfg = qi.config_from_shapes(shapes) if config is None else qi.QwenImageConfig.from_json(config)
+    cfg = qi.config_from_shapes(shapes, path) if config is None else qi.QwenImageConfig.from_json(config, path)
     extra = list(extra) or qi.check_keys(cfg, shapes, allow_extra=True, where=path)
     hist: Counter = Counter()
     hist_bytes: Counter = Counter()
@@ -118,7 +105,7 @@ def _summary(path, layout, fmt, tensors: dict, metadata: dict, file_bytes: int, 
 def format_summary(s: dict) -> str:
     c = s["config"]
     lines = [
-        f"{s['path']}",
+        shown(s["path"], 1000),
         f"  format        {s['format']} ({s['layout']})",
         f"  architecture  {s['architecture']}, variant {s['variant']}",
         f"  config        {c['num_layers']} layers, {c['num_attention_heads']}x{c['attention_head_dim']} heads, "
@@ -133,13 +120,12 @@ def format_summary(s: dict) -> str:
         lines.append(f"    {name:<10}{v['tensors']:>6} tensors {v['bytes']:>18,} bytes")
     if s["extra_tensors"]:
         lines.append(f"  extra         {len(s['extra_tensors'])} tensors outside the model: "
-                     + ", ".join(s["extra_tensors"][:5]))
+                     + ", ".join(shown(n) for n in s["extra_tensors"][:5]))
     if s["metadata"]:
         lines.append("  metadata")
         for k, v in s["metadata"].items():
-            text = v if isinstance(v, str) else json.dumps(v, default=str)
-            if len(text) > 100:
-                text = text[:97] + "..."
-            lines.append(f"    {k} = {text}")
+            # Names and values come from the file: escaped and cut, so they cannot restyle the terminal.
+            text = v if isinstance(v, str) else json.dumps(v[:64] if isinstance(v, list) else v, default=str)
+            lines.append(f"    {shown(k, 80)} = {shown(text, 100)}")
     return "\n".join(lines)
 
