@@ -84,6 +84,7 @@ from typing import Callable, Iterable, Iterator, Mapping
 import torch
 
 from ..checkpoint import COMFY_PREFIXES, DTYPES, Checkpoint, read_safetensors_header
+from .. import untrusted
 from ..errors import CheckpointError, QConvertError
 from ..io import SafetensorsWriter, atomic_output, safetensors_size, tensor_bytes
 from ..models import qwen_image as qi
@@ -93,6 +94,7 @@ from ..pipeline import (TensorPlan, check_finite, parse_device, prefetched, prog
 LAYOUTS = ("comfy", "scaled", "plain")
 HIGH_PRECISION = "BF16"  # what non-quantized tensors become in the comfy and scaled layouts
 SCALE_TYPE = "F32"
+FLOAT_SCALE_TYPES = ("F32", "BF16", "F16", "F64")  # what a third-party file may store its scales as
 
 # Names the layouts add beside a layer's weight (format knowledge, not model knowledge).
 WEIGHT_SCALE = "weight_scale"  # comfy: dequantization multiplier
@@ -513,21 +515,41 @@ def _is_aux(name: str) -> bool:
     return name == SCALED_FP8_MARKER or any(name.endswith("." + s) for s in suffixes)
 
 
-def _comfy_layers(path: Path, metadata: Mapping, read: Callable[[str], torch.Tensor], keys, prefix: str) -> dict:
+# Layer configs are a few dozen bytes of JSON; the whole metadata a few hundred KB.
+LAYER_CONFIG_LIMITS = untrusted.Limits(objects=64, items=256)
+LAYER_CONFIG_MAX_BYTES = 64 * 1024
+QUANT_METADATA_LIMITS = untrusted.Limits(objects=4 * 100_000, items=16 * 100_000)
+
+
+def _comfy_layers(path: Path, metadata: Mapping, read: Callable[[str], torch.Tensor], header: Mapping,
+                  keys, prefix: str) -> dict:
     """Bare layer name → comfy_quant config, from per-layer tensors and/or ``_quantization_metadata``."""
     layers: dict = {}
     if QUANT_METADATA in metadata:
-        try:
-            layers.update(json.loads(metadata[QUANT_METADATA])["layers"])
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{path}: __metadata__.{QUANT_METADATA} is not valid ({exc})") from None
+        where = f"{path}: __metadata__.{QUANT_METADATA}"
+        value = untrusted.load_json(metadata[QUANT_METADATA], where, QUANT_METADATA_LIMITS)
+        found = value.get("layers") if isinstance(value, dict) else None
+        if not isinstance(found, dict):
+            raise CheckpointError(f"{where}: must be an object with a \"layers\" object")
+        for layer, conf in found.items():
+            layers[layer] = _layer_format(f"{where}: layer {untrusted.shown(layer)}", conf)
     for key in keys:
         if key.endswith("." + COMFY_QUANT):
-            try:
-                layers[key[len(prefix): -len(COMFY_QUANT) - 1]] = json.loads(read(key).numpy().tobytes())
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise CheckpointError(f"{path}: tensor {key} is not UTF-8 JSON ({exc})") from None
+            meta = header[key]
+            where = f"{path}: tensor {untrusted.shown(key)}"
+            if meta.dtype != "U8" or len(meta.shape) != 1 or meta.nbytes > LAYER_CONFIG_MAX_BYTES:
+                raise CheckpointError(f"{where}: a layer config must be U8 bytes of JSON (at most "
+                                      f"{LAYER_CONFIG_MAX_BYTES:,}), not {meta.dtype} {list(meta.shape)}")
+            conf = untrusted.load_json(read(key).numpy().tobytes(), where, LAYER_CONFIG_LIMITS)
+            layers[key[len(prefix): -len(COMFY_QUANT) - 1]] = _layer_format(where, conf)
     return layers
+
+
+def _layer_format(where: str, conf) -> str:
+    """A layer config's ``format`` string (the only field this loader needs)."""
+    if not isinstance(conf, dict):
+        raise CheckpointError(f"{where}: a layer config must be a JSON object, not {untrusted.type_name(conf)}")
+    return untrusted.field_str(conf, "format", where)
 
 
 def iter_dequantized(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32
@@ -550,7 +572,8 @@ def iter_dequantized(path: str | os.PathLike, *, dtype: torch.dtype = torch.floa
         keys = [k for k in header.tensors if k.startswith(prefix)]
         key_set = set(keys)
         layout = _layout({k: header.tensors[k] for k in keys}, header.metadata)
-        layers = _comfy_layers(path, header.metadata, reader.load, keys, prefix) if layout == "comfy" else {}
+        layers = (_comfy_layers(path, header.metadata, reader.load, header.tensors, keys, prefix)
+                  if layout == "comfy" else {})
         for key in sorted(keys):
             name = key[len(prefix):]
             if _is_aux(name) or (qi.is_known(name) and qi.describe(name).role is qi.Role.MARKER):
@@ -559,9 +582,9 @@ def iter_dequantized(path: str | os.PathLike, *, dtype: torch.dtype = torch.floa
             layer = name[: -len(".weight")] if name.endswith(".weight") else None
             scale = None
             if layer is not None and layer in layers:
-                scale = _comfy_scale(path, prefix + layer, layers[layer], tensor, reader, key_set)
+                scale = _comfy_scale(path, prefix + layer, layers[layer], tensor, reader, header.tensors)
             elif layer is not None and f"{prefix}{layer}.{SCALE_WEIGHT}" in key_set:
-                scale = reader.load(f"{prefix}{layer}.{SCALE_WEIGHT}").to(torch.float32)
+                scale = _read_scale(path, f"{prefix}{layer}.{SCALE_WEIGHT}", tensor, reader, header.tensors)
             if scale is not None:
                 yield name, (tensor.to(torch.float32) * scale).to(dtype)
             elif tensor.is_floating_point():
@@ -571,18 +594,31 @@ def iter_dequantized(path: str | os.PathLike, *, dtype: torch.dtype = torch.floa
                 yield name, tensor
 
 
-def _comfy_scale(path: Path, layer: str, conf, weight: torch.Tensor, reader, keys) -> torch.Tensor:
-    fmt = conf.get("format") if isinstance(conf, dict) else None
+def _comfy_scale(path: Path, layer: str, fmt: str, weight: torch.Tensor, reader, header) -> torch.Tensor:
     fp8 = _BY_COMFY_FORMAT.get(fmt)
     if fp8 is None:
-        raise CheckpointError(f"{path}: layer {layer} uses comfy_quant format {fmt!r}; this loader "
-                              f"dequantizes only {', '.join(_BY_COMFY_FORMAT)}")
+        raise CheckpointError(f"{path}: layer {untrusted.shown(layer)} uses comfy_quant format "
+                              f"'{untrusted.shown(fmt, 40)}'; this loader dequantizes only {', '.join(_BY_COMFY_FORMAT)}")
     if weight.dtype != fp8.dtype:
-        raise CheckpointError(f"{path}: layer {layer} says {fmt} but its weight is {weight.dtype}")
+        raise CheckpointError(f"{path}: layer {untrusted.shown(layer)} says {fmt} but its weight is {weight.dtype}")
     scale_key = f"{layer}.{WEIGHT_SCALE}"
-    if scale_key not in keys:
-        raise CheckpointError(f"{path}: layer {layer} is {fmt} but has no {WEIGHT_SCALE} tensor")
-    return reader.load(scale_key).to(torch.float32)
+    if scale_key not in header:
+        raise CheckpointError(f"{path}: layer {untrusted.shown(layer)} is {fmt} but has no {WEIGHT_SCALE} tensor")
+    return _read_scale(path, scale_key, weight, reader, header)
+
+
+def _read_scale(path: Path, key: str, weight: torch.Tensor, reader, header) -> torch.Tensor:
+    """A per-tensor dequantization multiplier: one finite, non-negative float for a floating weight."""
+    meta = header[key]
+    where = f"{path}: tensor {untrusted.shown(key)}"
+    if meta.dtype not in FLOAT_SCALE_TYPES or meta.numel != 1:
+        raise CheckpointError(f"{where}: a per-tensor scale must be one float, not {meta.dtype} {list(meta.shape)}")
+    if not weight.is_floating_point():
+        raise CheckpointError(f"{where}: scales a {weight.dtype} weight; scaled weights are FP8")
+    scale = reader.load(key).to(torch.float32).reshape(())
+    if not bool(torch.isfinite(scale)) or float(scale) < 0:
+        raise CheckpointError(f"{where}: scale is {float(scale)}; it must be a finite, non-negative number")
+    return scale
 
 
 def load_dequantized(path: str | os.PathLike, *, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
