@@ -38,7 +38,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from .checkpoint import FLOAT_DTYPES, INDEX_NAME, read_safetensors_header, refuse_pickle
+from .checkpoint import FLOAT_DTYPES, INDEX_NAME, TensorReader, read_safetensors_header, refuse_pickle
 from .errors import CheckpointError, QConvertError
 from .models import qwen_image as qi
 from .pipeline import parse_device
@@ -218,6 +218,9 @@ def _check_group(module, group, tensors, model_shapes, slots, res) -> list[str]:
         u, d = tensors[up].shape, tensors[down].shape
         if len(u) != 2 or len(d) != 2 or u[1] != d[0] or d[0] == 0:
             problems.append(f"{module}: up {list(u)} and down {list(d)} are not a rank-r pair")
+        elif d[0] > min(u[0], d[1]):
+            # Past full rank a LoRA only multiplies the merge's work (out x rank x in).
+            problems.append(f"{module}: rank {d[0]:,} exceeds the layer's full rank {min(u[0], d[1]):,}")
         elif weight is None or (u[0], d[1]) != tuple(model_shapes[weight]):
             want = list(model_shapes[weight]) if weight else "no weight"
             problems.append(f"{module}: LoRA makes [{u[0]}, {d[1]}] but the model has {want} "
@@ -250,7 +253,7 @@ class LoraFile:
         self.strength = spec.strength
         self.header = header
         self.ignored = resolution.unmatched
-        self._handle = None
+        self._reader = TensorReader()
         self._sha256: str | None = None
         self.patches = [self._with_alpha(p, resolution.alphas) for p in resolution.patches]
 
@@ -264,14 +267,9 @@ class LoraFile:
         return Patch(patch.target, patch.keys, alpha / patch.rank, patch.rank)
 
     def tensor(self, key: str) -> torch.Tensor:
-        if self._handle is None:
-            from safetensors import safe_open
-
-            self._handle = safe_open(str(self.path), framework="pt")
-        try:
-            return self._handle.get_tensor(key)
-        except Exception as exc:  # safetensors raises its own error types
-            raise CheckpointError(f"{self.path}: cannot read tensor {key}: {exc}") from None
+        # qconvert's own positioned reads of the header it validated, not a
+        # second parser (safetensors' mmap) that might judge the file differently.
+        return self._reader.read(self.header.tensors[key])
 
     def delta(self, patch: Patch, device: torch.device) -> torch.Tensor:
         """strength · (alpha/rank) · up @ down (or strength · diff), float32 on ``device``."""
@@ -306,7 +304,7 @@ class LoraFile:
         }
 
     def close(self) -> None:
-        self._handle = None
+        self._reader.close()
 
 
 def read_lora(spec: LoraSpec, model_shapes: dict, modules: dict,
