@@ -253,7 +253,7 @@ def bake_lora_cmd(source, output, dry_run, as_json, device, loras, ignore_unmatc
     qconvert bake-lora qwen_image_bf16.safetensors --lora style.safetensors:0.8 --lora lightning.safetensors \\
         -o qwen_image_style_lightning_bf16.safetensors
     """
-    from .lora import bake, bake_plan, bake_report, format_report
+    from .bake import bake, bake_plan, bake_report, format_report
 
     if not loras:
         raise click.UsageError("give at least one --lora FILE[:STRENGTH]")

@@ -28,4 +28,4 @@ def run_demo(out: Path, *, quiet: bool = False, echo: Callable[[str], None] = pr
 
 # Each converter module offers demo_step(model, out, quiet, echo) -> written paths;
 # they are imported only when the demo runs, to keep every command's start-up fast.
-_STEPS = ("qconvert.formats.gguf.writer", "qconvert.formats.fp8", "qconvert.lora")
+_STEPS = ("qconvert.formats.gguf.writer", "qconvert.formats.fp8", "qconvert.bake")

@@ -445,7 +445,7 @@ def test_baked_folder_loads_in_diffusers(tmp_path, tiny_model, weights, loras):
                                targets=["attn", "mod"], seed=4)
     out = tmp_path / "baked"
     with with_loras(open_checkpoint(tiny_model), [path]) as view:
-        from qconvert.lora import bake, bake_plan
+        from qconvert.bake import bake, bake_plan
 
         bake(view, bake_plan(view, out), quiet=True)
     model = diffusers.QwenImageTransformer2DModel.from_pretrained(out, subfolder="transformer",

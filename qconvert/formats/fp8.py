@@ -79,13 +79,12 @@ import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Mapping
+from typing import Callable, Iterable, Mapping
 
 import torch
 
-from ..checkpoint import COMFY_PREFIXES, DTYPES, Checkpoint, read_safetensors_header
-from .. import untrusted
-from ..errors import CheckpointError, QConvertError
+from ..checkpoint import DTYPES
+from ..errors import QConvertError
 from ..io import SafetensorsWriter, atomic_output, safetensors_size, tensor_bytes
 from ..models import qwen_image as qi
 from ..pipeline import (TensorPlan, check_finite, parse_device, prefetched, progress, provenance,
@@ -493,137 +492,16 @@ def convert(source, output: str | os.PathLike | None = None, options: Fp8Options
 
 # ------------------------------------------------------------------- loader
 
-def fp8_layout(path: str | os.PathLike) -> str:
-    """``comfy``, ``scaled``, ``plain`` (FP8 tensors without scales) or ``none`` (no FP8 at all)."""
-    header = read_safetensors_header(Path(path))
-    return _layout(header.tensors, header.metadata)
+_LOADER_NAMES = ("fp8_layout", "iter_dequantized", "load_dequantized")
 
 
-def _layout(tensors: Mapping, metadata: Mapping) -> str:
-    keys = list(tensors)
-    if QUANT_METADATA in metadata or any(k.endswith("." + COMFY_QUANT) for k in keys):
-        return "comfy"
-    if any(k == SCALED_FP8_MARKER or k.endswith("." + SCALED_FP8_MARKER) for k in keys):
-        return "scaled"
-    if any(m.dtype in _BY_ST_TYPE for m in tensors.values()):
-        return "plain"
-    return "none"
+def __getattr__(name: str):
+    """The dequantizing loader lives in ``fp8_loader``; its public names stay importable from here."""
+    if name in _LOADER_NAMES:
+        from . import fp8_loader
 
-
-def _is_aux(name: str) -> bool:
-    suffixes = (WEIGHT_SCALE, COMFY_QUANT, SCALE_WEIGHT, *ACTIVATION_SCALES)
-    return name == SCALED_FP8_MARKER or any(name.endswith("." + s) for s in suffixes)
-
-
-# Layer configs are a few dozen bytes of JSON; the whole metadata a few hundred KB.
-LAYER_CONFIG_LIMITS = untrusted.Limits(objects=64, items=256)
-LAYER_CONFIG_MAX_BYTES = 64 * 1024
-QUANT_METADATA_LIMITS = untrusted.Limits(objects=4 * 100_000, items=16 * 100_000)
-
-
-def _comfy_layers(path: Path, metadata: Mapping, read: Callable[[str], torch.Tensor], header: Mapping,
-                  keys, prefix: str) -> dict:
-    """Bare layer name → comfy_quant config, from per-layer tensors and/or ``_quantization_metadata``."""
-    layers: dict = {}
-    if QUANT_METADATA in metadata:
-        where = f"{path}: __metadata__.{QUANT_METADATA}"
-        value = untrusted.load_json(metadata[QUANT_METADATA], where, QUANT_METADATA_LIMITS)
-        found = value.get("layers") if isinstance(value, dict) else None
-        if not isinstance(found, dict):
-            raise CheckpointError(f"{where}: must be an object with a \"layers\" object")
-        for layer, conf in found.items():
-            layers[layer] = _layer_format(f"{where}: layer {untrusted.shown(layer)}", conf)
-    for key in keys:
-        if key.endswith("." + COMFY_QUANT):
-            meta = header[key]
-            where = f"{path}: tensor {untrusted.shown(key)}"
-            if meta.dtype != "U8" or len(meta.shape) != 1 or meta.nbytes > LAYER_CONFIG_MAX_BYTES:
-                raise CheckpointError(f"{where}: a layer config must be U8 bytes of JSON (at most "
-                                      f"{LAYER_CONFIG_MAX_BYTES:,}), not {meta.dtype} {list(meta.shape)}")
-            conf = untrusted.load_json(read(key).numpy().tobytes(), where, LAYER_CONFIG_LIMITS)
-            layers[key[len(prefix): -len(COMFY_QUANT) - 1]] = _layer_format(where, conf)
-    return layers
-
-
-def _layer_format(where: str, conf) -> str:
-    """A layer config's ``format`` string (the only field this loader needs)."""
-    if not isinstance(conf, dict):
-        raise CheckpointError(f"{where}: a layer config must be a JSON object, not {untrusted.type_name(conf)}")
-    return untrusted.field_str(conf, "format", where)
-
-
-def iter_dequantized(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32
-                     ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(name, weight)`` for every model weight of an FP8 file, dequantized to ``dtype``.
-
-    Reads any of the three layouts (and ComfyUI's ``_quantization_metadata``
-    variant of the comfy one), one tensor at a time.  Names are bare diffusers
-    names (a ``model.diffusion_model.`` prefix is stripped).  Scales, layer
-    configs, activation scales and marker tensors are not weights and are not
-    yielded.  Non-FP8 tensors are converted to ``dtype``.
-    """
-    path = Path(path)
-    header = read_safetensors_header(path)
-    prefix = next((p for p in COMFY_PREFIXES if any(k.startswith(p) for k in header.tensors)), "")
-    # Checkpoint's positioned reads, not a memory map: resident memory stays at
-    # one tensor however large the file.  An FP8 file is no conversion source,
-    # so it is not validated as one (no config needed).
-    with Checkpoint(path, "single-file", None, header.tensors, header.metadata) as reader:
-        keys = [k for k in header.tensors if k.startswith(prefix)]
-        key_set = set(keys)
-        layout = _layout({k: header.tensors[k] for k in keys}, header.metadata)
-        layers = (_comfy_layers(path, header.metadata, reader.load, header.tensors, keys, prefix)
-                  if layout == "comfy" else {})
-        for key in sorted(keys):
-            name = key[len(prefix):]
-            if _is_aux(name) or (qi.is_known(name) and qi.describe(name).role is qi.Role.MARKER):
-                continue
-            tensor = reader.load(key)
-            layer = name[: -len(".weight")] if name.endswith(".weight") else None
-            scale = None
-            if layer is not None and layer in layers:
-                scale = _comfy_scale(path, prefix + layer, layers[layer], tensor, reader, header.tensors)
-            elif layer is not None and f"{prefix}{layer}.{SCALE_WEIGHT}" in key_set:
-                scale = _read_scale(path, f"{prefix}{layer}.{SCALE_WEIGHT}", tensor, reader, header.tensors)
-            if scale is not None:
-                yield name, (tensor.to(torch.float32) * scale).to(dtype)
-            elif tensor.is_floating_point():
-                # Plain FP8 and legacy layers without scale_weight: scale 1, as ComfyUI does.
-                yield name, tensor.to(dtype)
-            else:
-                yield name, tensor
-
-
-def _comfy_scale(path: Path, layer: str, fmt: str, weight: torch.Tensor, reader, header) -> torch.Tensor:
-    fp8 = _BY_COMFY_FORMAT.get(fmt)
-    if fp8 is None:
-        raise CheckpointError(f"{path}: layer {untrusted.shown(layer)} uses comfy_quant format "
-                              f"'{untrusted.shown(fmt, 40)}'; this loader dequantizes only {', '.join(_BY_COMFY_FORMAT)}")
-    if weight.dtype != fp8.dtype:
-        raise CheckpointError(f"{path}: layer {untrusted.shown(layer)} says {fmt} but its weight is {weight.dtype}")
-    scale_key = f"{layer}.{WEIGHT_SCALE}"
-    if scale_key not in header:
-        raise CheckpointError(f"{path}: layer {untrusted.shown(layer)} is {fmt} but has no {WEIGHT_SCALE} tensor")
-    return _read_scale(path, scale_key, weight, reader, header)
-
-
-def _read_scale(path: Path, key: str, weight: torch.Tensor, reader, header) -> torch.Tensor:
-    """A per-tensor dequantization multiplier: one finite, non-negative float for a floating weight."""
-    meta = header[key]
-    where = f"{path}: tensor {untrusted.shown(key)}"
-    if meta.dtype not in FLOAT_SCALE_TYPES or meta.numel != 1:
-        raise CheckpointError(f"{where}: a per-tensor scale must be one float, not {meta.dtype} {list(meta.shape)}")
-    if not weight.is_floating_point():
-        raise CheckpointError(f"{where}: scales a {weight.dtype} weight; scaled weights are FP8")
-    scale = reader.load(key).to(torch.float32).reshape(())
-    if not bool(torch.isfinite(scale)) or float(scale) < 0:
-        raise CheckpointError(f"{where}: scale is {float(scale)}; it must be a finite, non-negative number")
-    return scale
-
-
-def load_dequantized(path: str | os.PathLike, *, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
-    """A diffusers-ready state dict (BF16 by default) from any FP8 layout; see ``iter_dequantized``."""
-    return dict(iter_dequantized(path, dtype=dtype))
+        return getattr(fp8_loader, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # --------------------------------------------------------------------- demo
