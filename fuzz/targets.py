@@ -1,0 +1,248 @@
+"""Fuzz targets: every reader of qconvert, fed bytes it did not write.
+
+Each target takes one input (bytes), writes it where the reader expects a
+file, and runs the reader the way the CLI and the Python API do.  The
+contract under test: a reader either succeeds or raises a ``QConvertError``
+whose message is printable on one line.  Anything else (another exception, a
+hang, runaway memory) is a finding; ``fuzz/run.py`` sets the time and memory
+limits.
+
+Seeds are files qconvert makes itself (``seeds(name)``), so nothing binary
+is committed.  A folder input (config, index, shards) is one byte string cut
+at ``PART`` markers, so the fuzzer mutates all of its files at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+PART = b"\n--qconvert-fuzz-part--\n"
+FOLDER_FILES = ("config.json", "diffusion_pytorch_model.safetensors.index.json",
+                "diffusion_pytorch_model-00001-of-00002.safetensors",
+                "diffusion_pytorch_model-00002-of-00002.safetensors")
+# Seeds stay small (a few tens of KB) so mutations land in headers, not in data.
+TINY = {"layers": 1, "heads": 2, "head_dim": 16, "text_dim": 32}
+
+
+def _scratch() -> Path:
+    root = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+    return Path(tempfile.mkdtemp(prefix="qconvert-fuzz-", dir=root))
+
+
+_SCRATCH: Path | None = None
+
+
+def scratch() -> Path:
+    """A per-process folder for the inputs (in memory where /dev/shm exists)."""
+    global _SCRATCH
+    if _SCRATCH is None or not _SCRATCH.exists():
+        _SCRATCH = _scratch()
+    return _SCRATCH
+
+
+def _file(name: str, data: bytes) -> Path:
+    path = scratch() / name
+    path.write_bytes(data)
+    return path
+
+
+def check_message(exc: BaseException) -> None:
+    """A QConvertError must survive printing: valid Unicode, one line once the CLI shows it."""
+    from qconvert.cli import _printable
+
+    str(exc).encode("utf-8")
+    line = _printable(exc)
+    if "\n" in line or "\r" in line or len(line) > 2200:
+        raise AssertionError(f"error message not fit for one line: {line[:200]!r}")
+
+
+@contextlib.contextmanager
+def expected_errors():
+    from qconvert.errors import QConvertError
+
+    try:
+        yield
+    except QConvertError as exc:
+        check_message(exc)
+
+
+# ------------------------------------------------------------------ targets
+
+def safetensors_file(data: bytes) -> None:
+    """A single .safetensors: header check, inspect, open as a source, read every tensor."""
+    from qconvert.checkpoint import open_checkpoint, read_safetensors_header
+    from qconvert.inspection import format_summary, inspect_path
+
+    path = _file("model.safetensors", data)
+    with expected_errors():
+        read_safetensors_header(path)
+    with expected_errors():
+        format_summary(inspect_path(path))
+    with expected_errors():
+        with open_checkpoint(path, allow_extra=True) as ckpt:
+            for name in ckpt.names():
+                ckpt.load(name)
+
+
+def folder(data: bytes) -> None:
+    """A transformer folder: config.json, shard index and two shards, cut from one input at PART."""
+    from qconvert.checkpoint import open_checkpoint
+    from qconvert.inspection import format_summary, inspect_path
+
+    root = scratch() / "folder"
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir()
+    for name, part in zip(FOLDER_FILES, data.split(PART)):
+        (root / name).write_bytes(part)
+    with expected_errors():
+        with open_checkpoint(root) as ckpt:
+            for name in ckpt.names()[:4]:
+                ckpt.load(name)
+    with expected_errors():
+        format_summary(inspect_path(root))
+
+
+def gguf_file(data: bytes) -> None:
+    """A .gguf given to inspect (header check, then gguf-py's reader)."""
+    from qconvert.formats.gguf.reader import open_gguf
+    from qconvert.inspection import format_summary, inspect_path
+
+    path = _file("model.gguf", data)
+    with expected_errors():
+        reader = open_gguf(path)
+        for t in reader.tensors:
+            t.data.tobytes()  # every tensor's bytes are inside the file
+    with expected_errors():
+        format_summary(inspect_path(path))
+
+
+_MODEL = None
+
+
+def _lora_model():
+    """The tiny model every LoRA input is merged into (made once per process)."""
+    global _MODEL
+    if _MODEL is None:
+        from qconvert import tiny
+        from qconvert.checkpoint import open_checkpoint
+
+        _MODEL = open_checkpoint(tiny.make_tiny(scratch() / "lora-model", **TINY))
+    return _MODEL
+
+
+def lora_file(data: bytes) -> None:
+    """A LoRA: read, map onto the model, merge every tensor it patches."""
+    from qconvert.lora import with_loras
+
+    model = _lora_model()
+    path = _file("lora.safetensors", data)
+    for ignore in (False, True):
+        with expected_errors():
+            view = with_loras(model, [f"{path}:0.5"], ignore_unmatched=ignore, warn=lambda _: None)
+            for name in view.patched_names():
+                view.load(name)
+            for lora in view.loras:
+                lora.close()
+
+
+def fp8_file(data: bytes) -> None:
+    """An FP8 file given to the dequantizing loader (the diffusers path) and to inspect."""
+    from qconvert.formats.fp8 import fp8_layout, load_dequantized
+    from qconvert.inspection import format_summary, inspect_path
+
+    path = _file("fp8.safetensors", data)
+    with expected_errors():
+        fp8_layout(path)
+        load_dequantized(path)
+    with expected_errors():
+        format_summary(inspect_path(path))
+
+
+TARGETS: dict[str, Callable[[bytes], None]] = {
+    "safetensors": safetensors_file,
+    "folder": folder,
+    "gguf": gguf_file,
+    "lora": lora_file,
+    "fp8": fp8_file,
+}
+
+
+# -------------------------------------------------------------------- seeds
+
+def seeds(name: str) -> list[bytes]:
+    """Inputs qconvert writes itself, for the named target."""
+    from qconvert import tiny
+
+    work = scratch() / f"seeds-{name}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    if name == "safetensors":
+        return [tiny.make_tiny_single_file(work / f"{v}.safetensors", **TINY, variant=v).read_bytes()
+                for v in tiny.VARIANTS]
+    if name == "folder":
+        out = []
+        for v in tiny.VARIANTS:
+            t = tiny.make_tiny(work / v, **TINY, variant=v) / "transformer"
+            out.append(PART.join((t / f).read_bytes() for f in FOLDER_FILES))
+        return out
+    if name == "gguf":
+        return _gguf_seeds(work)
+    if name == "lora":
+        config = _lora_model().config
+        return [tiny.make_tiny_lora(work / f"{s}.safetensors", config, style=s, rank=2,
+                                    alpha=None if s == "peft" else 1.0).read_bytes() for s in tiny.LORA_STYLES]
+    if name == "fp8":
+        return _fp8_seeds(work)
+    raise KeyError(name)
+
+
+def _gguf_seeds(work: Path) -> list[bytes]:
+    from qconvert import tiny
+    from qconvert.checkpoint import open_checkpoint
+    from qconvert.formats.gguf import writer
+
+    with open_checkpoint(tiny.make_tiny(work / "model", **TINY)) as src:
+        levels = ["BF16", "Q8_0", "Q4_K_M"]
+        paths = [work / f"m-{level}.gguf" for level in levels]
+        plans = writer.plan_files(src, levels, policy="city96")
+        writer.write_gguf(src, plans, paths, quiet=True)
+    return [p.read_bytes() for p in paths]
+
+
+def _fp8_seeds(work: Path) -> list[bytes]:
+    import json
+
+    from qconvert import tiny
+    from qconvert.checkpoint import open_checkpoint
+    from qconvert.formats import fp8
+    from qconvert.io import write_safetensors
+
+    out = []
+    with open_checkpoint(tiny.make_tiny(work / "model", **TINY)) as src:
+        for layout in fp8.LAYOUTS:
+            r = fp8.convert(src, work / f"{layout}.safetensors", fp8.make_options(layout), quiet=True)
+            out.append(Path(r["output"]).read_bytes())
+    # ComfyUI's other spelling: layer configs in __metadata__, keys under model.diffusion_model.
+    tensors = dict(fp8.iter_dequantized(work / "comfy.safetensors", dtype=torch_bf16()))
+    layers = {}
+    for name in list(tensors):
+        if name.endswith("to_q.weight"):
+            q, scale = fp8.quantize_fp8(tensors[name], fp8.FP8_TYPES["e4m3fn"])
+            tensors[name], tensors[name[:-len("weight")] + "weight_scale"] = q, scale
+            layers[name[:-len(".weight")]] = {"format": "float8_e4m3fn"}
+    prefixed = {"model.diffusion_model." + k: v for k, v in tensors.items()}
+    meta = {fp8.QUANT_METADATA: json.dumps({"format_version": "1.0", "layers": layers})}
+    write_safetensors(work / "meta.safetensors", prefixed, meta)
+    out.append((work / "meta.safetensors").read_bytes())
+    return out
+
+
+def torch_bf16():
+    import torch
+
+    return torch.bfloat16
