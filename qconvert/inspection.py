@@ -48,8 +48,13 @@ def _inspect_safetensors(path: Path) -> dict:
         fmt = "safetensors, legacy scaled fp8"
     elif tensors and all(d.startswith("F8_") for n, (d, _, _) in tensors.items() if n != qi.MARKER_EDIT_2511):
         fmt = "safetensors, plain fp8 cast"
-    return _summary(str(path), "single-file", fmt, tensors, header.metadata, path.stat().st_size,
-                    prefix=prefix)
+    summary = _summary(str(path), "single-file", fmt, tensors, header.metadata, path.stat().st_size,
+                       prefix=prefix)
+    if fmt != "safetensors":
+        from .formats.fp8_loader import layer_formats
+
+        summary["layer_formats"] = layer_formats(path)  # every layer config and scale read and checked
+    return summary
 
 
 def _inspect_gguf(path: Path) -> dict:
@@ -118,6 +123,8 @@ def format_summary(s: dict) -> str:
     ]
     for name, v in s["types"].items():
         lines.append(f"    {name:<10}{v['tensors']:>6} tensors {v['bytes']:>18,} bytes")
+    if s.get("layer_formats"):
+        lines.append("  layers        " + ", ".join(f"{n} {shown(f, 40)}" for f, n in s["layer_formats"].items()))
     if s["extra_tensors"]:
         lines.append(f"  extra         {len(s['extra_tensors'])} tensors outside the model: "
                      + ", ".join(shown(n) for n in s["extra_tensors"][:5]))

@@ -406,13 +406,31 @@ def fp8_variant(fp8_file: Path, tmp_path: Path, tensors: dict, metadata=None, dr
 ])
 def test_fp8_loader(tmp_path, capsys, fp8_file, tensors, metadata, pattern):
     path = fp8_variant(fp8_file, tmp_path, tensors, metadata)
+    refused(["inspect", path], capsys, pattern)
     api_refuses(lambda: load_dequantized(path), pattern)
     api_refuses(lambda: list(iter_dequantized(path)), pattern)
 
 
-def test_fp8_loader_missing_scale(tmp_path, fp8_file):
-    path = fp8_variant(fp8_file, tmp_path, {}, drop=[f"{LAYER}.weight_scale"])
-    api_refuses(lambda: load_dequantized(path), "has no weight_scale tensor")
+@pytest.mark.parametrize("drop, pattern", [
+    (f"{LAYER}.weight_scale", "has no weight_scale tensor"),
+    (f"{LAYER}.weight", "has a comfy_quant config but no weight tensor"),
+])
+def test_fp8_loader_missing_tensors(tmp_path, capsys, fp8_file, drop, pattern):
+    path = fp8_variant(fp8_file, tmp_path, {}, drop=[drop])
+    refused(["inspect", path], capsys, LAYER)  # inspect may see the missing model weight first
+    api_refuses(lambda: load_dequantized(path), pattern)
+
+
+def test_fp8_scaled_layout_checks(tmp_path, capsys, small_model):
+    from qconvert.formats import fp8
+
+    out = tmp_path / "s.safetensors"
+    with open_checkpoint(small_model) as src:
+        fp8.convert(src, out, fp8.make_options("scaled"), quiet=True)
+    bad = fp8_variant(out, tmp_path, {f"{LAYER}.scale_weight": torch.tensor(-2.0)})
+    refused(["inspect", bad], capsys, f"{LAYER}.scale_weight", "finite, non-negative")
+    api_refuses(lambda: load_dequantized(bad), "finite, non-negative")
+    assert inspect_path(out)["layer_formats"] == {"scaled float8_e4m3fn": 20}  # 14 block and 6 top-level linears
 
 
 def test_public_api_errors_are_qconvert_errors():
@@ -421,4 +439,6 @@ def test_public_api_errors_are_qconvert_errors():
 
 def test_inspect_still_reads_every_output(tmp_path, small_model, fp8_file):
     assert inspect_path(small_model)["tensors"] > 0
-    assert inspect_path(fp8_file)["format"].startswith("safetensors, ComfyUI")
+    summary = inspect_path(fp8_file)
+    assert summary["format"].startswith("safetensors, ComfyUI")
+    assert summary["layer_formats"] == {"float8_e4m3fn": 14}

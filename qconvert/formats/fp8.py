@@ -492,7 +492,7 @@ def convert(source, output: str | os.PathLike | None = None, options: Fp8Options
 
 # ------------------------------------------------------------------- loader
 
-_LOADER_NAMES = ("fp8_layout", "iter_dequantized", "load_dequantized")
+_LOADER_NAMES = ("fp8_layout", "iter_dequantized", "layer_formats", "load_dequantized")
 
 
 def __getattr__(name: str):

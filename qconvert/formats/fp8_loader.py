@@ -22,8 +22,11 @@ from .. import untrusted
 from ..checkpoint import COMFY_PREFIXES, Checkpoint, read_safetensors_header
 from ..errors import CheckpointError
 from ..models import qwen_image as qi
-from .fp8 import (_BY_COMFY_FORMAT, _BY_ST_TYPE, ACTIVATION_SCALES, COMFY_QUANT, FLOAT_SCALE_TYPES, QUANT_METADATA,
-                  SCALE_WEIGHT, SCALED_FP8_MARKER, WEIGHT_SCALE)
+from .fp8 import (_BY_COMFY_FORMAT, _BY_ST_TYPE, ACTIVATION_SCALES, COMFY_QUANT, FLOAT_SCALE_TYPES, FP8_TYPES,
+                  QUANT_METADATA, SCALE_WEIGHT, SCALED_FP8_MARKER, WEIGHT_SCALE)
+
+_E4M3 = FP8_TYPES["e4m3fn"]  # what ComfyUI assumes for a legacy scaled file
+_FLOAT_WEIGHTS = (*_BY_ST_TYPE, *FLOAT_SCALE_TYPES)
 
 
 def fp8_layout(path: str | os.PathLike) -> str:
@@ -93,33 +96,24 @@ def iter_dequantized(path: str | os.PathLike, *, dtype: torch.dtype = torch.floa
     variant of the comfy one), one tensor at a time.  Names are bare diffusers
     names (a ``model.diffusion_model.`` prefix is stripped).  Scales, layer
     configs, activation scales and marker tensors are not weights and are not
-    yielded.  Non-FP8 tensors are converted to ``dtype``.
+    yielded.  Non-FP8 tensors are converted to ``dtype``.  Every layer config
+    and scale is checked before the first weight is yielded.
     """
     path = Path(path)
     header = read_safetensors_header(path)
-    prefix = next((p for p in COMFY_PREFIXES if any(k.startswith(p) for k in header.tensors)), "")
+    prefix = _prefix(header.tensors)
     # Checkpoint's positioned reads, not a memory map: resident memory stays at
     # one tensor however large the file.  An FP8 file is no conversion source,
     # so it is not validated as one (no config needed).
     with Checkpoint(path, "single-file", None, header.tensors, header.metadata) as reader:
-        keys = [k for k in header.tensors if k.startswith(prefix)]
-        key_set = set(keys)
-        layout = _layout({k: header.tensors[k] for k in keys}, header.metadata)
-        layers = (_comfy_layers(path, header.metadata, reader.load, header.tensors, keys, prefix)
-                  if layout == "comfy" else {})
-        for key in sorted(keys):
+        scales = {key: scale for key, (_, scale) in _scaled_weights(path, header, reader, prefix).items()}
+        for key in sorted(k for k in header.tensors if k.startswith(prefix)):
             name = key[len(prefix):]
             if _is_aux(name) or (qi.is_known(name) and qi.describe(name).role is qi.Role.MARKER):
                 continue
             tensor = reader.load(key)
-            layer = name[: -len(".weight")] if name.endswith(".weight") else None
-            scale = None
-            if layer is not None and layer in layers:
-                scale = _comfy_scale(path, prefix + layer, layers[layer], tensor, reader, header.tensors)
-            elif layer is not None and f"{prefix}{layer}.{SCALE_WEIGHT}" in key_set:
-                scale = _read_scale(path, f"{prefix}{layer}.{SCALE_WEIGHT}", tensor, reader, header.tensors)
-            if scale is not None:
-                yield name, (tensor.to(torch.float32) * scale).to(dtype)
+            if key in scales:
+                yield name, (tensor.to(torch.float32) * scales[key]).to(dtype)
             elif tensor.is_floating_point():
                 # Plain FP8 and legacy layers without scale_weight: scale 1, as ComfyUI does.
                 yield name, tensor.to(dtype)
@@ -127,27 +121,66 @@ def iter_dequantized(path: str | os.PathLike, *, dtype: torch.dtype = torch.floa
                 yield name, tensor
 
 
-def _comfy_scale(path: Path, layer: str, fmt: str, weight: torch.Tensor, reader, header) -> torch.Tensor:
+def layer_formats(path: str | os.PathLike) -> dict[str, int]:
+    """How many layers each scaled format holds (``{"float8_e4m3fn": 840}``), every config and scale checked."""
+    path = Path(path)
+    header = read_safetensors_header(path)
+    with Checkpoint(path, "single-file", None, header.tensors, header.metadata) as reader:
+        found = _scaled_weights(path, header, reader, _prefix(header.tensors))
+    counts: dict[str, int] = {}
+    for fmt, _ in found.values():
+        counts[fmt] = counts.get(fmt, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def _prefix(tensors: Mapping) -> str:
+    return next((p for p in COMFY_PREFIXES if any(k.startswith(p) for k in tensors)), "")
+
+
+def _scaled_weights(path: Path, header, reader, prefix: str) -> dict[str, tuple[str, torch.Tensor]]:
+    """Weight key → (format, its checked scale) for every scaled layer, from the header and the scales alone."""
+    keys = [k for k in header.tensors if k.startswith(prefix)]
+    layout = _layout({k: header.tensors[k] for k in keys}, header.metadata)
+    found = {}
+    if layout == "comfy":
+        for layer, fmt in _comfy_layers(path, header.metadata, reader.load, header.tensors, keys, prefix).items():
+            found[f"{prefix}{layer}.weight"] = (fmt, _comfy_scale(path, prefix + layer, fmt, reader, header.tensors))
+    elif layout == "scaled":
+        for key in keys:
+            if key.endswith("." + SCALE_WEIGHT):
+                weight = key[: -len(SCALE_WEIGHT)] + "weight"
+                found[weight] = ("scaled " + _BY_ST_TYPE.get(header.tensors.get(weight, key).dtype, _E4M3).comfy_format,
+                                 _read_scale(path, key, weight, reader, header.tensors))
+    return found
+
+
+def _comfy_scale(path: Path, layer: str, fmt: str, reader, header) -> torch.Tensor:
     fp8 = _BY_COMFY_FORMAT.get(fmt)
+    where = f"{path}: layer {untrusted.shown(layer)}"
     if fp8 is None:
-        raise CheckpointError(f"{path}: layer {untrusted.shown(layer)} uses comfy_quant format "
-                              f"'{untrusted.shown(fmt, 40)}'; this loader dequantizes only {', '.join(_BY_COMFY_FORMAT)}")
-    if weight.dtype != fp8.dtype:
-        raise CheckpointError(f"{path}: layer {untrusted.shown(layer)} says {fmt} but its weight is {weight.dtype}")
+        raise CheckpointError(f"{where} uses comfy_quant format '{untrusted.shown(fmt, 40)}'; this loader "
+                              f"dequantizes only {', '.join(_BY_COMFY_FORMAT)}")
+    weight = header.get(f"{layer}.weight")
+    if weight is None:
+        raise CheckpointError(f"{where} has a comfy_quant config but no weight tensor")
+    if weight.dtype != fp8.st_type:
+        raise CheckpointError(f"{where} says {fmt} but its weight is {weight.dtype}")
     scale_key = f"{layer}.{WEIGHT_SCALE}"
     if scale_key not in header:
-        raise CheckpointError(f"{path}: layer {untrusted.shown(layer)} is {fmt} but has no {WEIGHT_SCALE} tensor")
-    return _read_scale(path, scale_key, weight, reader, header)
+        raise CheckpointError(f"{where} is {fmt} but has no {WEIGHT_SCALE} tensor")
+    return _read_scale(path, scale_key, f"{layer}.weight", reader, header)
 
 
-def _read_scale(path: Path, key: str, weight: torch.Tensor, reader, header) -> torch.Tensor:
+def _read_scale(path: Path, key: str, weight: str, reader, header) -> torch.Tensor:
     """A per-tensor dequantization multiplier: one finite, non-negative float for a floating weight."""
     meta = header[key]
     where = f"{path}: tensor {untrusted.shown(key)}"
     if meta.dtype not in FLOAT_SCALE_TYPES or meta.numel != 1:
         raise CheckpointError(f"{where}: a per-tensor scale must be one float, not {meta.dtype} {list(meta.shape)}")
-    if not weight.is_floating_point():
-        raise CheckpointError(f"{where}: scales a {weight.dtype} weight; scaled weights are FP8")
+    if weight not in header:
+        raise CheckpointError(f"{where}: scales {untrusted.shown(weight)}, which the file does not have")
+    if header[weight].dtype not in _FLOAT_WEIGHTS:
+        raise CheckpointError(f"{where}: scales a {header[weight].dtype} weight; scaled weights are FP8")
     scale = reader.load(key).to(torch.float32).reshape(())
     if not bool(torch.isfinite(scale)) or float(scale) < 0:
         raise CheckpointError(f"{where}: scale is {float(scale)}; it must be a finite, non-negative number")
