@@ -128,6 +128,9 @@ def read_safetensors_header(path: Path) -> SafetensorsHeader:
     for key, value in metadata.items():
         untrusted.check_text(key, str(path), "metadata key")
         untrusted.check_text(value, str(path), f"metadata value of {untrusted.shown(key)}")
+    if len(header) > MAX_TENSORS:
+        raise CheckpointError(f"{path}: {len(header):,} tensors, more than the {MAX_TENSORS:,} qconvert reads "
+                              "from one file")
     data_start = 8 + n
     tensors: dict[str, TensorMeta] = {}
     spans = []
@@ -161,9 +164,6 @@ def read_safetensors_header(path: Path) -> SafetensorsHeader:
                                   f"{shape} {dtype} needs {nbytes:,}")
         spans.append((begin, end, key))
         tensors[key] = TensorMeta(key, dtype, tuple(shape), path, key, data_start + begin, nbytes)
-    if len(tensors) > MAX_TENSORS:
-        raise CheckpointError(f"{path}: {len(tensors):,} tensors, more than the {MAX_TENSORS:,} qconvert reads "
-                              "from one file")
     _check_tiling(path, sorted(spans), size - data_start, size)
     return SafetensorsHeader(path, tensors, metadata, data_start)
 
@@ -263,7 +263,7 @@ class Checkpoint:
     extra: list = field(default_factory=list)  # names outside the model (allowed by --allow-extra)
     config_source: str = "config.json"
     repo_id: str | None = None  # set when the source was a Hugging Face repo id
-    _reader: "TensorReader" = field(default_factory=lambda: TensorReader(), repr=False)
+    _reader: TensorReader = field(default_factory=TensorReader, repr=False)
 
     @property
     def variant(self) -> str:
