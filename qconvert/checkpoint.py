@@ -323,7 +323,7 @@ class Checkpoint:
         h = hashlib.sha256()
         for path in self.files():
             size = path.stat().st_size
-            h.update(f"{path.name}:{size}\n".encode())
+            h.update(os.fsencode(path.name) + f":{size}\n".encode())
             with open(path, "rb") as f:
                 (n,) = struct.unpack("<Q", f.read(8))
                 h.update(f.read(n))
@@ -337,7 +337,7 @@ class Checkpoint:
     def provenance(self, *, dry_run: bool = False) -> dict:
         """Source, layout, fingerprint, variant.  The sampled fingerprint is cheap,
         so a dry run computes it too."""
-        return {"source": self.repo_id or str(self.path), "source_layout": self.layout,
+        return {"source": self.repo_id or untrusted.path_text(self.path), "source_layout": self.layout,
                 "source_fingerprint": "sha256-sampled:" + self.fingerprint(), "variant": self.variant}
 
 
@@ -509,7 +509,7 @@ def _finish(path, layout, config, tensors, metadata, allow_extra, how) -> Checkp
 def _download(repo_id: str) -> Path:
     """Fetch (or find in the cache) a Hub repo's transformer files only."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
         return Path(snapshot_download(
@@ -524,6 +524,9 @@ def _download(repo_id: str) -> Path:
     except RepositoryNotFoundError:
         raise CheckpointError(f"{repo_id}: no such repository on the Hugging Face Hub (or it is private: "
                               "log in with `hf auth login`)") from None
+    except (HfHubHTTPError, OSError) as exc:  # server errors, a full disk, a cache we cannot write
+        raise CheckpointError(f"{repo_id}: download failed ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}); "
+                              "try again, or pass a local path") from None
 
 
 def iter_tensors(ckpt: Checkpoint, names: list[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:

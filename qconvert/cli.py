@@ -12,8 +12,15 @@ from . import __version__
 from .errors import QConvertError
 
 
+def echo(text: str = "") -> None:
+    """Print a result line; paths that are not UTF-8 come out as \\xNN, never as an encoding error."""
+    from .untrusted import unicode_text
+
+    click.echo(unicode_text(str(text)))
+
+
 def emit_json(obj) -> None:
-    click.echo(json.dumps(obj, indent=2, default=str))
+    echo(json.dumps(obj, indent=2, default=str))
 
 
 def debug_option(f):
@@ -101,7 +108,7 @@ def make_tiny_cmd(out, layers, heads, head_dim, text_dim, seed, variant, single_
         path = tiny.make_tiny(out, layers=layers, heads=heads, head_dim=head_dim, text_dim=text_dim, seed=seed,
                               variant=variant)
     if not quiet:
-        click.echo(f"wrote {path}")
+        echo(f"wrote {path}")
 
 
 @cli.command("inspect")
@@ -121,7 +128,7 @@ def inspect_cmd(path, as_json):
     if as_json:
         emit_json(summary)
     else:
-        click.echo(format_summary(summary))
+        echo(format_summary(summary))
 
 
 @cli.command("demo")
@@ -133,7 +140,7 @@ def demo_cmd(out, quiet):
     """Make a tiny model and run every conversion on it, saying how to load each file."""
     from .demo import run_demo
 
-    run_demo(out, quiet=quiet, echo=click.echo)
+    run_demo(out, quiet=quiet, echo=echo)
 
 
 # ---- converters register below (one section each) ----
@@ -184,11 +191,11 @@ def to_gguf_cmd(source, level, policy, minimal_metadata, output, dry_run, as_jso
     if as_json:
         emit_json(writer.report_json(plans, paths, written=not dry_run))
     elif dry_run:
-        click.echo("\n".join(writer.format_plan(plan, path) for plan, path in zip(plans, paths)))
+        echo("\n".join(writer.format_plan(plan, path) for plan, path in zip(plans, paths)))
     elif not quiet:
         for plan, path in zip(plans, paths):
-            click.echo(f"wrote {path}  ({plan.level}, {plan.bytes:,} bytes)")
-        click.echo("\n".join("  " + line for line in hints))
+            echo(f"wrote {path}  ({plan.level}, {plan.bytes:,} bytes)")
+        echo("\n".join("  " + line for line in hints))
 
 
 # [to-fp8]
@@ -234,7 +241,7 @@ def to_fp8_cmd(source, layout, dtype, keep, output, dry_run, as_json, device, lo
     if as_json:
         emit_json(report)
     elif dry_run or not quiet:
-        click.echo(fp8.format_report(report))
+        echo(fp8.format_report(report))
 
 
 # [bake-lora]
@@ -266,7 +273,7 @@ def bake_lora_cmd(source, output, dry_run, as_json, device, loras, ignore_unmatc
     if as_json:
         emit_json(report)
     elif not quiet:
-        click.echo(format_report(report))
+        echo(format_report(report))
 
 
 def _printable(exc: BaseException) -> str:

@@ -35,6 +35,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from . import untrusted
 from .checkpoint import FLOAT_DTYPES, TensorReader, read_safetensors_header, refuse_pickle
 from .errors import CheckpointError, QConvertError
 from .models import qwen_image as qi
@@ -284,7 +285,7 @@ class LoraFile:
 
     def record(self, *, with_hash: bool = True) -> dict:
         """What output metadata says about this LoRA."""
-        return {"file": self.path.name, "sha256": self.sha256() if with_hash else "0" * 64,
+        return {"file": untrusted.path_text(self.path.name), "sha256": self.sha256() if with_hash else "0" * 64,
                 "strength": self.strength}
 
     def summary(self) -> dict:

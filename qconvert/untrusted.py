@@ -23,6 +23,7 @@ place:
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 from .errors import CheckpointError
@@ -69,6 +70,21 @@ def _brief_repr(value: Any, limit: int) -> str:
         return repr(value)[: limit + 1]
     except (RecursionError, ValueError):
         return f"<a {type(value).__name__}>"
+
+
+def unicode_text(text: str) -> str:
+    """``text`` as valid Unicode: bytes of a file-system name that are not UTF-8
+    (surrogate escapes in Python) become ``\\xNN``, any other lone surrogate ``\\udNNN``."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def path_text(path: Any) -> str:
+    """A path as valid Unicode, for metadata, reports and the terminal (see ``unicode_text``)."""
+    return unicode_text(os.fspath(path))
 
 
 def type_name(value: Any) -> str:

@@ -280,6 +280,27 @@ def test_control_characters_in_names_are_escaped(tmp_path, capsys):
     assert "\x1b" not in err
 
 
+def test_paths_that_are_not_utf8_reach_metadata_escaped(tmp_path, capsys, small_model):
+    """A folder or LoRA whose name holds bytes that are not UTF-8 (surrogate escapes in Python)."""
+    import os
+
+    model = Path(os.fsdecode(os.fsencode(tmp_path) + b"/m\xff"))
+    shutil.copytree(small_model, model)
+    lora = tiny.make_tiny_lora(Path(os.fsdecode(os.fsencode(tmp_path) + b"/l\xfe.safetensors")), small_model, rank=2)
+    with bounded():
+        code, out, err = run(["to-gguf", model, "--level", "Q8_0", "--lora", lora, "-o", tmp_path / "o.gguf"], capsys)
+    assert code == 0, err
+    assert "m\\xff" in out  # the hints name the folder escaped, as the terminal can show it
+    summary = inspect_path(tmp_path / "o.gguf")
+    assert summary["metadata"]["qconvert.source"].endswith("m\\xff")
+    assert json.loads(summary["metadata"]["qconvert.loras"])[0]["file"] == "l\\xfe.safetensors"
+    with bounded():
+        code, _, err = run(["to-fp8", model, "-o", tmp_path / "o.safetensors"], capsys)
+    assert code == 0, err
+    provenance = json.loads(read_safetensors_header(tmp_path / "o.safetensors").metadata["qconvert"])
+    assert provenance["source"].endswith("m\\xff")
+
+
 # --------------------------------------------------------------------- GGUF
 
 def gguf(kvs: bytes = b"", n_kv: int = 0, tensors: bytes = b"", n_tensors: int = 0, data: bytes = b"",
@@ -431,6 +452,10 @@ def test_fp8_scaled_layout_checks(tmp_path, capsys, small_model):
     refused(["inspect", bad], capsys, f"{LAYER}.scale_weight", "finite, non-negative")
     api_refuses(lambda: load_dequantized(bad), "finite, non-negative")
     assert inspect_path(out)["layer_formats"] == {"scaled float8_e4m3fn": 20}  # 14 block and 6 top-level linears
+    orphan = fp8_variant(out, tmp_path, {}, drop=[f"{LAYER}.weight"])  # found by the fuzzer
+    refused(["inspect", orphan], capsys, LAYER)
+    api_refuses(lambda: load_dequantized(orphan), f"{LAYER}.scale_weight: scales {LAYER}.weight, which the file "
+                "does not have")
 
 
 def test_public_api_errors_are_qconvert_errors():

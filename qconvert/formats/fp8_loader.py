@@ -149,8 +149,9 @@ def _scaled_weights(path: Path, header, reader, prefix: str) -> dict[str, tuple[
         for key in keys:
             if key.endswith("." + SCALE_WEIGHT):
                 weight = key[: -len(SCALE_WEIGHT)] + "weight"
-                found[weight] = ("scaled " + _BY_ST_TYPE.get(header.tensors.get(weight, key).dtype, _E4M3).comfy_format,
-                                 _read_scale(path, key, weight, reader, header.tensors))
+                scale = _read_scale(path, key, weight, reader, header.tensors)
+                fp8 = _BY_ST_TYPE.get(header.tensors[weight].dtype, _E4M3)
+                found[weight] = ("scaled " + fp8.comfy_format, scale)
     return found
 
 

@@ -252,11 +252,7 @@ def _describe(name: str) -> TensorInfo:
 
 
 def is_known(name: str) -> bool:
-    try:
-        _describe(name)
-    except KeyError:
-        return False
-    return True
+    return _known(name) is not None
 
 
 def expected_shapes(config: QwenImageConfig, *, marker: bool = False) -> dict[str, tuple]:
