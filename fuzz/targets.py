@@ -87,6 +87,20 @@ def safetensors_file(data: bytes) -> None:
         with open_checkpoint(path, allow_extra=True) as ckpt:
             for name in ckpt.names():
                 ckpt.load(name)
+            converted(ckpt)
+
+
+def converted(ckpt) -> None:
+    """What qconvert writes from a source it accepted must pass its own readers (and so ggml's rules)."""
+    from qconvert.formats import fp8
+    from qconvert.formats.gguf import writer
+    from qconvert.formats.gguf.reader import check_header
+
+    fp8.plan_fp8(ckpt, fp8.make_options(), dry_run=True)
+    plans = writer.plan_files(ckpt, ["Q4_K_M", "BF16"], policy="city96", dry_run=True)
+    out = scratch() / "out.gguf"
+    writer.write_gguf(ckpt, plans[1:], [out], quiet=True)  # BF16: a copy, cheap enough per input
+    check_header(out)
 
 
 def folder(data: bytes) -> None:

@@ -342,6 +342,22 @@ def test_gguf_header(tmp_path, capsys, data, pattern):
     api_refuses(lambda: open_gguf(path), pattern)
 
 
+@pytest.mark.parametrize("shape", [(), (1, 2, 1, 2, 1)])
+def test_to_gguf_refuses_extra_tensors_ggml_cannot_hold(tmp_path, capsys, small_file, shape):
+    """An --allow-extra tensor of 0 or 5+ dimensions used to be written into a GGUF that ggml (and
+    qconvert's own reader) refuse; ggml reads 1 to 4 dimensions, so the plan refuses it."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(small_file))
+    tensors["extra.odd"] = torch.zeros(shape, dtype=torch.bfloat16)
+    src = tmp_path / "x.safetensors"
+    write_safetensors(src, tensors)
+    out = tmp_path / "x.gguf"
+    refused(["to-gguf", src, "--allow-extra", "--level", "Q8_0", "-o", out], capsys,
+            f"tensor extra.odd has {len(shape)} dimensions; a GGUF tensor has 1 to 4")
+    assert not out.exists() and not list(tmp_path.glob(".x.gguf*"))
+
+
 def test_gguf_written_by_qconvert_passes_the_check(tmp_path, small_model):
     from qconvert.formats.gguf import writer
 

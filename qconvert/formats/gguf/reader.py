@@ -37,7 +37,7 @@ MAX_TENSORS = 100_000
 MAX_KV = 65_536
 # gguf-py builds a Python object per array element; diffusion GGUFs have none.
 MAX_ARRAY_ITEMS = 1 << 18
-MAX_DIMS = 4  # GGML_MAX_DIMS
+GGML_MAX_DIMS = 4  # ggml.h
 MAX_ELEMENTS = 2 ** 48
 DEFAULT_ALIGNMENT = 32
 ALIGNMENT_KEY = "general.alignment"
@@ -176,8 +176,8 @@ def _tensor_info(cur: _Cursor) -> TensorInfo:
 
     name = cur.string("a tensor name")
     n_dims = cur.unpack("I")
-    if not 1 <= n_dims <= MAX_DIMS:
-        raise cur.fail(f"tensor {shown(name)} has {n_dims} dimensions (ggml allows 1 to {MAX_DIMS})")
+    if not 1 <= n_dims <= GGML_MAX_DIMS:
+        raise cur.fail(f"tensor {shown(name)} has {n_dims} dimensions (ggml allows 1 to {GGML_MAX_DIMS})")
     shape = tuple(cur.unpack("Q") for _ in range(n_dims))
     code, offset = cur.unpack("I"), cur.unpack("Q")
     extent = 1
