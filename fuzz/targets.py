@@ -96,7 +96,10 @@ def converted(ckpt) -> None:
     from qconvert.formats.gguf import writer
     from qconvert.formats.gguf.reader import check_header
 
-    fp8.plan_fp8(ckpt, fp8.make_options(), dry_run=True)
+    for layout in ("comfy", "scaled"):
+        out = scratch() / f"out-{layout}.safetensors"
+        fp8.convert(ckpt, out, fp8.make_options(layout), quiet=True)
+        fp8.layer_formats(out)  # reads the header, every layer config and every scale back
     plans = writer.plan_files(ckpt, ["Q4_K_M", "BF16"], policy="city96", dry_run=True)
     out = scratch() / "out.gguf"
     writer.write_gguf(ckpt, plans[1:], [out], quiet=True)  # BF16: a copy, cheap enough per input

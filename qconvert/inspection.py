@@ -8,17 +8,9 @@ from pathlib import Path
 
 from .checkpoint import COMFY_PREFIXES, open_checkpoint, read_safetensors_header, refuse_pickle
 from .errors import CheckpointError
+from .formats.fp8 import is_aux_name
 from .models import qwen_image as qi
 from .untrusted import shown
-
-# Tensors that quantized safetensors formats add beside a layer's weight.
-AUX_SUFFIXES = (".weight_scale", ".comfy_quant", ".scale_weight", ".input_scale", ".scale_input",
-                ".weight_scale_2")
-AUX_NAMES = ("scaled_fp8",)
-
-
-def _is_aux(name: str) -> bool:
-    return name.endswith(AUX_SUFFIXES) or name in AUX_NAMES
 
 
 def inspect_path(path: str | Path) -> dict:
@@ -74,7 +66,7 @@ def _gguf_version(reader) -> int:
 
 def _summary(path, layout, fmt, tensors: dict, metadata: dict, file_bytes: int, *, config=None,
              extra=(), prefix="", arch_field=None) -> dict:
-    model_names = [n for n in tensors if not _is_aux(n)]
+    model_names = [n for n in tensors if not is_aux_name(n)]
     if not qi.detect(model_names):
         raise CheckpointError(f"{path}: {qi.explain_not_qwen(model_names)}")
     shapes = {n: tensors[n][1] for n in model_names}

@@ -32,6 +32,7 @@ from qconvert import tiny
 from .cli_helpers import assert_one_line_error, run
 
 GUARD_S = 30  # a hang guard: refusals take milliseconds
+LAYER = "transformer_blocks.0.attn.to_q"
 MAX_PY_MB = 300
 
 
@@ -358,6 +359,24 @@ def test_to_gguf_refuses_extra_tensors_ggml_cannot_hold(tmp_path, capsys, small_
     assert not out.exists() and not list(tmp_path.glob(".x.gguf*"))
 
 
+@pytest.mark.parametrize("name", [f"{LAYER}.weight_scale", f"{LAYER}.comfy_quant", f"{LAYER}.scale_weight",
+                                  "scaled_fp8", "other.input_scale"])
+def test_to_fp8_refuses_extra_tensors_named_like_its_own(tmp_path, capsys, small_file, name):
+    """Such an --allow-extra tensor used to collide with a planned scale (a corrupt file) or be read by
+    ComfyUI as a layer config of a file that has none."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(small_file))
+    tensors[name] = torch.ones(1, dtype=torch.bfloat16)
+    src = tmp_path / "x.safetensors"
+    write_safetensors(src, tensors)
+    for layout in ("comfy", "scaled", "plain"):
+        out = tmp_path / f"{layout}.safetensors"
+        refused(["to-fp8", src, "--allow-extra", "--format", layout, "-o", out], capsys,
+                f"tensor {name} (from --allow-extra) has a name ComfyUI reads as a scale or layer config")
+        assert not out.exists()
+
+
 def test_gguf_written_by_qconvert_passes_the_check(tmp_path, small_model):
     from qconvert.formats.gguf import writer
 
@@ -407,9 +426,6 @@ def fp8_file(tmp_path_factory, small_model):
     with open_checkpoint(small_model) as src:
         fp8.convert(src, out, fp8.make_options("comfy"), quiet=True)
     return out
-
-
-LAYER = "transformer_blocks.0.attn.to_q"
 
 
 def fp8_variant(fp8_file: Path, tmp_path: Path, tensors: dict, metadata=None, drop=()) -> Path:

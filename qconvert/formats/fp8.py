@@ -103,6 +103,8 @@ ACTIVATION_SCALES = ("input_scale", "scale_input")  # activation scales some wri
 SCALED_FP8_MARKER = "scaled_fp8"
 SCALED_FP8_MARKER_SHAPE = (2,)  # two elements: no FP8 matmul (see module docstring)
 QUANT_METADATA = "_quantization_metadata"  # comfy layer configs kept in __metadata__ (third-party files)
+# Every per-layer name ComfyUI's loaders give a meaning to (NVFP4 adds weight_scale_2).
+AUX_SUFFIXES = (WEIGHT_SCALE, COMFY_QUANT, SCALE_WEIGHT, *ACTIVATION_SCALES, "weight_scale_2")
 PROVENANCE_KEY = "qconvert"
 
 
@@ -236,6 +238,11 @@ def _is_linear_weight(info: qi.TensorInfo) -> bool:
                                     and info.name != qi.ADDITION_T_EMBEDDING)
 
 
+def is_aux_name(name: str) -> bool:
+    """A scale, layer config or marker that a ComfyUI loader reads beside the weights, not a weight."""
+    return name == SCALED_FP8_MARKER or any(name.endswith("." + s) for s in AUX_SUFFIXES)
+
+
 def _role(name: str) -> str:
     return qi.describe(name).role.value if qi.is_known(name) else "extra"
 
@@ -261,6 +268,11 @@ def _row(name, out_name, shape, out_type, role, how, scale=None) -> Fp8Tensor:
 def plan_fp8(source, options: Fp8Options, *, dry_run: bool = False) -> Fp8Plan:
     """Every output tensor with its type and exact size, from the source's headers alone."""
     fp8 = options.fp8
+    aux = next((n for n in source.tensors if not qi.is_known(n) and is_aux_name(n)), None)
+    if aux is not None:
+        # Passed through, it would be read as this file's own scale or layer config (or collide with one).
+        raise QConvertError(f"tensor {aux} (from --allow-extra) has a name ComfyUI reads as a scale or layer "
+                            "config; remove it from the source")
     quantize = quantized_names(source, options)
     scale_suffix = WEIGHT_SCALE if options.layout == "comfy" else SCALE_WEIGHT
     rows = []
@@ -285,6 +297,8 @@ def plan_fp8(source, options: Fp8Options, *, dry_run: bool = False) -> Fp8Plan:
     if source.config.zero_cond_t and qi.MARKER_EDIT_2511 not in source.tensors:
         rows.append(_row(qi.MARKER_EDIT_2511, qi.MARKER_EDIT_2511, (0,), HIGH_PRECISION, "marker", How.CONST))
     rows.sort(key=lambda r: (-DTYPES[r.plan.out_type][0], r.plan.out_name))
+    if len({r.plan.out_name for r in rows}) != len(rows):  # pragma: no cover - a planning bug
+        raise RuntimeError("two output tensors share a name")
     metadata = None
     if options.layout != "plain":
         info = provenance(source, dry_run=dry_run, fmt=f"safetensors-fp8-{options.layout}",

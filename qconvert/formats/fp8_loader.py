@@ -22,8 +22,8 @@ from .. import untrusted
 from ..checkpoint import COMFY_PREFIXES, Checkpoint, read_safetensors_header
 from ..errors import CheckpointError
 from ..models import qwen_image as qi
-from .fp8 import (_BY_COMFY_FORMAT, _BY_ST_TYPE, ACTIVATION_SCALES, COMFY_QUANT, FLOAT_SCALE_TYPES, FP8_TYPES,
-                  QUANT_METADATA, SCALE_WEIGHT, SCALED_FP8_MARKER, WEIGHT_SCALE)
+from .fp8 import (_BY_COMFY_FORMAT, _BY_ST_TYPE, COMFY_QUANT, FLOAT_SCALE_TYPES, FP8_TYPES, QUANT_METADATA,
+                  SCALE_WEIGHT, SCALED_FP8_MARKER, WEIGHT_SCALE, is_aux_name)
 
 _E4M3 = FP8_TYPES["e4m3fn"]  # what ComfyUI assumes for a legacy scaled file
 _FLOAT_WEIGHTS = (*_BY_ST_TYPE, *FLOAT_SCALE_TYPES)
@@ -44,11 +44,6 @@ def _layout(tensors: Mapping, metadata: Mapping) -> str:
     if any(m.dtype in _BY_ST_TYPE for m in tensors.values()):
         return "plain"
     return "none"
-
-
-def _is_aux(name: str) -> bool:
-    suffixes = (WEIGHT_SCALE, COMFY_QUANT, SCALE_WEIGHT, *ACTIVATION_SCALES)
-    return name == SCALED_FP8_MARKER or any(name.endswith("." + s) for s in suffixes)
 
 
 # Layer configs are a few dozen bytes of JSON; the whole metadata a few hundred KB.
@@ -109,7 +104,7 @@ def iter_dequantized(path: str | os.PathLike, *, dtype: torch.dtype = torch.floa
         scales = {key: scale for key, (_, scale) in _scaled_weights(path, header, reader, prefix).items()}
         for key in sorted(k for k in header.tensors if k.startswith(prefix)):
             name = key[len(prefix):]
-            if _is_aux(name) or (qi.is_known(name) and qi.describe(name).role is qi.Role.MARKER):
+            if is_aux_name(name) or (qi.is_known(name) and qi.describe(name).role is qi.Role.MARKER):
                 continue
             tensor = reader.load(key)
             if key in scales:
