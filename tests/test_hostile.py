@@ -333,6 +333,12 @@ def gstr(text: bytes) -> bytes:
      "starts at data offset 64 but ggml expects 0"),
     (gguf(tensors=gstr(b"t") + struct.pack("<IQIQ", 1, 1024, 0, 0), n_tensors=1, data=b"\0" * 16),
      "the file is truncated"),
+    (gguf(tensors=gstr(b"t" * 64) + struct.pack("<IQIQ", 1, 32, 0, 0), n_tensors=1, data=b"\0" * 128),
+     "is 64 bytes; ggml reads names shorter than 64"),
+    (gguf(tensors=gstr(b"t") + struct.pack("<I5QIQ", 5, 1, 1, 1, 1, 1, 0, 0), n_tensors=1, data=b"\0" * 32),
+     "has 5 dimensions (ggml allows at most 4)"),
+    (gguf(tensors=gstr(b"t") + struct.pack("<IQIQ", 1, 1, 0, 0), n_tensors=1, data=b"\0" * 4),
+     "and its padding end at byte 96 but the file has 68"),
     (gguf(version=7), "GGUF version 7"),
     (b"GGUF\x03\x00", "too short for a GGUF header"),
 ])
@@ -343,19 +349,22 @@ def test_gguf_header(tmp_path, capsys, data, pattern):
     api_refuses(lambda: open_gguf(path), pattern)
 
 
-@pytest.mark.parametrize("shape", [(), (1, 2, 1, 2, 1)])
-def test_to_gguf_refuses_extra_tensors_ggml_cannot_hold(tmp_path, capsys, small_file, shape):
-    """An --allow-extra tensor of 0 or 5+ dimensions used to be written into a GGUF that ggml (and
-    qconvert's own reader) refuse; ggml reads 1 to 4 dimensions, so the plan refuses it."""
+@pytest.mark.parametrize("name, shape, pattern", [
+    ("extra.odd", (), "tensor extra.odd has 0 dimensions; qconvert writes GGUF tensors of 1 to 4"),
+    ("extra.odd", (1, 2, 1, 2, 1), "tensor extra.odd has 5 dimensions; qconvert writes GGUF tensors of 1 to 4"),
+    ("extra." + "x" * 60, (4,), "ggml reads GGUF tensor names shorter than 64 bytes"),
+])
+def test_to_gguf_refuses_extra_tensors_ggml_cannot_hold(tmp_path, capsys, small_file, name, shape, pattern):
+    """An --allow-extra tensor of 0 or 5+ dimensions, or a name of 64+ bytes, used to be written into a
+    GGUF that ggml (and qconvert's own reader) refuse; the plan refuses it now."""
     from safetensors.torch import load_file
 
     tensors = load_file(str(small_file))
-    tensors["extra.odd"] = torch.zeros(shape, dtype=torch.bfloat16)
+    tensors[name] = torch.zeros(shape, dtype=torch.bfloat16)
     src = tmp_path / "x.safetensors"
     write_safetensors(src, tensors)
     out = tmp_path / "x.gguf"
-    refused(["to-gguf", src, "--allow-extra", "--level", "Q8_0", "-o", out], capsys,
-            f"tensor extra.odd has {len(shape)} dimensions; a GGUF tensor has 1 to 4")
+    refused(["to-gguf", src, "--allow-extra", "--level", "Q8_0", "-o", out], capsys, pattern)
     assert not out.exists() and not list(tmp_path.glob(".x.gguf*"))
 
 
@@ -375,6 +384,14 @@ def test_to_fp8_refuses_extra_tensors_named_like_its_own(tmp_path, capsys, small
         refused(["to-fp8", src, "--allow-extra", "--format", layout, "-o", out], capsys,
                 f"tensor {name} (from --allow-extra) has a name ComfyUI reads as a scale or layer config")
         assert not out.exists()
+
+
+def test_gguf_scalar_tensor_reads_as_ggml_reads_it(tmp_path):
+    """ggml takes missing dimensions as 1: a 0-dimension F32 tensor is one value."""
+    path = tmp_path / "x.gguf"
+    path.write_bytes(gguf(tensors=gstr(b"t") + struct.pack("<IIQ", 0, 0, 0), n_tensors=1, data=b"\0" * 32))
+    assert check_header(path).tensors[0].nbytes == 4
+    assert open_gguf(path).tensors[0].n_elements == 1
 
 
 def test_gguf_written_by_qconvert_passes_the_check(tmp_path, small_model):

@@ -13,9 +13,10 @@ more work than a diffusion model's GGUF needs:
   header, which is bounded (``MAX_HEADER_BYTES``);
 * UTF-8 keys, names and strings, no duplicate keys or tensor names, no
   arrays of arrays, ``general.alignment`` a UINT32 power of two;
-* per tensor: 1 to 4 dimensions, a type gguf-py knows, rows a whole number
-  of blocks, data where ggml expects it (offsets in order, each aligned, the
-  last ending inside the file).
+* per tensor: a name shorter than 64 bytes, at most 4 dimensions, a type
+  gguf-py knows, rows a whole number of blocks, data where ggml expects it
+  (offsets in order, each padded to the alignment, the padded data section
+  inside the file).
 
 Only then does ``open_gguf`` hand the path to gguf-py.
 """
@@ -38,6 +39,7 @@ MAX_KV = 65_536
 # gguf-py builds a Python object per array element; diffusion GGUFs have none.
 MAX_ARRAY_ITEMS = 1 << 18
 GGML_MAX_DIMS = 4  # ggml.h
+GGML_MAX_NAME = 64  # ggml.h: names are stored in char[64], NUL included
 MAX_ELEMENTS = 2 ** 48
 DEFAULT_ALIGNMENT = 32
 ALIGNMENT_KEY = "general.alignment"
@@ -175,9 +177,12 @@ def _tensor_info(cur: _Cursor) -> TensorInfo:
     from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
     name = cur.string("a tensor name")
+    if len(name.encode("utf-8")) >= GGML_MAX_NAME:
+        raise cur.fail(f"tensor name {shown(name)} is {len(name.encode('utf-8'))} bytes; ggml reads names "
+                       f"shorter than {GGML_MAX_NAME}")
     n_dims = cur.unpack("I")
-    if not 1 <= n_dims <= GGML_MAX_DIMS:
-        raise cur.fail(f"tensor {shown(name)} has {n_dims} dimensions (ggml allows 1 to {GGML_MAX_DIMS})")
+    if n_dims > GGML_MAX_DIMS:
+        raise cur.fail(f"tensor {shown(name)} has {n_dims} dimensions (ggml allows at most {GGML_MAX_DIMS})")
     shape = tuple(cur.unpack("Q") for _ in range(n_dims))
     code, offset = cur.unpack("I"), cur.unpack("Q")
     extent = 1
@@ -189,8 +194,9 @@ def _tensor_info(cur: _Cursor) -> TensorInfo:
         block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(code)]
     except (ValueError, KeyError):
         raise cur.fail(f"tensor {shown(name)} has unknown type code {code}") from None
-    if shape[0] % block:
-        raise cur.fail(f"tensor {shown(name)} has rows of {shape[0]} values, not a multiple of its type's "
+    row = shape[0] if shape else 1  # ggml reads missing dimensions as 1
+    if row % block:
+        raise cur.fail(f"tensor {shown(name)} has rows of {row} values, not a multiple of its type's "
                        f"block of {block}")
     numel = 1
     for d in shape:
@@ -206,10 +212,10 @@ def _check_data(path: Path, tensors: list, data_start: int, alignment: int, size
             raise CheckpointError(f"{path}: tensor {shown(t.name)} starts at data offset {t.offset:,} but ggml "
                                   f"expects {at:,}; the GGUF file is corrupt")
         at += -(-t.nbytes // alignment) * alignment
-        end = data_start + t.offset + t.nbytes
-        if end > size:
-            raise CheckpointError(f"{path}: tensor {shown(t.name)} ends at byte {end:,} but the file has "
-                                  f"{size:,}; the file is truncated (re-download it)")
+        # ggml reads the data section whole, the last tensor's padding included.
+        if data_start + at > size:
+            raise CheckpointError(f"{path}: tensor {shown(t.name)} and its padding end at byte {data_start + at:,} "
+                                  f"but the file has {size:,}; the file is truncated (re-download it)")
 
 
 def open_gguf(path: str | Path):

@@ -39,7 +39,7 @@ from ...io import atomic_output, check_disk_space
 from ...models import qwen_image as qi
 from ...pipeline import TensorPlan, parse_device, prefetched, progress, provenance, type_counts
 from . import quants
-from .reader import GGML_MAX_DIMS
+from .reader import GGML_MAX_DIMS, GGML_MAX_NAME
 from .policy import FILE_TYPE, assign_types, tensor_nbytes
 
 ARCHITECTURE = qi.ARCHITECTURE  # "qwen_image": ComfyUI-GGUF's IMG_ARCH_LIST entry
@@ -91,10 +91,13 @@ def _role(name: str) -> str:
 def plan_gguf(source, level: str, *, policy: str, metadata: Sequence[tuple[str, str]] = ()) -> GGUFPlan:
     """Types, byte counts and file size from the source header alone."""
     shapes = source.shapes()
-    for name, shape in shapes.items():
-        if not 1 <= len(shape) <= GGML_MAX_DIMS:  # only --allow-extra tensors can be so shaped
-            raise QConvertError(f"tensor {name} has {len(shape)} dimensions; a GGUF tensor has 1 to {GGML_MAX_DIMS} "
-                                "(ggml refuses the file otherwise): leave it out of the source")
+    for name, shape in shapes.items():  # only --allow-extra tensors can break ggml's rules
+        if not 1 <= len(shape) <= GGML_MAX_DIMS:
+            raise QConvertError(f"tensor {name} has {len(shape)} dimensions; qconvert writes GGUF tensors of 1 to "
+                                f"{GGML_MAX_DIMS} (ggml reads at most {GGML_MAX_DIMS}): leave it out of the source")
+        if len(name.encode("utf-8")) >= GGML_MAX_NAME:
+            raise QConvertError(f"tensor {name}: ggml reads GGUF tensor names shorter than {GGML_MAX_NAME} bytes: "
+                                "leave it out of the source")
     types = assign_types(shapes, level, source.config, policy=policy)
     tensors = tuple(
         TensorPlan(name, name, tuple(shapes[name]), qtype.name, tensor_nbytes(qtype, tuple(shapes[name])),
