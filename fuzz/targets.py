@@ -134,8 +134,23 @@ def gguf_file(data: bytes) -> None:
         reader = open_gguf(path)
         for t in reader.tensors:
             t.data.tobytes()  # every tensor's bytes are inside the file
+        ggml = _ggml_loader()
+        if ggml is not None and not ggml.loads(path):
+            raise AssertionError("qconvert accepted a GGUF file that ggml's gguf_init_from_file refuses")
     with expected_errors():
         format_summary(inspect_path(path))
+
+
+_GGML = []
+
+
+def _ggml_loader():
+    """ggml's own loader (from llama-cpp-python's libggml), when installed: the verdict that counts."""
+    if not _GGML:
+        from tests.ggml_oracle import gguf_loader
+
+        _GGML.append(gguf_loader()[0])
+    return _GGML[0]
 
 
 _MODEL = None

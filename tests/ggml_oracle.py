@@ -91,3 +91,44 @@ def load() -> tuple[GGMLOracle | None, str]:
         return GGMLOracle(path), ""
     except (OSError, AttributeError) as exc:
         return None, f"cannot use ggml_quantize_chunk from {path}: {exc}"
+
+
+class _GGUFParams(ctypes.Structure):
+    # struct gguf_init_params { bool no_alloc; struct ggml_context ** ctx; }
+    _fields_ = [("no_alloc", ctypes.c_bool), ("ctx", ctypes.POINTER(ctypes.c_void_p))]
+
+
+class GGUFLoader:
+    """ggml's own GGUF loader (``gguf_init_from_file``): the verdict llama.cpp and ggml-based tools give a file."""
+
+    def __init__(self, path: Path):
+        lib = ctypes.CDLL(str(path))
+        self._init = lib.gguf_init_from_file
+        self._init.restype = ctypes.c_void_p
+        self._init.argtypes = [ctypes.c_char_p, _GGUFParams]
+        self._free = lib.gguf_free
+        self._free.argtypes = [ctypes.c_void_p]
+        self._ggml_free = lib.ggml_free
+        self._ggml_free.argtypes = [ctypes.c_void_p]
+
+    def loads(self, path: str | os.PathLike) -> bool:
+        """Whether ggml reads the header and the whole data section (no_alloc false: the blob is read)."""
+        ctx = ctypes.c_void_p()
+        gguf_ctx = self._init(os.fsencode(path), _GGUFParams(False, ctypes.pointer(ctx)))
+        if ctx.value:
+            self._ggml_free(ctx)
+        if not gguf_ctx:
+            return False
+        self._free(gguf_ctx)
+        return True
+
+
+def gguf_loader() -> tuple[GGUFLoader | None, str]:
+    """``(loader, "")`` or ``(None, reason it is unavailable)``."""
+    path = find_library()
+    if path is None:
+        return None, "llama-cpp-python (package llama_cpp) with its libggml-base is not installed"
+    try:
+        return GGUFLoader(path), ""
+    except (OSError, AttributeError) as exc:
+        return None, f"cannot use gguf_init_from_file from {path}: {exc}"

@@ -339,6 +339,10 @@ def gstr(text: bytes) -> bytes:
      "has 5 dimensions (ggml allows at most 4)"),
     (gguf(tensors=gstr(b"t") + struct.pack("<IQIQ", 1, 1, 0, 0), n_tensors=1, data=b"\0" * 4),
      "and its padding end at byte 96 but the file has 68"),
+    (gguf(tensors=gstr(b"t") + struct.pack("<IIQ", 0, 30, 0), n_tensors=1, data=b"\0" * 32),
+     "has 0 dimensions and type BF16, which gguf-py"),  # found by the mutation replay
+    (b"GGUF" + struct.pack(">IQQ", 3, 0, 0) + b"\0" * 8, "a big-endian GGUF file"),
+    (gguf(gstr(b"") + struct.pack("<IB", 0, 1), 1), "a metadata key is empty"),  # found against ggml's loader
     (gguf(version=7), "GGUF version 7"),
     (b"GGUF\x03\x00", "too short for a GGUF header"),
 ])
@@ -384,6 +388,38 @@ def test_to_fp8_refuses_extra_tensors_named_like_its_own(tmp_path, capsys, small
         refused(["to-fp8", src, "--allow-extra", "--format", layout, "-o", out], capsys,
                 f"tensor {name} (from --allow-extra) has a name ComfyUI reads as a scale or layer config")
         assert not out.exists()
+
+
+@pytest.mark.oracle
+def test_every_gguf_the_check_accepts_loads_in_ggml(tmp_path):
+    """Differential: qconvert's header check against ggml's own gguf_init_from_file, on qconvert's
+    GGUF files and a few thousand field-level mutations of them."""
+    import random
+
+    from fuzz import targets
+    from fuzz.mutators import MUTATORS
+    from fuzz.run import mutate
+
+    from .ggml_oracle import gguf_loader
+
+    ggml, why = gguf_loader()
+    if ggml is None:
+        pytest.skip(why)
+    pool = targets.seeds("gguf")
+    rng = random.Random(11)
+    accepted = 0
+    path = tmp_path / "x.gguf"
+    for i in range(1500):
+        data = pool[i] if i < len(pool) else MUTATORS["gguf"](rng.choice(pool), 1 << 20, rng.randrange(2 ** 32),
+                                                              lambda d, n: mutate(d, rng, pool)[:n])
+        path.write_bytes(data)
+        try:
+            check_header(path)
+        except QConvertError:
+            continue
+        accepted += 1
+        assert ggml.loads(path), f"input {i}: qconvert accepts a GGUF that ggml refuses"
+    assert accepted > 100  # the mutations must reach files both accept
 
 
 def test_gguf_scalar_tensor_reads_as_ggml_reads_it(tmp_path):

@@ -8,11 +8,12 @@ allocation.  ``check_header`` walks the same structure first, with plain
 ggml's own loader (``gguf_init_from_file``) would refuse or that asks for
 more work than a diffusion model's GGUF needs:
 
-* magic, version 2 or 3 (either byte order, as gguf-py reads both);
+* magic, version 2 or 3, little-endian (ggml reads the machine's byte order);
 * counts, string lengths and array lengths that fit in what is left of the
   header, which is bounded (``MAX_HEADER_BYTES``);
-* UTF-8 keys, names and strings, no duplicate keys or tensor names, no
-  arrays of arrays, ``general.alignment`` a UINT32 power of two;
+* UTF-8 keys, names and strings, no empty or duplicate keys, no duplicate
+  tensor names, no arrays of arrays, ``general.alignment`` a UINT32 power of
+  two;
 * per tensor: a name shorter than 64 bytes, at most 4 dimensions, a type
   gguf-py knows, rows a whole number of blocks, data where ggml expects it
   (offsets in order, each padded to the alignment, the padded data section
@@ -26,6 +27,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from ...errors import CheckpointError
 from ...untrusted import check_text, shown
@@ -44,6 +47,10 @@ MAX_ELEMENTS = 2 ** 48
 DEFAULT_ALIGNMENT = 32
 ALIGNMENT_KEY = "general.alignment"
 
+# Types gguf-py reads element by element; it reshapes every other type as blocks of bytes.
+_ELEMENT_TYPES = frozenset({GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.F64,
+                            GGMLQuantizationType.I8, GGMLQuantizationType.I16, GGMLQuantizationType.I32,
+                            GGMLQuantizationType.I64})
 # GGUF value types: code → (name, struct format or None for string/array).
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 _STRING, _ARRAY, _UINT32 = 8, 9, 4
@@ -61,7 +68,6 @@ class TensorInfo:
 @dataclass(frozen=True)
 class Header:
     version: int
-    byte_order: str  # "<" or ">"
     metadata_keys: tuple
     tensors: tuple  # TensorInfo
     data_start: int
@@ -71,8 +77,8 @@ class Header:
 class _Cursor:
     """Bounded reads from the header prefix; running past it is the file's fault."""
 
-    def __init__(self, path: Path, buf: bytes, order: str, file_size: int):
-        self.path, self.buf, self.order, self.pos, self.file_size = path, buf, order, 0, file_size
+    def __init__(self, path: Path, buf: bytes):
+        self.path, self.buf, self.pos = path, buf, 0
 
     def fail(self, what: str) -> CheckpointError:
         return CheckpointError(f"{self.path}: {what} (at byte {self.pos:,}); the GGUF file is corrupt or hostile")
@@ -88,7 +94,7 @@ class _Cursor:
 
     def unpack(self, fmt: str):
         size = struct.calcsize(fmt)
-        return struct.unpack(self.order + fmt, self.take(size))[0]
+        return struct.unpack("<" + fmt, self.take(size))[0]
 
     def string(self, what: str) -> str:
         n = self.unpack("Q")
@@ -114,12 +120,13 @@ def check_header(path: str | Path) -> Header:
     if len(buf) < 24:
         raise CheckpointError(f"{path}: {size} bytes, too short for a GGUF header; the file is truncated")
     version = struct.unpack_from("<I", buf, 4)[0]
-    order = "<"
-    if version & 0xFFFF == 0:  # written on a machine of the other byte order
-        order, version = ">", struct.unpack_from(">I", buf, 4)[0]
+    if version & 0xFFFF == 0 and struct.unpack_from(">I", buf, 4)[0] in VERSIONS:
+        # gguf-py would read it, but ggml reads GGUF in the machine's own (little-endian) byte order.
+        raise CheckpointError(f"{path}: a big-endian GGUF file; ggml (llama.cpp, ComfyUI-GGUF's kernels) on "
+                              "little-endian machines cannot load it")
     if version not in VERSIONS:
         raise CheckpointError(f"{path}: GGUF version {version}; qconvert reads versions 2 and 3")
-    cur = _Cursor(path, buf, order, size)
+    cur = _Cursor(path, buf)
     cur.pos = 8
     n_tensors, n_kv = cur.unpack("Q"), cur.unpack("Q")
     if n_tensors > MAX_TENSORS or n_kv > MAX_KV:
@@ -128,6 +135,8 @@ def check_header(path: str | Path) -> Header:
     keys, alignment, budget = [], DEFAULT_ALIGNMENT, [MAX_ARRAY_ITEMS]
     for _ in range(n_kv):
         key = cur.string("a metadata key")
+        if not key:
+            raise cur.fail("a metadata key is empty")
         if key in keys:
             raise cur.fail(f"metadata key {shown(key)} appears twice")
         keys.append(key)
@@ -148,7 +157,7 @@ def check_header(path: str | Path) -> Header:
         names.add(t.name)
     data_start = -(-cur.pos // alignment) * alignment
     _check_data(path, tensors, data_start, alignment, size)
-    return Header(version, order, tuple(keys), tuple(tensors), data_start, alignment)
+    return Header(version, tuple(keys), tuple(tensors), data_start, alignment)
 
 
 def _skip_value(cur: _Cursor, code: int, key: str, budget: list, *, nested: bool) -> None:
@@ -174,8 +183,6 @@ def _skip_value(cur: _Cursor, code: int, key: str, budget: list, *, nested: bool
 
 
 def _tensor_info(cur: _Cursor) -> TensorInfo:
-    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
-
     name = cur.string("a tensor name")
     if len(name.encode("utf-8")) >= GGML_MAX_NAME:
         raise cur.fail(f"tensor name {shown(name)} is {len(name.encode('utf-8'))} bytes; ggml reads names "
@@ -194,6 +201,10 @@ def _tensor_info(cur: _Cursor) -> TensorInfo:
         block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(code)]
     except (ValueError, KeyError):
         raise cur.fail(f"tensor {shown(name)} has unknown type code {code}") from None
+    if not shape and GGMLQuantizationType(code) not in _ELEMENT_TYPES:
+        # ggml reads it as one value; gguf-py indexes the last dimension of every block type's shape.
+        raise cur.fail(f"tensor {shown(name)} has 0 dimensions and type {GGMLQuantizationType(code).name}, "
+                       "which gguf-py (ComfyUI-GGUF, diffusers) cannot read")
     row = shape[0] if shape else 1  # ggml reads missing dimensions as 1
     if row % block:
         raise cur.fail(f"tensor {shown(name)} has rows of {row} values, not a multiple of its type's "
