@@ -84,13 +84,17 @@ class GGMLOracle:
 
 def load() -> tuple[GGMLOracle | None, str]:
     """``(oracle, "")`` or ``(None, reason it is unavailable)``."""
+    return _from_library(GGMLOracle, "ggml_quantize_chunk")
+
+
+def _from_library(cls, function: str):
     path = find_library()
     if path is None:
         return None, "llama-cpp-python (package llama_cpp) with its libggml-base is not installed"
     try:
-        return GGMLOracle(path), ""
+        return cls(path), ""
     except (OSError, AttributeError) as exc:
-        return None, f"cannot use ggml_quantize_chunk from {path}: {exc}"
+        return None, f"cannot use {function} from {path}: {exc}"
 
 
 class _GGUFParams(ctypes.Structure):
@@ -125,10 +129,4 @@ class GGUFLoader:
 
 def gguf_loader() -> tuple[GGUFLoader | None, str]:
     """``(loader, "")`` or ``(None, reason it is unavailable)``."""
-    path = find_library()
-    if path is None:
-        return None, "llama-cpp-python (package llama_cpp) with its libggml-base is not installed"
-    try:
-        return GGUFLoader(path), ""
-    except (OSError, AttributeError) as exc:
-        return None, f"cannot use gguf_init_from_file from {path}: {exc}"
+    return _from_library(GGUFLoader, "gguf_init_from_file")
