@@ -104,6 +104,9 @@ def converted(ckpt) -> None:
     out = scratch() / "out.gguf"
     writer.write_gguf(ckpt, plans[1:], [out], quiet=True)  # BF16: a copy, cheap enough per input
     check_header(out)
+    ggml = _ggml_loader()
+    if ggml is not None and not ggml.loads(out):
+        raise AssertionError("ggml's gguf_init_from_file refuses a GGUF that qconvert wrote")
 
 
 def folder(data: bytes) -> None:
