@@ -343,6 +343,8 @@ def gstr(text: bytes) -> bytes:
      "has 0 dimensions and type BF16, which gguf-py"),  # found by the mutation replay
     (b"GGUF" + struct.pack(">IQQ", 3, 0, 0) + b"\0" * 8, "a big-endian GGUF file"),
     (gguf(gstr(b"") + struct.pack("<IB", 0, 1), 1), "a metadata key is empty"),  # found against ggml's loader
+    (gguf(gstr(b"k") + struct.pack("<IIQ", 9, 0x55474700, 0), 1),
+     "an array of unknown value type 1430734592"),  # an empty one: found against ggml's loader
     (gguf(version=7), "GGUF version 7"),
     (b"GGUF\x03\x00", "too short for a GGUF header"),
 ])

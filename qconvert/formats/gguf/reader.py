@@ -148,7 +148,7 @@ def check_header(path: str | Path) -> Header:
             if alignment == 0 or alignment & (alignment - 1):
                 raise cur.fail(f"{ALIGNMENT_KEY} is {alignment}, not a power of two")
         else:
-            _skip_value(cur, code, key, budget, nested=False)
+            _skip_value(cur, code, key, budget)
     tensors = [_tensor_info(cur) for _ in range(n_tensors)]
     names: set = set()
     for t in tensors:
@@ -160,15 +160,17 @@ def check_header(path: str | Path) -> Header:
     return Header(version, tuple(keys), tuple(tensors), data_start, alignment)
 
 
-def _skip_value(cur: _Cursor, code: int, key: str, budget: list, *, nested: bool) -> None:
+def _skip_value(cur: _Cursor, code: int, key: str, budget: list) -> None:
     if code in _SCALARS:
         cur.take(struct.calcsize(_SCALARS[code]))
     elif code == _STRING:
         cur.string(f"the value of {shown(key)}")
     elif code == _ARRAY:
-        if nested:
-            raise cur.fail(f"{shown(key)} is an array of arrays, which ggml does not read")
         item, count = cur.unpack("I"), cur.unpack("Q")
+        # ggml checks the item type even of an empty array, and reads no arrays of arrays.
+        if item not in _SCALARS and item != _STRING:
+            what = "an array of arrays" if item == _ARRAY else f"an array of unknown value type {item}"
+            raise cur.fail(f"{shown(key)} is {what}, which ggml does not read")
         budget[0] -= count
         if budget[0] < 0:
             raise cur.fail(f"arrays hold more than {MAX_ARRAY_ITEMS:,} items in all; qconvert reads diffusion "
@@ -177,7 +179,7 @@ def _skip_value(cur: _Cursor, code: int, key: str, budget: list, *, nested: bool
             cur.take(count * struct.calcsize(_SCALARS[item]))
         else:
             for _ in range(count):
-                _skip_value(cur, item, key, budget, nested=True)
+                cur.string(f"an item of {shown(key)}")
     else:
         raise cur.fail(f"{shown(key)} has unknown value type {code}")
 
