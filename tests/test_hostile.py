@@ -345,6 +345,10 @@ def gstr(text: bytes) -> bytes:
     (gguf(gstr(b"") + struct.pack("<IB", 0, 1), 1), "a metadata key is empty"),  # found against ggml's loader
     (gguf(gstr(b"k") + struct.pack("<IIQ", 9, 0x55474700, 0), 1),
      "an array of unknown value type 1430734592"),  # an empty one: found against ggml's loader
+    (gguf(gstr(b"general.alignment\0x") + struct.pack("<II", 4, 3), 1),
+     "holds a NUL byte; ggml would read it as general.alignment"),  # found against ggml's loader
+    (gguf(tensors=gstr(b"a\0b") + struct.pack("<IQIQ", 1, 1, 0, 0), n_tensors=1, data=b"\0" * 32),
+     "tensor name a\\x00b holds a NUL byte"),
     (gguf(version=7), "GGUF version 7"),
     (b"GGUF\x03\x00", "too short for a GGUF header"),
 ])

@@ -96,6 +96,13 @@ class _Cursor:
         size = struct.calcsize(fmt)
         return struct.unpack("<" + fmt, self.take(size))[0]
 
+    def name(self, what: str) -> str:
+        """A key or tensor name: ggml looks them up as C strings, so a NUL would make it another name."""
+        text = self.string(what)
+        if "\0" in text:
+            raise self.fail(f"{what} {shown(text)} holds a NUL byte; ggml would read it as {shown(text.split(chr(0))[0])}")
+        return text
+
     def string(self, what: str) -> str:
         n = self.unpack("Q")
         raw = self.take(n)
@@ -134,7 +141,7 @@ def check_header(path: str | Path) -> Header:
                        f"({MAX_TENSORS:,} and {MAX_KV:,})")
     keys, alignment, budget = [], DEFAULT_ALIGNMENT, [MAX_ARRAY_ITEMS]
     for _ in range(n_kv):
-        key = cur.string("a metadata key")
+        key = cur.name("metadata key")
         if not key:
             raise cur.fail("a metadata key is empty")
         if key in keys:
@@ -185,7 +192,7 @@ def _skip_value(cur: _Cursor, code: int, key: str, budget: list) -> None:
 
 
 def _tensor_info(cur: _Cursor) -> TensorInfo:
-    name = cur.string("a tensor name")
+    name = cur.name("tensor name")
     if len(name.encode("utf-8")) >= GGML_MAX_NAME:
         raise cur.fail(f"tensor name {shown(name)} is {len(name.encode('utf-8'))} bytes; ggml reads names "
                        f"shorter than {GGML_MAX_NAME}")
