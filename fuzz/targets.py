@@ -73,14 +73,43 @@ def expected_errors():
 
 # ------------------------------------------------------------------ targets
 
+def library_agrees(path: Path) -> None:
+    """Every safetensors file qconvert's header check accepts, the safetensors library opens, with the same
+    tensors and bytes: qconvert is never the only reader that takes a file."""
+    import torch
+    from safetensors import safe_open
+
+    from qconvert.checkpoint import TensorReader, read_safetensors_header
+
+    header = read_safetensors_header(path)  # a QConvertError here is the caller's expected outcome
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = set(f.keys())
+            metadata = f.metadata() or {}
+            reader = TensorReader()
+            for key in sorted(header.tensors)[:8]:
+                ours, theirs = reader.read(header.tensors[key]), f.get_tensor(key)
+                same_bytes = torch.equal(ours.reshape(-1).view(torch.uint8), theirs.reshape(-1).view(torch.uint8))
+                if ours.dtype != theirs.dtype or ours.shape != theirs.shape or not same_bytes:
+                    raise AssertionError(f"tensor {key!r} reads differently from the safetensors library")
+            reader.close()
+    except AssertionError:
+        raise
+    except Exception as exc:
+        raise AssertionError(f"qconvert accepts a file the safetensors library refuses: {exc}") from None
+    if keys != set(header.tensors) or metadata != header.metadata:
+        raise AssertionError("qconvert and the safetensors library see different tensors or metadata")
+
+
 def safetensors_file(data: bytes) -> None:
-    """A single .safetensors: header check, inspect, open as a source, read every tensor."""
-    from qconvert.checkpoint import open_checkpoint, read_safetensors_header
+    """A single .safetensors: header check (against the safetensors library), inspect, open as a
+    source, read every tensor, convert."""
+    from qconvert.checkpoint import open_checkpoint
     from qconvert.inspection import format_summary, inspect_path
 
     path = _file("model.safetensors", data)
     with expected_errors():
-        read_safetensors_header(path)
+        library_agrees(path)
     with expected_errors():
         format_summary(inspect_path(path))
     with expected_errors():
@@ -176,6 +205,8 @@ def lora_file(data: bytes) -> None:
 
     model = _lora_model()
     path = _file("lora.safetensors", data)
+    with expected_errors():
+        library_agrees(path)
     for ignore in (False, True):
         with expected_errors():
             view = with_loras(model, [f"{path}:0.5"], ignore_unmatched=ignore, warn=lambda _: None)
@@ -191,6 +222,8 @@ def fp8_file(data: bytes) -> None:
     from qconvert.inspection import format_summary, inspect_path
 
     path = _file("fp8.safetensors", data)
+    with expected_errors():
+        library_agrees(path)
     with expected_errors():
         fp8_layout(path)
         load_dequantized(path)

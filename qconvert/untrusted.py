@@ -129,8 +129,7 @@ def load_json(raw: bytes | str, where: str, limits: Limits) -> Any:
         raise CheckpointError(f"{where}: JSON nested too deeply; the file is corrupt or hostile") from None
     except _BadJson as exc:
         raise CheckpointError(f"{where}: {exc}; the file is corrupt or hostile") from None
-    if _depth(value) > MAX_JSON_DEPTH:
-        raise CheckpointError(f"{where}: JSON nested more than {MAX_JSON_DEPTH} deep; the file is corrupt or hostile")
+    _check_tree(value, where)
     return value
 
 
@@ -157,17 +156,26 @@ def _unique_keys(pairs: list) -> dict:
     return out
 
 
-def _depth(value: Any, limit: int = MAX_JSON_DEPTH + 1) -> int:
-    """Nesting depth, stopping once past ``limit`` (iterative: no recursion to exhaust)."""
-    deepest, stack = 0, [(value, 1)]
+def _check_tree(value: Any, where: str) -> None:
+    """Nesting depth and text, for every key and string (iterative: no recursion to exhaust).
+
+    A lone surrogate anywhere (``"\\ud800"``) is refused, not only in the
+    fields qconvert reads: the safetensors library refuses the whole header.
+    """
+    stack = [(value, 1)]
     while stack:
-        v, d = stack.pop()
-        if isinstance(v, (dict, list)):
-            deepest = max(deepest, d)
-            if d > limit:
-                return d
-            stack.extend((c, d + 1) for c in (v.values() if isinstance(v, dict) else v))
-    return deepest
+        v, depth = stack.pop()
+        if isinstance(v, str):
+            check_text(v, where, "text")
+        elif isinstance(v, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                raise CheckpointError(f"{where}: JSON nested more than {MAX_JSON_DEPTH} deep; "
+                                      "the file is corrupt or hostile")
+            if isinstance(v, dict):
+                stack.extend((k, depth) for k in v)
+                stack.extend((c, depth + 1) for c in v.values())
+            else:
+                stack.extend((c, depth + 1) for c in v)
 
 
 # ---------------------------------------------------------------- fields
