@@ -162,20 +162,21 @@ def _check_tree(value: Any, where: str) -> None:
     A lone surrogate anywhere (``"\\ud800"``) is refused, not only in the
     fields qconvert reads: the safetensors library refuses the whole header.
     """
-    stack = [(value, 1)]
+    stack = [(value, 1, "")]  # value, depth, the key it sits under
     while stack:
-        v, depth = stack.pop()
+        v, depth, under = stack.pop()
         if isinstance(v, str):
-            check_text(v, where, "text")
+            check_text(v, where, f"the value of {shown(under)}" if under else "a string")
         elif isinstance(v, (dict, list)):
             if depth > MAX_JSON_DEPTH:
                 raise CheckpointError(f"{where}: JSON nested more than {MAX_JSON_DEPTH} deep; "
                                       "the file is corrupt or hostile")
             if isinstance(v, dict):
-                stack.extend((k, depth) for k in v)
-                stack.extend((c, depth + 1) for c in v.values())
+                for k in v:
+                    check_text(k, where, "the key")
+                stack.extend((c, depth + 1, k) for k, c in v.items())
             else:
-                stack.extend((c, depth + 1) for c in v)
+                stack.extend((c, depth + 1, under) for c in v)
 
 
 # ---------------------------------------------------------------- fields

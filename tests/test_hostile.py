@@ -274,7 +274,7 @@ def test_lone_surrogate_in_a_tensor_name(tmp_path, capsys):
 
 def test_lone_surrogate_in_metadata(tmp_path, capsys):
     path = raw_safetensors(tmp_path / "x.safetensors", '{"__metadata__": {"k": "v\\udfff"}}')
-    refused(["inspect", path], capsys, "metadata value", "not valid Unicode")
+    refused(["inspect", path], capsys, "the value of k", "v\\udfff is not valid Unicode")
 
 
 def test_control_characters_in_names_are_escaped(tmp_path, capsys):
