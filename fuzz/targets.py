@@ -148,6 +148,10 @@ def folder(data: bytes) -> None:
     root.mkdir()
     for name, part in zip(FOLDER_FILES, data.split(PART)):
         (root / name).write_bytes(part)
+    for shard in FOLDER_FILES[2:]:
+        if (root / shard).exists():
+            with expected_errors():
+                library_agrees(root / shard)
     with expected_errors():
         with open_checkpoint(root) as ckpt:
             for name in ckpt.names()[:4]:
