@@ -520,7 +520,8 @@ def _download(repo_id: str) -> Path:
         raise CheckpointError(f"{repo_id}: no such repository on the Hugging Face Hub (or it is private: "
                               "log in with `hf auth login`)") from None
     except (HfHubHTTPError, OSError) as exc:  # server errors, a full disk, a cache we cannot write
-        raise CheckpointError(f"{repo_id}: download failed ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}); "
+        first_line = (str(exc).splitlines() or [""])[0]
+        raise CheckpointError(f"{repo_id}: download failed ({type(exc).__name__}: {first_line}); "
                               "try again, or pass a local path") from None
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import CheckpointError
@@ -36,12 +37,12 @@ MAX_INT_DIGITS = 24
 MAX_JSON_DEPTH = 16
 
 
+@dataclass(frozen=True)
 class Limits:
     """How much structure one JSON document may have (see ``load_json``)."""
 
-    def __init__(self, objects: int, items: int):
-        self.objects = objects  # '{' and '[' together
-        self.items = items  # ',' (every value after the first in a container)
+    objects: int  # '{' and '[' together
+    items: int  # ',' (every value after the first in a container)
 
 
 def shown(value: Any, limit: int = 120) -> str:
@@ -100,7 +101,7 @@ def check_text(text: str, where: str, what: str = "name") -> str:
             text.encode("utf-8")
         except UnicodeEncodeError:
             raise CheckpointError(f"{where}: {what} {shown(text)} is not valid Unicode (a lone surrogate); "
-                                "the file is corrupt") from None
+                                  "the file is corrupt") from None
     return text
 
 
@@ -110,21 +111,22 @@ def load_json(raw: bytes | str, where: str, limits: Limits) -> Any:
     objects = data.count(b"{") + data.count(b"[")
     if objects > limits.objects:
         raise CheckpointError(f"{where}: {objects:,} JSON objects/lists, more than the {limits.objects:,} "
-                            "a file of this kind can have; the file is corrupt or hostile")
+                              "a file of this kind can have; the file is corrupt or hostile")
     items = data.count(b",")
     if items > limits.items:
         raise CheckpointError(f"{where}: {items:,} JSON items, more than the {limits.items:,} "
-                            "a file of this kind can have; the file is corrupt or hostile")
+                              "a file of this kind can have; the file is corrupt or hostile")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise CheckpointError(f"{where}: not UTF-8 text ({exc.reason} at byte {exc.start}); the file is corrupt") from None
+        raise CheckpointError(f"{where}: not UTF-8 text ({exc.reason} at byte {exc.start}); "
+                              "the file is corrupt") from None
     try:
         value = json.loads(text, parse_int=_parse_int, parse_constant=_parse_constant,
                            object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{where}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno}); "
-                            "the file is corrupt") from None
+                              "the file is corrupt") from None
     except RecursionError:
         raise CheckpointError(f"{where}: JSON nested too deeply; the file is corrupt or hostile") from None
     except _BadJson as exc:

@@ -39,7 +39,8 @@ def test_mutation_replay_finds_nothing(name, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("atheris") is None, reason="atheris is not installed (pip install .[fuzz])")
+@pytest.mark.skipif(importlib.util.find_spec("atheris") is None,
+                    reason="atheris is not installed (pip install .[fuzz])")
 @pytest.mark.parametrize("name", NAMES)
 def test_atheris_smoke(name, tmp_path):
     """A few thousand coverage-guided inputs per harness: no finding."""

@@ -100,7 +100,8 @@ class _Cursor:
         """A key or tensor name: ggml looks them up as C strings, so a NUL would make it another name."""
         text = self.string(what)
         if "\0" in text:
-            raise self.fail(f"{what} {shown(text)} holds a NUL byte; ggml would read it as {shown(text.split(chr(0))[0])}")
+            as_c_string = text.split("\0")[0]
+            raise self.fail(f"{what} {shown(text)} holds a NUL byte; ggml would read it as {shown(as_c_string)}")
         return text
 
     def string(self, what: str) -> str:
