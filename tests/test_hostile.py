@@ -458,6 +458,21 @@ def test_every_gguf_the_check_accepts_loads_in_ggml(tmp_path):
     assert accepted > 100  # the mutations must reach files both accept
 
 
+@pytest.mark.parametrize("n_kv, n_tensors, pattern", [
+    # the most it reads: checked, then read by gguf-py (seconds, more under tracemalloc)
+    pytest.param(4096, 16384, "not a Qwen-Image transformer: 16384 tensors", marks=pytest.mark.slow),
+    (4097, 0, "0 tensors and 4,097 metadata keys, more than qconvert reads"),
+    (0, 16385, "16,385 tensors and 0 metadata keys, more than qconvert reads"),
+])
+def test_gguf_counts_are_bounded(tmp_path, capsys, n_kv, n_tensors, pattern):
+    """gguf-py spends ~0.1 ms per key or tensor in Python: the bounds keep inspect to seconds."""
+    kvs = b"".join(gstr(f"k{i:06d}".encode()) + struct.pack("<IB", 0, 1) for i in range(n_kv))
+    infos = b"".join(gstr(f"t{i:06d}".encode()) + struct.pack("<IQIQ", 1, 1, 0, 32 * i) for i in range(n_tensors))
+    path = tmp_path / "x.gguf"
+    path.write_bytes(gguf(kvs, n_kv, infos, n_tensors, data=b"\0" * (32 * n_tensors)))
+    refused(["inspect", path], capsys, pattern)
+
+
 def test_gguf_scalar_tensor_reads_as_ggml_reads_it(tmp_path):
     """ggml takes missing dimensions as 1: a 0-dimension F32 tensor is one value."""
     path = tmp_path / "x.gguf"
