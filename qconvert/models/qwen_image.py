@@ -251,6 +251,11 @@ def _describe(name: str) -> TensorInfo:
     raise KeyError(name)
 
 
+def block_linear_modules() -> tuple:
+    """The linear layers of one block, relative to ``transformer_blocks.{i}.`` (``attn.to_q`` ...)."""
+    return tuple(_BLOCK_LINEAR_MODULES)
+
+
 def is_known(name: str) -> bool:
     return _known(name) is not None
 
