@@ -276,6 +276,63 @@ def bake_lora_cmd(source, output, dry_run, as_json, device, loras, ignore_unmatc
         echo(format_report(report))
 
 
+# [sample]
+
+@cli.command("sample")
+@click.argument("source")
+@click.option("--embeds", type=click.Path(path_type=Path), default=None,
+              help="safetensors with prompt_embeds [1, L, text_dim] and prompt_embeds_mask [1, L] "
+                   "(and negative_prompt_embeds/_mask for CFG), as diffusers' encode_prompt returns them.")
+@click.option("--synthetic-embeds", is_flag=True, help="Seeded stand-in embeddings (no text encoder needed).")
+@click.option("--height", default=1024, show_default=True, help="Image height in pixels (multiple of 16).")
+@click.option("--width", default=1024, show_default=True, help="Image width in pixels (multiple of 16).")
+@click.option("--steps", default=50, show_default=True)
+@click.option("--cfg", default=4.0, show_default=True, help="True CFG scale; 1 turns it off.")
+@click.option("--schedule", type=click.Choice(sorted(["qwen", "lightning"])), default="qwen", show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Seed for the noise (and synthetic embeddings).")
+@click.option("--noise", type=click.Path(path_type=Path), default=None,
+              help="safetensors with noise [1, (H/16)*(W/16), 64] instead of seeded noise.")
+@click.option("--image-latents", multiple=True, type=click.Path(path_type=Path),
+              help="Edit: safetensors with image_latents [1, 16, h, w] of a reference image (repeatable).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+              help="Compute dtype (default float32 on the CPU, bfloat16 on CUDA).")
+@converter_options
+def sample_cmd(source, embeds, synthetic_embeds, height, width, steps, cfg, schedule, seed, noise, image_latents,
+               dtype, output, dry_run, as_json, device, loras, ignore_unmatched, allow_extra, quiet):
+    """Denoise with the reference model: packed latents [1, (H/16)*(W/16), 64] to a safetensors file.
+
+    \b
+    qconvert sample ./qwen-image --embeds prompt.safetensors --steps 50 --cfg 4 -o latents.safetensors
+    qconvert sample ./qwen-image --lora lightning.safetensors --schedule lightning --steps 4 --cfg 1 \\
+        --synthetic-embeds -o lightning.safetensors
+    """
+    from .verify.commands import SampleOptions, run_sample
+
+    if (embeds is None) == (not synthetic_embeds):
+        raise click.UsageError("give --embeds FILE or --synthetic-embeds")
+    target = Path(output) if output else Path("latents.safetensors")
+    if target.suffix.lower() != ".safetensors":
+        raise click.UsageError(f"-o {target}: the output is a .safetensors file")
+    options = SampleOptions(height=height, width=width, steps=steps, cfg=cfg, schedule=schedule, seed=seed,
+                            embeds=embeds, noise=noise, image_latents=list(image_latents), device=device,
+                            dtype=dtype)
+    if dry_run:
+        from .verify.commands import check_options
+
+        check_options(options)
+        result = {"command": "sample", "dry_run": True, "output": str(target), **options.to_json()}
+    else:
+        with open_source(source, loras=loras, ignore_unmatched=ignore_unmatched, allow_extra=allow_extra,
+                         device=device) as src:
+            result = run_sample(src, options, target, echo=lambda m: echo(m) if not as_json else None,
+                                quiet=quiet or as_json)
+    if as_json:
+        emit_json(result)
+    elif not quiet:
+        echo(f"{'would write' if dry_run else 'wrote'} {target}" + ("" if dry_run else
+             f"  (latents {result['shape']}, {result['seconds']} s)"))
+
+
 def _printable(exc: BaseException) -> str:
     """An error message fit for one terminal line: names from a hostile file may hold
     control characters, lone surrogates or megabytes of text."""
