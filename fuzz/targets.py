@@ -235,12 +235,30 @@ def fp8_file(data: bytes) -> None:
         format_summary(inspect_path(path))
 
 
+def sampler_inputs(data: bytes) -> None:
+    """A file given to ``qconvert sample``: embeddings, noise or reference latents (by the names it holds)."""
+    from qconvert.checkpoint import read_safetensors_header
+    from qconvert.verify import inputs
+
+    path = _file("inputs.safetensors", data)
+    config = _lora_model().config
+    with expected_errors():
+        names = read_safetensors_header(path).tensors
+        if "noise" in names:
+            inputs.read_noise(path, 32, 32)
+        elif "image_latents" in names:
+            inputs.read_image_latents(path)
+        else:
+            inputs.read_prompt(path, config)
+
+
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "safetensors": safetensors_file,
     "folder": folder,
     "gguf": gguf_file,
     "lora": lora_file,
     "fp8": fp8_file,
+    "sampler-inputs": sampler_inputs,
 }
 
 
@@ -270,6 +288,8 @@ def seeds(name: str) -> list[bytes]:
                                     alpha=None if s == "peft" else 1.0).read_bytes() for s in tiny.LORA_STYLES]
     if name == "fp8":
         return _fp8_seeds(work)
+    if name == "sampler-inputs":
+        return _sampler_seeds(work)
     raise KeyError(name)
 
 
@@ -311,6 +331,24 @@ def _fp8_seeds(work: Path) -> list[bytes]:
     meta = {fp8.QUANT_METADATA: json.dumps({"format_version": "1.0", "layers": layers})}
     write_safetensors(work / "meta.safetensors", prefixed, meta)
     out.append((work / "meta.safetensors").read_bytes())
+    return out
+
+
+def _sampler_seeds(work: Path) -> list[bytes]:
+    import torch
+
+    from qconvert.io import write_safetensors
+    from qconvert.verify import inputs
+
+    prompt = inputs.synthetic_prompt(_lora_model().config, seed=0, length=6)
+    files = {"prompt": {"prompt_embeds": prompt.embeds, "prompt_embeds_mask": prompt.mask,
+                        "negative_prompt_embeds": prompt.neg_embeds, "negative_prompt_embeds_mask": prompt.neg_mask},
+             "noise": {"noise": inputs.seeded_noise(0, 32, 32)},
+             "ref": {"image_latents": torch.randn(1, 16, 1, 4, 4, generator=torch.Generator().manual_seed(0))}}
+    out = []
+    for name, tensors in files.items():
+        write_safetensors(work / f"{name}.safetensors", tensors)
+        out.append((work / f"{name}.safetensors").read_bytes())
     return out
 
 
