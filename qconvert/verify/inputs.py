@@ -4,7 +4,8 @@ Files are safetensors, read with qconvert's validated header reader:
 
 * embeddings: ``prompt_embeds`` [1, L, text_dim] and ``prompt_embeds_mask``
   [1, L], optionally ``negative_prompt_embeds`` / ``negative_prompt_embeds_mask``
-  (what diffusers' ``pipe.encode_prompt`` returns, saved as they are);
+  (what diffusers' ``pipe.encode_prompt`` returns, saved as they are; it
+  returns no mask when every token counts, and a missing mask means that);
 * noise: ``noise`` in the packed layout [1, (H/16)·(W/16), 64];
 * reference latents (Edit): ``image_latents`` [1, 16, h, w] or [1, 16, 1, h, w],
   the VAE's normalised latents, packed here as the pipeline packs them.
@@ -69,15 +70,17 @@ def _read(path: Path, wanted: dict) -> dict:
 
 
 def read_prompt(path: Path, config: qi.QwenImageConfig) -> Prompt:
-    found = _read(path, {"prompt_embeds": ((3,), True), "prompt_embeds_mask": ((2,), True),
+    found = _read(path, {"prompt_embeds": ((3,), True), "prompt_embeds_mask": ((2,), False),
                          "negative_prompt_embeds": ((3,), False), "negative_prompt_embeds_mask": ((2,), False)})
     pairs = [("prompt_embeds", "prompt_embeds_mask")]
-    if "negative_prompt_embeds" in found or "negative_prompt_embeds_mask" in found:
+    if "negative_prompt_embeds" in found:
         pairs.append(("negative_prompt_embeds", "negative_prompt_embeds_mask"))
+    elif "negative_prompt_embeds_mask" in found:
+        raise QConvertError(f"{path}: negative_prompt_embeds_mask without negative_prompt_embeds")
     for embeds, mask in pairs:
-        if embeds not in found or mask not in found:
-            raise QConvertError(f"{path}: {embeds} and {mask} go together; one is missing")
-        e, m = found[embeds], found[mask]
+        e = found[embeds]
+        # encode_prompt returns no mask when every token counts; that is an all-ones mask.
+        m = found.setdefault(mask, torch.ones(e.shape[:2], dtype=torch.int64))
         if e.shape[0] != 1 or e.shape[2] != config.joint_attention_dim:
             raise QConvertError(f"{path}: {embeds} has shape {list(e.shape)}; this model takes [1, L, "
                                 f"{config.joint_attention_dim}] (text_dim {config.joint_attention_dim})")

@@ -69,6 +69,14 @@ def test_reference_latents_are_packed_as_the_pipeline_packs(tmp_path):
     assert torch.equal(packed, want)
 
 
+def test_a_missing_mask_means_every_token_counts(tmp_path, model):
+    """diffusers' encode_prompt returns mask None when the prompt fills every position."""
+    path = tmp_path / "p.safetensors"
+    write_safetensors(path, {"prompt_embeds": torch.randn(1, 4, 64)})
+    prompt = inputs.read_prompt(path, open_checkpoint(model).config)
+    assert prompt.mask.tolist() == [[1, 1, 1, 1]] and prompt.neg_embeds is None
+
+
 def test_edit_sampling_runs_with_a_reference(tmp_path, capsys, model):
     ref = tmp_path / "ref.safetensors"
     write_safetensors(ref, {"image_latents": torch.randn(1, 16, 4, 4)})
@@ -83,8 +91,12 @@ def test_edit_sampling_runs_with_a_reference(tmp_path, capsys, model):
     (lambda p: write_safetensors(p, {"prompt_embeds": torch.zeros(1, 4, 63), "prompt_embeds_mask":
                                      torch.ones(1, 4, dtype=torch.int64)}),
      ["--embeds"], "prompt_embeds has shape [1, 4, 63]; this model takes [1, L, 64]"),
-    (lambda p: write_safetensors(p, {"prompt_embeds": torch.zeros(1, 4, 64)}),
-     ["--embeds"], "no tensor prompt_embeds_mask"),
+    (lambda p: write_safetensors(p, {"prompt_embeds": torch.zeros(1, 4, 64), "prompt_embeds_mask":
+                                     torch.ones(1, 5, dtype=torch.int64)}),
+     ["--embeds"], "prompt_embeds_mask has shape [1, 5], not [1, 4] like prompt_embeds"),
+    (lambda p: write_safetensors(p, {"prompt_embeds": torch.full((1, 4, 64), float("nan"))}),
+     ["--embeds"], "prompt_embeds must be finite floats"),
+    (lambda p: write_safetensors(p, {"embeds": torch.zeros(1, 4, 64)}), ["--embeds"], "no tensor prompt_embeds"),
     (lambda p: write_safetensors(p, {"noise": torch.zeros(1, 5, 64)}),
      ["--synthetic-embeds", "--noise"], "noise has shape [1, 5, 64]; 32x32 needs [1, 4, 64]"),
     (lambda p: write_safetensors(p, {"image_latents": torch.zeros(1, 4, 4, 4)}),
