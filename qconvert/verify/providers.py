@@ -50,6 +50,54 @@ class DenseProvider:
         return lambda x: F.linear(x, weight, bias)
 
 
+class GGUFWeights:
+    """A GGUF file as a weight source: each tensor dequantized when asked for (gguf-py's decoders,
+    which match ggml's), in torch's shape order.  Use as ``DenseProvider(GGUFWeights(path))``."""
+
+    def __init__(self, path):
+        from ..formats.gguf.reader import open_gguf
+
+        self.path = path
+        self._tensors = {t.name: t for t in open_gguf(path).tensors}
+
+    def load(self, name: str) -> torch.Tensor:
+        import numpy as np
+
+        from ..errors import QConvertError
+        from ..formats.gguf.quants import dequantize
+
+        t = self._tensors.get(name)
+        if t is None:
+            raise QConvertError(f"{self.path}: no tensor {name}; not a whole Qwen-Image GGUF")
+        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        return torch.from_numpy(np.array(dequantize(t.data, t.tensor_type, shape), dtype=np.float32))
+
+
+class FP8Weights:
+    """An FP8 safetensors file (any layout to-fp8 writes, or ComfyUI's) as a weight source: scaled
+    weights dequantized with their checked scales, one tensor at a time."""
+
+    def __init__(self, path):
+        from ..checkpoint import Checkpoint, read_safetensors_header
+        from ..formats.fp8_loader import _prefix, _scaled_weights
+
+        header = read_safetensors_header(path)
+        self.path = path
+        self.prefix = _prefix(header.tensors)
+        self._reader = Checkpoint(path, "single-file", None, header.tensors, header.metadata)
+        self._scales = {k: scale for k, (_, scale) in
+                        _scaled_weights(path, header, self._reader, self.prefix).items()}
+
+    def load(self, name: str) -> torch.Tensor:
+        from ..errors import QConvertError
+
+        key = self.prefix + name
+        if key not in self._reader.tensors:
+            raise QConvertError(f"{self.path}: no tensor {name}; not a whole Qwen-Image FP8 file")
+        t = self._reader.load(key)
+        return t.to(torch.float32) * self._scales[key] if key in self._scales else t.to(torch.float32)
+
+
 class StateDictProvider(DenseProvider):
     """Weights from an in-memory state dict (tests, and formats that dequantize whole files)."""
 

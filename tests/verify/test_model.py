@@ -88,3 +88,61 @@ def test_blocks_are_fetched_one_at_a_time(tmp_path):
         ours(latents, text, mask, t, [(1, 2, 2)], on_block=lambda i, *_: done.append(i))
     assert {block for block, _ in asked} == {0, 1}
     assert all(finished == block for block, finished in asked)
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    return tiny.make_tiny(tmp_path_factory.mktemp("prov") / "m", layers=2, heads=2, head_dim=128, text_dim=256)
+
+
+def run_model(provider_source, config):
+    latents, text, mask, t = inputs([(1, 4, 4)], text_dim=config.joint_attention_dim)
+    with torch.no_grad():
+        return QwenImageTransformer(config, DenseProvider(provider_source))(latents, text, mask, t, [(1, 4, 4)])
+
+
+def rel_err(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def test_gguf_provider(tmp_path, small):
+    """BF16 GGUF runs exactly as its source; Q8_0 close; Q2_K further off (the ranking verify reports)."""
+    import gguf
+
+    from qconvert.formats.gguf import writer
+    from qconvert.verify.providers import GGUFWeights
+
+    ckpt = open_checkpoint(small)
+    paths = {level: tmp_path / f"m-{level}.gguf" for level in ("BF16", "Q8_0", "Q2_K")}
+    writer.write_gguf(ckpt, writer.plan_files(ckpt, list(paths), policy="uniform"), list(paths.values()), quiet=True)
+    dense = run_model(ckpt, ckpt.config)
+    err = {}
+    for level, path in paths.items():
+        source = GGUFWeights(path)
+        # the weights are gguf-py's own dequantization of the file
+        t = next(t for t in gguf.GGUFReader(str(path)).tensors if t.name == "transformer_blocks.1.img_mod.1.weight")
+        want = gguf.quants.dequantize(t.data, t.tensor_type)
+        assert torch.equal(source.load(t.name), torch.from_numpy(want.astype("float32")).reshape(
+            source.load(t.name).shape))
+        err[level] = rel_err(run_model(source, ckpt.config), dense)
+    assert err["BF16"] == 0
+    assert 0 < err["Q8_0"] < 0.05 and err["Q2_K"] > 5 * err["Q8_0"], err
+
+
+def test_fp8_provider(tmp_path, small):
+    from qconvert.formats import fp8
+    from qconvert.verify.providers import FP8Weights
+
+    ckpt = open_checkpoint(small)
+    dense = run_model(ckpt, ckpt.config)
+    errs = {}
+    for layout in ("comfy", "scaled", "plain"):
+        out = tmp_path / f"{layout}.safetensors"
+        fp8.convert(ckpt, out, fp8.make_options(layout), quiet=True)
+        source = FP8Weights(out)
+        # the same weights as the documented loader gives diffusers
+        assert torch.equal(source.load("transformer_blocks.0.attn.to_q.weight"),
+                           fp8.load_dequantized(out, dtype=torch.float32)["transformer_blocks.0.attn.to_q.weight"])
+        errs[layout] = rel_err(run_model(source, ckpt.config), dense)
+    assert 0 < errs["comfy"] < 0.15 and errs["scaled"] < 0.15, errs
+    assert errs["plain"] > errs["comfy"], errs  # unscaled small weights lose their bits
