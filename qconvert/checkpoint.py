@@ -122,7 +122,8 @@ def read_safetensors_header(path: Path) -> SafetensorsHeader:
     if raw[:1] != b"{":
         raise _not_safetensors(path, head, "header does not start with '{'")
     header = untrusted.load_json(raw, f"{path}: header", HEADER_LIMITS)
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata  # absent or null, as the library reads it
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise CheckpointError(f"{path}: __metadata__ must map strings to strings")
     if len(header) > MAX_TENSORS:

@@ -123,6 +123,8 @@ def edit_header(src: Path, dst: Path, edit) -> Path:
     ('{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "a": {}}', "appears twice"),
     ('{"a": {"dtype": "F32", "shape": [1.5], "data_offsets": [0, 4]}}', "malformed shape"),
     ('{"__metadata__": {"k": ["v"]}}', "__metadata__ must map strings to strings"),
+    ('{"__metadata__": 0}', "__metadata__ must map strings to strings"),  # the library refuses it (fuzz finding)
+    ('{"__metadata__": []}', "__metadata__ must map strings to strings"),
     # anywhere, even in a field qconvert ignores: the safetensors library refuses the header (found by the
     # differential fuzz target)
     ('{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4], "x\\ud800": 1}}', "not valid Unicode"),
