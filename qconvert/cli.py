@@ -333,6 +333,57 @@ def sample_cmd(source, embeds, synthetic_embeds, height, width, steps, cfg, sche
              f"  (latents {result['shape']}, {result['seconds']} s)"))
 
 
+# [verify]
+
+@cli.command("verify")
+@click.argument("output")
+@click.option("--reference", required=True, help="The source the output was made from (with the same --lora).")
+@click.option("--report", "report_dir", required=True, type=click.Path(path_type=Path),
+              help="Folder for report.json and report.md (written whole or not at all).")
+@click.option("--baseline", type=click.Path(path_type=Path), default=None,
+              help="A report.json to gate on: exit 1 when a figure is worse beyond --tolerance.")
+@click.option("--tolerance", default=0.05, show_default=True, help="How much worse than the baseline a figure may "
+              "be, as a fraction of the baseline's value.")
+@click.option("--embeds", type=click.Path(path_type=Path), default=None,
+              help="Prompt embeddings (as for sample); seeded synthetic ones otherwise.")
+@click.option("--height", default=256, show_default=True)
+@click.option("--width", default=256, show_default=True)
+@click.option("--steps", default=4, show_default=True)
+@click.option("--cfg", default=1.0, show_default=True)
+@click.option("--schedule", type=click.Choice(["qwen", "lightning"]), default="lightning", show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--lora", "loras", multiple=True, metavar="FILE[:STRENGTH]", help="LoRAs the output was baked with.")
+@click.option("--ignore-unmatched", is_flag=True, help="Warn instead of failing on unmatched LoRA keys.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@quiet_option
+@debug_option
+def verify_cmd(output, reference, report_dir, baseline, tolerance, embeds, height, width, steps, cfg, schedule, seed,
+               loras, ignore_unmatched, as_json, quiet):
+    """Measure an output against its source: per-layer weight error, end-to-end latents; gate on a baseline.
+
+    \b
+    qconvert verify qwen-image-Q4_K_M.gguf --reference Qwen/Qwen-Image --report reports/Q4_K_M
+    qconvert verify out.gguf --reference ./qwen-image --report r/ --baseline main/report.json
+    """
+    from .verify.commands import SampleOptions
+    from .verify.report import run_verify
+
+    if not 0 <= tolerance < 10:
+        raise click.UsageError(f"--tolerance {tolerance}: give a fraction such as 0.05")
+    options = SampleOptions(height=height, width=width, steps=steps, cfg=cfg, schedule=schedule, seed=seed,
+                            embeds=embeds)
+    with open_source(reference, loras=loras, ignore_unmatched=ignore_unmatched) as ref:
+        say = (lambda m: None) if (quiet or as_json) else echo
+        result = run_verify(output, ref, options, report_dir, baseline=baseline, tolerance=tolerance, echo=say)
+    if as_json:
+        emit_json({k: v for k, v in result.items() if k != "per_layer"})
+    elif not quiet:
+        lat, w = result["latents"], result["weights"]
+        echo(f"latents: PSNR {lat['psnr_db']:.2f} dB, SSIM {lat['ssim']:.4f}; weights: worst relative RMSE "
+             f"{w['worst_rel_rmse']:.4g} ({w['worst_layer']})")
+        echo(f"wrote {report_dir}/report.json and report.md")
+
+
 def _printable(exc: BaseException) -> str:
     """An error message fit for one terminal line: names from a hostile file may hold
     control characters, lone surrogates or megabytes of text."""

@@ -60,6 +60,9 @@ class GGUFWeights:
         self.path = path
         self._tensors = {t.name: t for t in open_gguf(path).tensors}
 
+    def names(self) -> list[str]:
+        return list(self._tensors)
+
     def load(self, name: str) -> torch.Tensor:
         import numpy as np
 
@@ -87,6 +90,9 @@ class FP8Weights:
         self._reader = Checkpoint(path, "single-file", None, header.tensors, header.metadata)
         self._scales = {k: scale for k, (_, scale) in
                         _scaled_weights(path, header, self._reader, self.prefix).items()}
+
+    def names(self) -> list[str]:
+        return [k[len(self.prefix):] for k in self._reader.tensors if k.startswith(self.prefix)]
 
     def load(self, name: str) -> torch.Tensor:
         from ..errors import QConvertError
