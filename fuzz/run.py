@@ -5,7 +5,7 @@
     python -m fuzz.run fp8 --replay 500           # no atheris: seeds plus 500 seeded mutations
     python -m fuzz.run gguf fuzz/findings/gguf-crash-…   # run one saved input again
 
-Targets: safetensors, folder, gguf, lora, fp8, sampler-inputs (see ``fuzz/targets.py``).
+Targets: safetensors, folder, gguf, lora, fp8, sampler-inputs, verify-baseline (see ``fuzz/targets.py``).
 The corpus starts from files qconvert writes (``fuzz/corpus/NAME``, made on
 first use).  A finding is any exception other than ``QConvertError``, an
 input that takes more than ``-timeout`` seconds (5), or memory beyond
@@ -141,6 +141,7 @@ def fuzz(name: str, libfuzzer_args: list[str], folder: Path | None = None, findi
         import qconvert.inspection  # noqa: F401
         import qconvert.lora  # noqa: F401
         import qconvert.verify.inputs  # noqa: F401
+        import qconvert.verify.report  # noqa: F401
     from fuzz.targets import TARGETS
 
     target = TARGETS[name]

@@ -252,6 +252,24 @@ def sampler_inputs(data: bytes) -> None:
             inputs.read_prompt(path, config)
 
 
+BASELINE_SETTINGS = {"height": 32, "width": 48, "steps": 2, "cfg": 1.0, "schedule": "lightning", "seed": 0,
+                     "embeds": "synthetic"}
+
+
+def verify_baseline(data: bytes) -> None:
+    """A report.json given to ``qconvert verify --baseline``: read, then gated against."""
+    from qconvert.verify.report import gate, read_baseline
+
+    path = _file("report.json", data)
+    with expected_errors():
+        base = read_baseline(path, BASELINE_SETTINGS)
+        gate(_REPORT, base, 0.05)
+
+
+_REPORT = {"weights": {"worst_rel_rmse": 0.01, "mean_rel_rmse": 0.001, "worst_layer": "x"},
+           "latents": {"psnr_db": 40.0, "ssim": 0.99, "rel_rmse": 0.02}}
+
+
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "safetensors": safetensors_file,
     "folder": folder,
@@ -259,6 +277,7 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "lora": lora_file,
     "fp8": fp8_file,
     "sampler-inputs": sampler_inputs,
+    "verify-baseline": verify_baseline,
 }
 
 
@@ -290,6 +309,12 @@ def seeds(name: str) -> list[bytes]:
         return _fp8_seeds(work)
     if name == "sampler-inputs":
         return _sampler_seeds(work)
+    if name == "verify-baseline":
+        import json
+
+        report = {"schema_version": 1, "settings": BASELINE_SETTINGS, **_REPORT,
+                  "per_layer": [{"name": "x", "role": "img_q", "rel_rmse": 0.01, "cosine": 0.99}]}
+        return [json.dumps(report, indent=2).encode()]
     raise KeyError(name)
 
 
