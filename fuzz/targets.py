@@ -266,7 +266,8 @@ def verify_baseline(data: bytes) -> None:
         gate(_REPORT, base, 0.05)
 
 
-_REPORT = {"weights": {"worst_rel_rmse": 0.01, "mean_rel_rmse": 0.001, "worst_layer": "x"},
+_REPORT = {"complete": True, "weights": {"worst_rel_rmse": 0.01, "mean_rel_rmse": 0.001, "worst_layer": "x"},
+           "blocks": {"worst_rel_rmse": 0.02, "worst_block": 0},
            "latents": {"psnr_db": 40.0, "ssim": 0.99, "rel_rmse": 0.02}}
 
 

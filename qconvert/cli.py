@@ -352,13 +352,15 @@ def sample_cmd(source, embeds, synthetic_embeds, height, width, steps, cfg, sche
 @click.option("--cfg", default=1.0, show_default=True)
 @click.option("--schedule", type=click.Choice(["qwen", "lightning"]), default="lightning", show_default=True)
 @click.option("--seed", default=0, show_default=True)
+@click.option("--max-minutes", type=float, default=None,
+              help="Stop measuring after this long and write a report marked partial (never gated).")
 @click.option("--lora", "loras", multiple=True, metavar="FILE[:STRENGTH]", help="LoRAs the output was baked with.")
 @click.option("--ignore-unmatched", is_flag=True, help="Warn instead of failing on unmatched LoRA keys.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @quiet_option
 @debug_option
 def verify_cmd(output, reference, report_dir, baseline, tolerance, embeds, height, width, steps, cfg, schedule, seed,
-               loras, ignore_unmatched, as_json, quiet):
+               max_minutes, loras, ignore_unmatched, as_json, quiet):
     """Measure an output against its source: per-layer weight error, end-to-end latents; gate on a baseline.
 
     \b
@@ -370,18 +372,24 @@ def verify_cmd(output, reference, report_dir, baseline, tolerance, embeds, heigh
 
     if not 0 <= tolerance < 10:
         raise click.UsageError(f"--tolerance {tolerance}: give a fraction such as 0.05")
+    if max_minutes is not None and not max_minutes > 0:
+        raise click.UsageError(f"--max-minutes {max_minutes}: give a positive number of minutes")
     options = SampleOptions(height=height, width=width, steps=steps, cfg=cfg, schedule=schedule, seed=seed,
                             embeds=embeds)
     with open_source(reference, loras=loras, ignore_unmatched=ignore_unmatched) as ref:
         say = (lambda m: None) if (quiet or as_json) else echo
-        result = run_verify(output, ref, options, report_dir, baseline=baseline, tolerance=tolerance, echo=say)
+        result = run_verify(output, ref, options, report_dir, baseline=baseline, tolerance=tolerance,
+                            max_minutes=max_minutes, echo=say)
     if as_json:
-        emit_json({k: v for k, v in result.items() if k != "per_layer"})
+        emit_json({k: v for k, v in result.items() if k not in ("per_layer", "per_block")})
     elif not quiet:
         lat, w = result["latents"], result["weights"]
-        echo(f"latents: PSNR {lat['psnr_db']:.2f} dB, SSIM {lat['ssim']:.4f}; weights: worst relative RMSE "
-             f"{w['worst_rel_rmse']:.4g} ({w['worst_layer']})")
-        echo(f"wrote {report_dir}/report.json and report.md")
+        if lat:
+            echo(f"latents: PSNR {lat['psnr_db']:.2f} dB, SSIM {lat['ssim']:.4f}")
+        if w:
+            echo(f"weights: worst relative RMSE {w['worst_rel_rmse']:.4g} ({w['worst_layer']})")
+        partial = "" if result["complete"] else " (partial: --max-minutes reached)"
+        echo(f"wrote {report_dir}/report.json and report.md{partial}")
 
 
 def _printable(exc: BaseException) -> str:

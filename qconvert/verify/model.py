@@ -17,6 +17,7 @@ with ``text_mask`` [B, L], ``timestep`` [B] in [0, 1], ``img_shapes`` the
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -167,6 +168,18 @@ class Block:
 
 # ------------------------------------------------------------------ model
 
+@dataclass
+class State:
+    """What flows between blocks: the two streams, and what every block reads."""
+
+    img: torch.Tensor
+    txt: torch.Tensor
+    temb: torch.Tensor
+    mask: torch.Tensor | None
+    freqs: tuple
+    modulate_index: torch.Tensor | None
+
+
 class QwenImageTransformer:
     """The network over a weight provider.  ``model(...)`` returns the velocity for the image tokens."""
 
@@ -177,6 +190,18 @@ class QwenImageTransformer:
     def __call__(self, latents: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor | None,
                  timestep: torch.Tensor, img_shapes: Sequence[tuple], additional_t_cond: torch.Tensor | None = None,
                  *, on_block=None) -> torch.Tensor:
+        state = self.embed(latents, text, text_mask, timestep, img_shapes, additional_t_cond)
+        for i in range(self.config.num_layers):
+            block = Block(self.provider, i, self.config)
+            state.img, state.txt = block(state.img, state.txt, state.temb, state.mask, state.freqs,
+                                         state.modulate_index)
+            del block  # its weights go before the next block's arrive
+            if on_block is not None:
+                on_block(i, state.img, state.txt)
+        return self.head(state)
+
+    def embed(self, latents, text, text_mask, timestep, img_shapes, additional_t_cond=None) -> "State":
+        """Everything before the first block: projected streams, time embedding, mask, RoPE."""
         cfg, P = self.config, self.provider
         img = P.linear("img_in")(latents)
         t = timestep.to(img.dtype)
@@ -193,18 +218,14 @@ class QwenImageTransformer:
                                                                      device=img.device)], dim=1)
             mask = keep[:, None, None, :]
         temb = self._time_embedding(t, img.dtype, additional_t_cond)
-        freqs = rope(cfg, img_shapes, text.shape[1], img.device)
-        for i in range(cfg.num_layers):
-            block = Block(P, i, cfg)
-            img, txt = block(img, txt, temb, mask, freqs, modulate_index)
-            del block  # its weights go before the next block's arrive
-            if on_block is not None:
-                on_block(i, img, txt)
-        if cfg.zero_cond_t:
-            temb = temb.chunk(2, dim=0)[0]
-        scale, shift = P.linear("norm_out.linear")(F.silu(temb)).chunk(2, dim=1)
-        img = layer_norm(img) * (1 + scale[:, None, :]) + shift[:, None, :]
-        return P.linear("proj_out")(img)
+        return State(img, txt, temb, mask, rope(cfg, img_shapes, text.shape[1], img.device), modulate_index)
+
+    def head(self, state: "State") -> torch.Tensor:
+        """After the last block: the output norm, modulated by the time embedding, and the projection."""
+        temb = state.temb.chunk(2, dim=0)[0] if self.config.zero_cond_t else state.temb
+        scale, shift = self.provider.linear("norm_out.linear")(F.silu(temb)).chunk(2, dim=1)
+        img = layer_norm(state.img) * (1 + scale[:, None, :]) + shift[:, None, :]
+        return self.provider.linear("proj_out")(img)
 
     def _time_embedding(self, t: torch.Tensor, dtype: torch.dtype, additional_t_cond) -> torch.Tensor:
         P = self.provider

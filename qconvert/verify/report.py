@@ -30,13 +30,14 @@ from ..errors import CheckpointError, QConvertError
 from ..io import atomic_directory
 from ..models import qwen_image as qi
 from . import inputs, metrics, sampler
-from .model import QwenImageTransformer
+from .model import Block, QwenImageTransformer
 from .providers import DenseProvider, FP8Weights, GGUFWeights
 
 SCHEMA_VERSION = 1
 REPORT_LIMITS = untrusted.Limits(objects=20_000, items=200_000)
 # (figure, better): the gate compares these with the baseline
 FIGURES = (("weights.worst_rel_rmse", "lower"), ("weights.mean_rel_rmse", "lower"),
+           ("blocks.worst_rel_rmse", "lower"),
            ("latents.psnr_db", "higher"), ("latents.ssim", "higher"), ("latents.rel_rmse", "lower"))
 
 
@@ -63,26 +64,27 @@ def model_weights(reference) -> list[str]:
     return [n for n in reference.tensors if qi.is_known(n) and qi.describe(n).role is not qi.Role.MARKER]
 
 
-def weight_errors(output, reference, names: list[str]) -> list[dict]:
-    rows = []
-    for name in names:
-        ref = reference.load(name).to(torch.float32)
-        out = output.load(name)
-        if tuple(out.shape) != tuple(ref.shape):
-            raise CheckpointError(f"tensor {name} is {list(out.shape)} in the output but {list(ref.shape)} in the "
-                                  "reference: they are not the same model and config")
-        rows.append({"name": name, "role": qi.describe(name).role.value, "rel_rmse": metrics.rel_rmse(out, ref),
-                     "cosine": metrics.cosine(out, ref)})
-    return rows
-
-
 def settings_json(o) -> dict:
     return {"height": o.height, "width": o.width, "steps": o.steps, "cfg": o.cfg, "schedule": o.schedule,
             "seed": o.seed, "embeds": str(o.embeds) if o.embeds else "synthetic"}
 
 
+class Deadline:
+    """``--max-minutes``: phases check it between units of work and stop cleanly when it has passed."""
+
+    def __init__(self, minutes: float | None):
+        self.end = None if not minutes else time.monotonic() + 60 * minutes
+
+    def passed(self) -> bool:
+        return self.end is not None and time.monotonic() > self.end
+
+
+class _Stopped(Exception):
+    pass
+
+
 def run_verify(output_path, reference, options, report_dir, *, baseline=None, tolerance: float = 0.05,
-               echo=print) -> dict:
+               max_minutes: float | None = None, echo=print) -> dict:
     """Measure, write the report, then gate.  ``options`` is a ``commands.SampleOptions``."""
     from .commands import check_options
 
@@ -95,49 +97,115 @@ def run_verify(output_path, reference, options, report_dir, *, baseline=None, to
     if missing:
         raise CheckpointError(f"{output_path}: has no tensor {missing}; the output is not of the reference's "
                               "model and config")
-    echo(f"verify: {len(names)} weights compared one at a time, then 2 sampling runs of {options.steps} steps "
-         f"at {options.height}x{options.width} ({reference.config.num_layers} blocks each)")
-    start = time.monotonic()
-    layers = weight_errors(output, reference, names)
-    ref_latents = _sample(reference, reference, options)
-    echo(f"  reference run done in {time.monotonic() - start:.1f} s; the output's run takes about as long")
-    out_latents = _sample(output, reference, options)
-    report = build_report(output_path, kind, reference, options, layers, ref_latents, out_latents)
+    layers_n = reference.config.num_layers
+    echo(f"verify: {len(names)} weights compared one at a time; {layers_n} blocks run on the reference's inputs; "
+         f"then 2 sampling runs of {options.steps} steps at {options.height}x{options.width}"
+         + (f"; stops after {max_minutes:g} min" if max_minutes else ""))
+    deadline = Deadline(max_minutes)
+    found: dict = {"weights": None, "blocks": None, "latents": None}
+    stopped = None
+    try:
+        found["weights"] = weight_errors(output, reference, names, deadline)
+        found["blocks"] = block_errors(output, reference, options, deadline)
+        start = time.monotonic()
+        ref_latents = _sample(reference, reference, options, deadline)
+        echo(f"  reference run took {time.monotonic() - start:.1f} s; the output's takes about as long")
+        found["latents"] = (ref_latents, _sample(output, reference, options, deadline))
+    except _Stopped as exc:
+        stopped = str(exc)
+        echo(f"  --max-minutes reached: {stopped}; the report is partial")
+    report = build_report(output_path, kind, reference, options, found, stopped)
     write_report(report, report_dir)
     if base is not None:
+        if stopped:
+            raise GateFailure(f"gate: the report is partial ({stopped}), so it is not gated; raise --max-minutes")
         gate(report, base, tolerance)
     return report
 
 
-def _sample(source, reference, options) -> torch.Tensor:
+def weight_errors(output, reference, names: list[str], deadline: Deadline | None = None) -> list[dict]:
+    rows = []
+    for name in names:
+        if deadline is not None and deadline.passed():
+            raise _Stopped(f"weights: {len(rows)} of {len(names)} compared")
+        ref = reference.load(name).to(torch.float32)
+        out = output.load(name)
+        if tuple(out.shape) != tuple(ref.shape):
+            raise CheckpointError(f"tensor {name} is {list(out.shape)} in the output but {list(ref.shape)} in the "
+                                  "reference: they are not the same model and config")
+        rows.append({"name": name, "role": qi.describe(name).role.value, "rel_rmse": metrics.rel_rmse(out, ref),
+                     "cosine": metrics.cosine(out, ref)})
+    return rows
+
+
+def block_errors(output, reference, options, deadline: Deadline | None = None) -> list[dict]:
+    """Each block of the output run on the reference's input to it (first step): the error a block adds."""
     config = reference.config
-    prompt = (inputs.read_prompt(options.embeds, config) if options.embeds
-              else inputs.synthetic_prompt(config, options.seed))
+    prompt = _prompt(reference, options)
+    shapes = [(1, options.height // 16, options.width // 16)]
+    ref_provider, out_provider = DenseProvider(reference), DenseProvider(output)
+    t = sampler.sigmas(sampler.SCHEDULES[options.schedule], options.steps, shapes[0][1] * shapes[0][2])[:1]
+    rows = []
+    with torch.no_grad():
+        state = QwenImageTransformer(config, ref_provider).embed(
+            inputs.seeded_noise(options.seed, options.height, options.width), prompt.embeds, prompt.mask, t, shapes)
+        for i in range(config.num_layers):
+            if deadline is not None and deadline.passed():
+                raise _Stopped(f"blocks: {i} of {config.num_layers} measured")
+            args = (state.img, state.txt, state.temb, state.mask, state.freqs, state.modulate_index)
+            ref_img, ref_txt = Block(ref_provider, i, config)(*args)
+            out_img, out_txt = Block(out_provider, i, config)(*args)
+            rows.append({"block": i, "img_rel_rmse": metrics.rel_rmse(out_img, ref_img),
+                         "txt_rel_rmse": metrics.rel_rmse(out_txt, ref_txt)})
+            state.img, state.txt = ref_img, ref_txt
+    return rows
+
+
+def _prompt(reference, options):
+    return (inputs.read_prompt(options.embeds, reference.config) if options.embeds
+            else inputs.synthetic_prompt(reference.config, options.seed))
+
+
+def _sample(source, reference, options, deadline: Deadline | None = None) -> torch.Tensor:
+    prompt = _prompt(reference, options)
     noise = inputs.seeded_noise(options.seed, options.height, options.width)
-    model = QwenImageTransformer(config, DenseProvider(source))
+    model = QwenImageTransformer(reference.config, DenseProvider(source))
+
+    def check(i: int, total: int, _latents) -> None:
+        if deadline is not None and deadline.passed() and i + 1 < total:
+            raise _Stopped(f"sampling: {i + 1} of {total} steps run")
+
     with torch.no_grad():
         return sampler.sample(model, noise, prompt.embeds, prompt.mask, steps=options.steps,
                               schedule=options.schedule, cfg=options.cfg, neg_text=prompt.neg_embeds,
-                              neg_mask=prompt.neg_mask, img_shapes=[(1, options.height // 16, options.width // 16)])
+                              neg_mask=prompt.neg_mask, img_shapes=[(1, options.height // 16, options.width // 16)],
+                              on_step=check)
 
 
-def build_report(output_path, kind, reference, options, layers, ref_latents, out_latents) -> dict:
-    h, w = options.height, options.width
-    ref_img, out_img = metrics.unpack(ref_latents, h, w), metrics.unpack(out_latents, h, w)
-    worst = max(layers, key=lambda r: _badness(r["rel_rmse"]))  # a NaN error (NaN weights) is the worst
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "output": str(output_path), "format": kind,
-        "reference": reference.provenance(),
-        "settings": settings_json(options),
-        "weights": {"layers": len(layers), "worst_rel_rmse": worst["rel_rmse"], "worst_layer": worst["name"],
-                    "mean_rel_rmse": sum(r["rel_rmse"] for r in layers) / len(layers),
-                    "min_cosine": min(r["cosine"] for r in layers)},
-        "latents": {"psnr_db": metrics.psnr(out_img, ref_img), "ssim": metrics.ssim(out_img, ref_img),
-                    "cosine": metrics.cosine(out_latents, ref_latents),
-                    "rel_rmse": metrics.rel_rmse(out_latents, ref_latents)},
-        "per_layer": layers,
-    }
+def build_report(output_path, kind, reference, options, found: dict, stopped: str | None) -> dict:
+    report = {"schema_version": SCHEMA_VERSION, "output": str(output_path), "format": kind,
+              "reference": reference.provenance(), "settings": settings_json(options),
+              "complete": stopped is None, "stopped": stopped,
+              "weights": None, "blocks": None, "latents": None, "per_layer": found["weights"] or [],
+              "per_block": found["blocks"] or []}
+    layers = found["weights"]
+    if layers:
+        worst = max(layers, key=lambda r: _badness(r["rel_rmse"]))  # a NaN error (NaN weights) is the worst
+        report["weights"] = {"layers": len(layers), "worst_rel_rmse": worst["rel_rmse"], "worst_layer": worst["name"],
+                             "mean_rel_rmse": sum(r["rel_rmse"] for r in layers) / len(layers),
+                             "min_cosine": min(r["cosine"] for r in layers)}
+    blocks = found["blocks"]
+    if blocks:
+        worst = max(blocks, key=lambda r: _badness(r["img_rel_rmse"]))
+        report["blocks"] = {"worst_rel_rmse": worst["img_rel_rmse"], "worst_block": worst["block"]}
+    if found["latents"] is not None:
+        ref_latents, out_latents = found["latents"]
+        h, w = options.height, options.width
+        ref_img, out_img = metrics.unpack(ref_latents, h, w), metrics.unpack(out_latents, h, w)
+        report["latents"] = {"psnr_db": metrics.psnr(out_img, ref_img), "ssim": metrics.ssim(out_img, ref_img),
+                             "cosine": metrics.cosine(out_latents, ref_latents),
+                             "rel_rmse": metrics.rel_rmse(out_latents, ref_latents)}
+    return report
 
 
 def write_report(report: dict, folder) -> None:
@@ -158,20 +226,32 @@ def _finite(value):
 
 
 def markdown(r: dict) -> str:
-    w, lat = r["weights"], r["latents"]
-    psnr = "identical" if lat["psnr_db"] is None or lat["psnr_db"] == math.inf else f"{lat['psnr_db']:.2f} dB"
-    lines = [f"# qconvert verify: {Path(r['output']).name}", "",
-             f"Format {r['format']}, against {r['reference']['source']} ({r['reference']['variant']}).", "",
-             "| figure | value |", "|---|---|",
-             f"| latent PSNR | {psnr} |", f"| latent SSIM | {lat['ssim']:.5f} |",
-             f"| latent cosine | {lat['cosine']:.6f} |", f"| latent relative RMSE | {lat['rel_rmse']:.5f} |",
-             f"| weights: worst relative RMSE | {w['worst_rel_rmse']:.5f} ({w['worst_layer']}) |",
-             f"| weights: mean relative RMSE | {w['mean_rel_rmse']:.5f} over {w['layers']} tensors |",
-             f"| weights: lowest cosine | {w['min_cosine']:.6f} |", "",
-             "Settings: " + ", ".join(f"{k} {v}" for k, v in r["settings"].items()), "",
-             "## Worst layers", "", "| layer | role | relative RMSE | cosine |", "|---|---|---|---|"]
-    for row in sorted(r["per_layer"], key=lambda x: -_badness(x["rel_rmse"]))[:20]:
-        lines.append(f"| {row['name']} | {row['role']} | {row['rel_rmse']:.5f} | {row['cosine']:.6f} |")
+    lines = [f"# qconvert verify: {Path(r['output']).name}", ""]
+    if not r["complete"]:
+        lines += [f"**Partial report**: stopped by --max-minutes ({r['stopped']}).", ""]
+    lines += [f"Format {r['format']}, against {r['reference']['source']} ({r['reference']['variant']}).", "",
+              "| figure | value |", "|---|---|"]
+    lat, w, b = r["latents"], r["weights"], r["blocks"]
+    if lat:
+        psnr = "identical" if lat["psnr_db"] is None or lat["psnr_db"] == math.inf else f"{lat['psnr_db']:.2f} dB"
+        lines += [f"| latent PSNR | {psnr} |", f"| latent SSIM | {lat['ssim']:.5f} |",
+                  f"| latent cosine | {lat['cosine']:.6f} |", f"| latent relative RMSE | {lat['rel_rmse']:.5f} |"]
+    if b:
+        lines.append(f"| block output: worst relative RMSE | {b['worst_rel_rmse']:.5f} (block {b['worst_block']}) |")
+    if w:
+        lines += [f"| weights: worst relative RMSE | {w['worst_rel_rmse']:.5f} ({w['worst_layer']}) |",
+                  f"| weights: mean relative RMSE | {w['mean_rel_rmse']:.5f} over {w['layers']} tensors |",
+                  f"| weights: lowest cosine | {w['min_cosine']:.6f} |"]
+    lines += ["", "Settings: " + ", ".join(f"{k} {v}" for k, v in r["settings"].items()), ""]
+    if r["per_block"]:
+        lines += ["## Blocks (first step, each on the reference's input)", "",
+                  "| block | image stream | text stream |", "|---|---|---|"]
+        lines += [f"| {row['block']} | {row['img_rel_rmse']:.5f} | {row['txt_rel_rmse']:.5f} |" for row in r["per_block"]]
+        lines.append("")
+    if r["per_layer"]:
+        lines += ["## Worst layers", "", "| layer | role | relative RMSE | cosine |", "|---|---|---|---|"]
+        for row in sorted(r["per_layer"], key=lambda x: -_badness(x["rel_rmse"]))[:20]:
+            lines.append(f"| {row['name']} | {row['role']} | {row['rel_rmse']:.5f} | {row['cosine']:.6f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -47,6 +47,8 @@ def test_report_ranks_levels_and_bf16_is_exact(tmp_path, capsys, outputs):
         assert (tmp_path / level / "report.md").read_text().startswith("# qconvert verify")
         figures[level] = report
     assert figures["BF16"]["weights"]["worst_rel_rmse"] == 0 and figures["BF16"]["latents"]["psnr_db"] is None
+    assert figures["BF16"]["blocks"]["worst_rel_rmse"] == 0 and len(figures["Q8_0"]["per_block"]) == 2
+    assert figures["Q8_0"]["blocks"]["worst_rel_rmse"] < figures["Q2_K"]["blocks"]["worst_rel_rmse"]
     assert figures["Q8_0"]["latents"]["psnr_db"] > figures["Q2_K"]["latents"]["psnr_db"]
     assert figures["Q8_0"]["weights"]["worst_rel_rmse"] < figures["Q2_K"]["weights"]["worst_rel_rmse"]
 
@@ -76,6 +78,21 @@ def test_gate_catches_one_scrambled_block(tmp_path, capsys, outputs):
     bad.write_bytes(bytes(raw))
     code, _, err = verify(capsys, bad, model, tmp_path / "now", "--baseline", tmp_path / "base/report.json")
     assert_one_line_error(code, err, "gate:", "worst layer transformer_blocks.1.img_mlp.net.2.weight")
+    report = json.loads((tmp_path / "now/report.json").read_text())
+    assert report["blocks"]["worst_block"] == 1  # the block whose weights were scrambled adds the error
+
+
+def test_max_minutes_writes_a_partial_report_that_is_never_gated(tmp_path, capsys, outputs):
+    model, paths = outputs
+    verify(capsys, paths["Q8_0"], model, tmp_path / "base")
+    code, out, err = verify(capsys, paths["Q8_0"], model, tmp_path / "partial", "--max-minutes", 1e-9)
+    assert code == 0, err
+    report = json.loads((tmp_path / "partial/report.json").read_text())
+    assert report["complete"] is False and report["stopped"].startswith("weights: 0 of")
+    assert "Partial report" in (tmp_path / "partial/report.md").read_text()
+    code, _, err = verify(capsys, paths["Q8_0"], model, tmp_path / "p2", "--max-minutes", 1e-9,
+                          "--baseline", tmp_path / "base/report.json")
+    assert_one_line_error(code, err, "the report is partial", "not gated")
 
 
 def test_identical_rerun_passes_the_gate(tmp_path, capsys, outputs):
