@@ -22,8 +22,38 @@ def run_demo(out: Path, *, quiet: bool = False, echo: Callable[[str], None] = pr
          f"'{model}', subfolder='transformer')")
     for module in _STEPS:
         written.extend(importlib.import_module(module).demo_step(model, out, quiet, echo))
+    written.extend(_verify_step(model, written, out, echo))
     echo(f"done: {len(written)} outputs under {out}/")
     return written
+
+
+def _verify_step(model: Path, written: list[Path], out: Path, echo: Callable[[str], None]) -> list[Path]:
+    """A verify report for every converted output (small settings: a few seconds each)."""
+    from .checkpoint import open_checkpoint
+    from .lora import with_loras
+    from .verify.commands import SampleOptions
+    from .verify.report import run_verify
+
+    options = SampleOptions(height=64, width=64, steps=2, cfg=1.0, schedule="lightning")
+    lora = next((p for p in written if p.name.endswith("lora.safetensors")), None)
+    reports = []
+    for path in written:
+        baked = path.is_dir() and path != model and (path / "transformer").is_dir()
+        if not (path.suffix in (".gguf", ".safetensors") and path != lora) and not baked:
+            continue
+        reference = with_loras(open_checkpoint(model), [lora]) if baked else open_checkpoint(model)
+        folder = out / "reports" / path.name.replace(".", "-")
+        with reference:
+            r = run_verify(path, reference, options, folder, echo=lambda _: None)
+        echo(f"verify          {folder}/report.md  (latent PSNR {_db(r['latents']['psnr_db'])}, worst layer "
+             f"error {r['weights']['worst_rel_rmse']:.3g})")
+        reports.append(folder)
+    echo(f"                qconvert verify OUTPUT --reference {model} --report DIR  (add --baseline to gate)")
+    return reports
+
+
+def _db(psnr) -> str:
+    return "identical" if psnr is None or psnr == float("inf") else f"{psnr:.1f} dB"
 
 
 # Each converter module offers demo_step(model, out, quiet, echo) -> written paths;

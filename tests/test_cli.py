@@ -85,3 +85,5 @@ def test_demo(tmp_path, capsys):
     code, out, err = run(["demo", "--out", tmp_path / "demo"], capsys)
     assert code == 0, err
     assert "tiny model" in out and "done:" in out
+    reports = sorted((tmp_path / "demo" / "reports").glob("*/report.json"))
+    assert len(reports) == 4 and out.count("verify          ") == 4  # Q8_0, Q4_K_M, FP8, baked LoRA
