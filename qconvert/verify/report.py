@@ -8,7 +8,8 @@ Two measurements, both against the reference (the source through the same LoRAs)
   with the reference's weights and with the output's, the final latents
   compared (PSNR, SSIM on the unpacked latent channels, cosine, relative RMSE).
 
-``report.json`` (schema ``SCHEMA_VERSION``) and ``report.md`` go into the
+``report.json`` (schema ``SCHEMA_VERSION``), ``report.md`` and ``index.html``
+(latent previews, a difference map, the per-layer error chart) go into the
 report folder, written whole or not at all.  With a baseline report, every
 figure must be no worse than the baseline's beyond the tolerance, or the run
 fails naming the figure and the worst layer; a baseline made with other
@@ -115,7 +116,10 @@ def run_verify(output_path, reference, options, report_dir, *, baseline=None, to
         stopped = str(exc)
         echo(f"  --max-minutes reached: {stopped}; the report is partial")
     report = build_report(output_path, kind, reference, options, found, stopped)
-    write_report(report, report_dir)
+    images = None
+    if found["latents"] is not None:
+        images = tuple(metrics.unpack(x, options.height, options.width) for x in found["latents"])
+    write_report(report, report_dir, images)
     if base is not None:
         if stopped:
             raise GateFailure(f"gate: the report is partial ({stopped}), so it is not gated; raise --max-minutes")
@@ -208,11 +212,17 @@ def build_report(output_path, kind, reference, options, found: dict, stopped: st
     return report
 
 
-def write_report(report: dict, folder) -> None:
+def write_report(report: dict, folder, images: tuple | None = None) -> None:
+    """report.json, report.md, and index.html with pictures of the (reference, output) latents."""
+    from .pictures import page, write_pictures
+
     with atomic_directory(Path(folder)) as tmp:
         # JSON has no infinity: an identical run's PSNR is written as null
         (tmp / "report.json").write_text(json.dumps(_finite(report), indent=2, sort_keys=True) + "\n")
-        (tmp / "report.md").write_text(markdown(report))
+        text = markdown(report)
+        (tmp / "report.md").write_text(text)
+        pictures = write_pictures(tmp, *images) if images is not None else []
+        (tmp / "index.html").write_text(page(report, text, pictures))
 
 
 def _finite(value):

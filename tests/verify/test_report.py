@@ -162,3 +162,22 @@ def test_unpack_is_the_pipelines():
     lat = torch.randn(1, 6, 64)  # 32x48 px
     want = diffusers.QwenImagePipeline._unpack_latents(lat, 32, 48, 8)[0, :, 0]
     assert torch.equal(metrics.unpack(lat, 32, 48), want)
+
+
+def test_report_pictures_and_page(tmp_path, capsys, outputs):
+    from PIL import Image
+
+    from qconvert.verify import pictures
+
+    model, paths = outputs
+    code, _, err = verify(capsys, paths["Q2_K"], model, tmp_path / "r")
+    assert code == 0, err
+    for name in ("reference.png", "output.png", "difference.png"):
+        with Image.open(tmp_path / "r" / name) as im:  # a PNG other readers decode
+            assert im.mode == "RGB" and im.size[0] >= 3 * 8
+    page = (tmp_path / "r" / "index.html").read_text()
+    assert '<img src="output.png"' in page and "<svg" in page and "Relative RMSE per layer" in page
+    # ComfyUI's projection: zero latents show the bias
+    zero = pictures.preview(torch.zeros(16, 2, 2))
+    want = [round((b + 1) / 2 * 255) for b in pictures.LATENT_RGB_BIAS]
+    assert zero[0, 0].tolist() == want
