@@ -158,9 +158,12 @@ def demo_cmd(out, quiet):
                    "or every block linear at the level's base type.")
 @click.option("--minimal-metadata", is_flag=True,
               help="Only general.architecture, quantization_version and file_type (no qconvert.* provenance).")
+@click.option("--imatrix", type=click.Path(path_type=Path), default=None,
+              help="A calibration file from qconvert calibrate: the block types weight their rounding error by "
+                   "each input channel's mean square, as llama-quantize --imatrix does.")
 @converter_options
-def to_gguf_cmd(source, level, policy, minimal_metadata, output, dry_run, as_json, device, loras, ignore_unmatched,
-                allow_extra, quiet):
+def to_gguf_cmd(source, level, policy, minimal_metadata, imatrix, output, dry_run, as_json, device, loras,
+                ignore_unmatched, allow_extra, quiet):
     """GGUF for ComfyUI-GGUF and diffusers, at one llama.cpp level or all of them.
 
     Files are named MODEL-LEVEL.gguf (qwen-image-Q4_K_M.gguf) in the current folder; -o is the file for one
@@ -183,10 +186,16 @@ def to_gguf_cmd(source, level, policy, minimal_metadata, output, dry_run, as_jso
     with open_source(source, loras=loras, ignore_unmatched=ignore_unmatched, allow_extra=allow_extra,
                      device=device) as src:
         paths = writer.output_paths(src.name, levels, output)
+        importance, record = None, None
+        if imatrix is not None:
+            from .calibrate.stats import file_sha256, read_imatrix
+
+            importance = read_imatrix(imatrix, src)
+            record = f"{imatrix.name} sha256:{file_sha256(imatrix)}"
         plans = writer.plan_files(src, levels, policy=policy, minimal_metadata=minimal_metadata,
-                                  dry_run=dry_run)
+                                  dry_run=dry_run, imatrix=record)
         if not dry_run:
-            writer.write_gguf(src, plans, paths, device=device, quiet=quiet or as_json)
+            writer.write_gguf(src, plans, paths, device=device, quiet=quiet or as_json, imatrix=importance)
         hints = writer.load_hints(paths[-1], src)
     if as_json:
         emit_json(writer.report_json(plans, paths, written=not dry_run))
@@ -390,6 +399,55 @@ def verify_cmd(output, reference, report_dir, baseline, tolerance, embeds, heigh
             echo(f"weights: worst relative RMSE {w['worst_rel_rmse']:.4g} ({w['worst_layer']})")
         partial = "" if result["complete"] else " (partial: --max-minutes reached)"
         echo(f"wrote {report_dir}/report.json and report.md{partial}")
+
+
+# [calibrate]
+
+@cli.command("calibrate")
+@click.argument("source")
+@click.option("--embeds", multiple=True, type=click.Path(path_type=Path),
+              help="Prompt embeddings files (as for sample); repeatable.")
+@click.option("--synthetic", default=0, show_default=True, help="Add N seeded synthetic prompts.")
+@click.option("--height", default=512, show_default=True)
+@click.option("--width", default=512, show_default=True)
+@click.option("--steps", default=8, show_default=True)
+@click.option("--cfg", default=1.0, show_default=True, help="True CFG scale (above 1 doubles the runs).")
+@click.option("--schedule", type=click.Choice(["qwen", "lightning"]), default="qwen", show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--keep-rows", default=64, show_default=True, help="Input rows sampled per layer (for SVDQuant).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None)
+@converter_options
+def calibrate_cmd(source, embeds, synthetic, height, width, steps, cfg, schedule, seed, keep_rows, dtype, output,
+                  dry_run, as_json, device, loras, ignore_unmatched, allow_extra, quiet):
+    """Activation statistics of every linear layer: importance matrix, absmax, sampled input rows.
+
+    \b
+    qconvert calibrate ./qwen-image --embeds p1.safetensors --embeds p2.safetensors -o calib.safetensors
+    qconvert calibrate ./qwen-image --synthetic 8 -o calib.safetensors
+    qconvert to-gguf ./qwen-image --level Q3_K_M --imatrix calib.safetensors
+    """
+    from .calibrate.run import run_calibrate
+    from .verify.commands import SampleOptions, check_options
+
+    target = Path(output) if output else Path("calib.safetensors")
+    if target.suffix.lower() != ".safetensors":
+        raise click.UsageError(f"-o {target}: the output is a .safetensors file")
+    if not embeds and synthetic < 1:
+        raise click.UsageError("give --embeds FILE (repeatable) or --synthetic N")
+    options = SampleOptions(height=height, width=width, steps=steps, cfg=cfg, schedule=schedule, seed=seed,
+                            device=device, dtype=dtype)
+    if dry_run:
+        check_options(options)
+        result = {"command": "calibrate", "dry_run": True, "output": str(target), **options.to_json()}
+    else:
+        with open_source(source, loras=loras, ignore_unmatched=ignore_unmatched, allow_extra=allow_extra,
+                         device=device) as src:
+            say = (lambda m: None) if (quiet or as_json) else echo
+            result = run_calibrate(src, options, list(embeds), synthetic, target, keep_rows=keep_rows, echo=say)
+    if as_json:
+        emit_json(result)
+    elif not quiet:
+        echo(f"{'would write' if dry_run else 'wrote'} {target}")
 
 
 def _printable(exc: BaseException) -> str:

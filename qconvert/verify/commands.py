@@ -51,6 +51,9 @@ def check_options(o: SampleOptions) -> None:
         raise QConvertError(f"--steps {o.steps}: give 1 to 1000 steps")
     if o.schedule not in sampler.SCHEDULES:
         raise QConvertError(f"--schedule {o.schedule}: choose {' or '.join(sampler.SCHEDULES)}")
+    if sampler.SCHEDULES[o.schedule].shift_terminal and o.steps < 2:
+        # the stretch to the terminal sigma divides by (1 - last sigma), which is 0 for one step
+        raise QConvertError(f"--steps {o.steps}: the {o.schedule} schedule needs at least 2 steps")
     if not (o.cfg >= 1.0 and o.cfg < 100):
         raise QConvertError(f"--cfg {o.cfg}: true CFG scales run from 1 (off) to under 100")
     if o.compute_dtype_name not in DTYPES:

@@ -107,7 +107,7 @@ def test_bad_inputs_are_one_line(tmp_path, capsys, model, make, args, pattern):
     bad = tmp_path / "bad.safetensors"
     make(bad)
     out = tmp_path / "out.safetensors"
-    code, _, err = run(["sample", model, "--height", 32, "--width", 32, "--steps", 1, *args, bad, "-o", out], capsys)
+    code, _, err = run(["sample", model, "--height", 32, "--width", 32, "--steps", 2, *args, bad, "-o", out], capsys)
     assert_one_line_error(code, err, pattern)
     assert not out.exists()
 

@@ -118,10 +118,11 @@ def provenance_metadata(info: dict) -> tuple[tuple[str, str], ...]:
 
 
 def plan_files(source, levels: Sequence[str], *, policy: str, minimal_metadata: bool = False,
-               dry_run: bool = False) -> list[GGUFPlan]:
-    """One plan per level.  Provenance (which fingerprints the source) is computed once."""
-    info = None if minimal_metadata else provenance(source, fmt="gguf", options={"policy": policy},
-                                                    dry_run=dry_run)
+               dry_run: bool = False, imatrix: str | None = None) -> list[GGUFPlan]:
+    """One plan per level.  Provenance (which fingerprints the source) is computed once.
+    ``imatrix`` is how provenance names the importance matrix ("calib.safetensors sha256:…")."""
+    options = {"policy": policy, **({"imatrix": imatrix} if imatrix else {})}
+    info = None if minimal_metadata else provenance(source, fmt="gguf", options=options, dry_run=dry_run)
     plans = []
     for level in levels:
         metadata = ()
@@ -196,14 +197,18 @@ class GGUFFileWriter:
 # ------------------------------------------------------------------- encoding
 
 def encode(name: str, x: torch.Tensor, qtype: GGMLQuantizationType, *, device: str | None = None,
-           on_slow_start: Callable[[str], None] | None = None) -> np.ndarray:
-    """One tensor (any float dtype) as the bytes GGUF stores for ``qtype``."""
-    return quants.quantize(x, qtype, device=device, name=name, on_slow_start=on_slow_start)
+           on_slow_start: Callable[[str], None] | None = None, imatrix: torch.Tensor | None = None) -> np.ndarray:
+    """One tensor (any float dtype) as the bytes GGUF stores for ``qtype``; ``imatrix`` weights the
+    block types' rounding error per input column, as llama-quantize does."""
+    if quants.block_size(qtype) == 1:
+        imatrix = None  # float types are cast, not fitted
+    return quants.quantize(x, qtype, imatrix, device=device, name=name, on_slow_start=on_slow_start)
 
 
 def write_gguf(source, plans: Sequence[GGUFPlan], paths: Sequence[Path], *, device: str | None = None,
-               quiet: bool = False) -> None:
-    """Write every planned file, reading each source tensor once.  All or nothing."""
+               quiet: bool = False, imatrix: dict | None = None) -> None:
+    """Write every planned file, reading each source tensor once.  All or nothing.
+    ``imatrix`` maps weight names to importance vectors (``calibrate``'s ``in_sq_mean``)."""
     parse_device(device)
     if len(plans) > 1:
         # Each atomic_output checks its own file; together they must fit too.
@@ -234,7 +239,8 @@ def write_gguf(source, plans: Sequence[GGUFPlan], paths: Sequence[Path], *, devi
             for k, plan in enumerate(plans):
                 by_type.setdefault(plan.tensors[i].out_type, []).append(k)
             for out_type, ks in by_type.items():
-                data = encode(name, x, GGMLQuantizationType[out_type], device=device, on_slow_start=say)
+                data = encode(name, x, GGMLQuantizationType[out_type], device=device, on_slow_start=say,
+                              imatrix=(imatrix or {}).get(name))
                 if pending is not None:
                     bar.update(pending.result())
                 pending = write_behind.submit(write, name, data, ks)

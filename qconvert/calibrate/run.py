@@ -1,0 +1,52 @@
+"""``qconvert calibrate``: sample a few prompts with a recording provider, write the statistics."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from ..errors import QConvertError
+from ..pipeline import provenance, provenance_json
+from ..verify import inputs, sampler
+from ..verify.commands import DTYPES, SampleOptions, check_options
+from ..verify.model import QwenImageTransformer
+from .stats import RecordingProvider, write_calibration
+
+
+def run_calibrate(source, options: SampleOptions, prompts: list, synthetic: int, output, *, keep_rows: int = 64,
+                  echo=print) -> dict:
+    """``prompts``: embeddings files; ``synthetic``: how many seeded prompts to add (seeds seed, seed+1, ...)."""
+    check_options(options)
+    if not prompts and synthetic < 1:
+        raise QConvertError("calibrate: give --embeds FILE (repeatable) or --synthetic N")
+    if not 1 <= keep_rows <= 4096:
+        raise QConvertError(f"--keep-rows {keep_rows}: keep 1 to 4096 sampled input rows per layer")
+    config = source.config
+    loaded = [inputs.read_prompt(p, config) for p in prompts]  # all checked before any work
+    loaded += [inputs.synthetic_prompt(config, options.seed + i) for i in range(synthetic)]
+    dtype = DTYPES[options.compute_dtype_name]
+    provider = RecordingProvider(source, keep_rows=keep_rows, seed=options.seed, dtype=dtype, device=options.device)
+    model = QwenImageTransformer(config, provider)
+    shapes = [(1, options.height // 16, options.width // 16)]
+    runs = len(loaded) * options.steps * (2 if options.cfg > 1 else 1)
+    echo(f"calibrate: {len(loaded)} prompt(s) x {options.steps} steps = {runs} model runs of {config.num_layers} "
+         f"blocks at {options.height}x{options.width}")
+    start = time.monotonic()
+    with torch.no_grad():
+        for i, prompt in enumerate(loaded):
+            noise = inputs.seeded_noise(options.seed + i, options.height, options.width)
+            sampler.sample(model, noise.to(options.device, dtype), prompt.embeds.to(options.device, dtype),
+                           prompt.mask.to(options.device), steps=options.steps, schedule=options.schedule,
+                           cfg=options.cfg, img_shapes=shapes,
+                           neg_text=None if prompt.neg_embeds is None else prompt.neg_embeds.to(options.device, dtype),
+                           neg_mask=None if prompt.neg_mask is None else prompt.neg_mask.to(options.device))
+            if i == 0 and len(loaded) > 1:
+                took = time.monotonic() - start
+                echo(f"  prompt 1/{len(loaded)} took {took:.1f} s; about {took * len(loaded):.0f} s in all")
+    settings = {**options.to_json(), "prompts": len(loaded), "keep_rows": keep_rows}
+    info = provenance(source, fmt="calibration", options=settings)
+    write_calibration(Path(output), provider.stats, {"qconvert": provenance_json(info)})
+    return {"command": "calibrate", "output": str(output), "layers": len(provider.stats),
+            "seconds": round(time.monotonic() - start, 2), **settings}

@@ -1,0 +1,113 @@
+"""Recording linear inputs during sampling, and the calibration file that keeps them."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import TensorReader, read_safetensors_header
+from ..errors import QConvertError
+from ..io import write_safetensors
+from ..models import qwen_image as qi
+from ..verify.providers import DenseProvider
+
+SUFFIXES = ("in_sq_mean", "in_absmax", "in_rows", "in_count")
+
+
+@dataclass
+class Stat:
+    sq_sum: torch.Tensor  # float64 [in]
+    absmax: torch.Tensor  # float32 [in]
+    rows: torch.Tensor  # float32 [<= keep, in]
+    seen: int = 0
+
+
+class RecordingProvider(DenseProvider):
+    """A dense provider whose linears also record their inputs (rows of the last dimension)."""
+
+    def __init__(self, source, *, keep_rows: int = 64, seed: int = 0, **kwargs):
+        super().__init__(source, **kwargs)
+        self.stats: dict[str, Stat] = {}
+        self.keep_rows = keep_rows
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def linear(self, module: str):
+        inner = super().linear(module)
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            self._record(module, x.detach().reshape(-1, x.shape[-1]).float().cpu())
+            return inner(x)
+        return run
+
+    def _record(self, module: str, rows: torch.Tensor) -> None:
+        stat = self.stats.get(module)
+        if stat is None:
+            n = rows.shape[1]
+            stat = self.stats[module] = Stat(torch.zeros(n, dtype=torch.float64), torch.zeros(n),
+                                             torch.zeros(0, n))
+        stat.sq_sum += rows.double().pow(2).sum(0)
+        stat.absmax = torch.maximum(stat.absmax, rows.abs().amax(0))
+        # Reservoir sampling (Algorithm R): every row seen has the same chance to be kept; memory stays bounded.
+        n, k = rows.shape[0], self.keep_rows
+        index = torch.arange(stat.seen, stat.seen + n)
+        room = max(0, k - stat.rows.shape[0])
+        stat.rows = torch.cat([stat.rows, rows[:room]])
+        if n > room:
+            slots = (torch.rand(n - room, generator=self.generator, dtype=torch.float64)
+                     * (index[room:] + 1)).long()
+            for row, slot in zip(rows[room:][slots < k], slots[slots < k].tolist()):
+                stat.rows[slot] = row
+        stat.seen += n
+
+
+def counts(stats: dict[str, Stat]) -> dict[str, int]:
+    return {m: s.seen for m, s in stats.items()}
+
+
+def write_calibration(path, stats: dict[str, Stat], metadata: dict) -> None:
+    tensors = {}
+    for module, s in sorted(stats.items()):
+        tensors[f"{module}.in_sq_mean"] = (s.sq_sum / max(s.seen, 1)).float()
+        tensors[f"{module}.in_absmax"] = s.absmax
+        tensors[f"{module}.in_rows"] = s.rows.to(torch.bfloat16)
+        tensors[f"{module}.in_count"] = torch.tensor(s.seen, dtype=torch.int64)
+    write_safetensors(path, tensors, metadata)
+
+
+def read_imatrix(path, source) -> dict[str, torch.Tensor]:
+    """weight name -> importance vector, from a calibration file made for ``source``'s model.
+
+    Every quantizable block linear of the model must be present with a vector
+    of its input width; anything else is an error naming the tensor.
+    """
+    path = Path(path)
+    header = read_safetensors_header(path)
+    reader = TensorReader()
+    out = {}
+    try:
+        for name, shape in source.shapes().items():
+            if not qi.is_known(name) or not qi.describe(name).is_block_linear:
+                continue
+            module = qi.describe(name).module
+            meta = header.tensors.get(f"{module}.in_sq_mean")
+            if meta is None:
+                raise QConvertError(f"{path}: no statistics for {module}; was it made from this model "
+                                    "(qconvert calibrate on the same source)?")
+            if meta.dtype != "F32" or tuple(meta.shape) != (shape[-1],):
+                raise QConvertError(f"{path}: {module}.in_sq_mean is {meta.dtype} {list(meta.shape)}; this model's "
+                                    f"layer takes {shape[-1]} inputs (a calibration of another model?)")
+            v = reader.read(meta)
+            if not bool(torch.isfinite(v).all()) or bool((v < 0).any()):
+                raise QConvertError(f"{path}: {module}.in_sq_mean holds negative or non-finite values")
+            out[name] = v
+    finally:
+        reader.close()
+    return out
+
+
+def file_sha256(path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
