@@ -319,9 +319,7 @@ def sample_cmd(source, embeds, synthetic_embeds, height, width, steps, cfg, sche
 
     if (embeds is None) == (not synthetic_embeds):
         raise click.UsageError("give --embeds FILE or --synthetic-embeds")
-    target = Path(output) if output else Path("latents.safetensors")
-    if target.suffix.lower() != ".safetensors":
-        raise click.UsageError(f"-o {target}: the output is a .safetensors file")
+    target = _safetensors_output(output, "latents.safetensors")
     options = SampleOptions(height=height, width=width, steps=steps, cfg=cfg, schedule=schedule, seed=seed,
                             embeds=embeds, noise=noise, image_latents=list(image_latents), device=device,
                             dtype=dtype)
@@ -429,9 +427,7 @@ def calibrate_cmd(source, embeds, synthetic, height, width, steps, cfg, schedule
     from .calibrate.run import run_calibrate
     from .verify.commands import SampleOptions, check_options
 
-    target = Path(output) if output else Path("calib.safetensors")
-    if target.suffix.lower() != ".safetensors":
-        raise click.UsageError(f"-o {target}: the output is a .safetensors file")
+    target = _safetensors_output(output, "calib.safetensors")
     if not embeds and synthetic < 1:
         raise click.UsageError("give --embeds FILE (repeatable) or --synthetic N")
     options = SampleOptions(height=height, width=width, steps=steps, cfg=cfg, schedule=schedule, seed=seed,
@@ -448,6 +444,14 @@ def calibrate_cmd(source, embeds, synthetic, height, width, steps, cfg, schedule
         emit_json(result)
     elif not quiet:
         echo(f"{'would write' if dry_run else 'wrote'} {target}")
+
+
+def _safetensors_output(output, default: str) -> Path:
+    """``-o`` (or ``default``) for commands that write one .safetensors file."""
+    target = Path(output) if output else Path(default)
+    if target.suffix.lower() != ".safetensors":
+        raise click.UsageError(f"-o {target}: the output is a .safetensors file")
+    return target
 
 
 def _printable(exc: BaseException) -> str:
