@@ -31,7 +31,7 @@ from typing import BinaryIO, Callable, Sequence
 
 import numpy as np
 import torch
-from gguf import GGML_QUANT_VERSION, GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType, GGUFWriter
+from gguf import GGML_QUANT_SIZES, GGML_QUANT_VERSION, GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType, GGUFWriter
 from gguf.gguf_writer import WriterState
 
 from ...errors import QConvertError
@@ -200,7 +200,7 @@ def encode(name: str, x: torch.Tensor, qtype: GGMLQuantizationType, *, device: s
            on_slow_start: Callable[[str], None] | None = None, imatrix: torch.Tensor | None = None) -> np.ndarray:
     """One tensor (any float dtype) as the bytes GGUF stores for ``qtype``; ``imatrix`` weights the
     block types' rounding error per input column, as llama-quantize does."""
-    if quants.block_size(qtype) == 1:
+    if imatrix is not None and GGML_QUANT_SIZES[qtype][0] == 1:
         imatrix = None  # float types are cast, not fitted
     return quants.quantize(x, qtype, imatrix, device=device, name=name, on_slow_start=on_slow_start)
 
