@@ -317,4 +317,6 @@ def mutate_gguf(data: bytes, max_size: int, seed: int, mutate) -> bytes:
 MUTATORS["gguf"] = mutate_gguf
 MUTATORS["verify-baseline"] = lambda data, max_size, seed, mutate: mutate_json_text(
     data, max_size, random.Random(seed), mutate)
+MUTATORS["imatrix"] = lambda data, max_size, seed, mutate: (
+    mutate_gguf if data[:4] == b"GGUF" else mutate_safetensors)(data, max_size, seed, mutate)
 MUTATORS = {name: guarded(m) for name, m in MUTATORS.items()}

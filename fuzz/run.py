@@ -5,7 +5,7 @@
     python -m fuzz.run fp8 --replay 500           # no atheris: seeds plus 500 seeded mutations
     python -m fuzz.run gguf fuzz/findings/gguf-crash-…   # run one saved input again
 
-Targets: safetensors, folder, gguf, lora, fp8, sampler-inputs, verify-baseline (see ``fuzz/targets.py``).
+Targets: safetensors, folder, gguf, lora, fp8, sampler-inputs, verify-baseline, imatrix (see ``fuzz/targets.py``).
 The corpus starts from files qconvert writes (``fuzz/corpus/NAME``, made on
 first use).  A finding is any exception other than ``QConvertError``, an
 input that takes more than ``-timeout`` seconds (5), or memory beyond
@@ -142,15 +142,17 @@ def fuzz(name: str, libfuzzer_args: list[str], folder: Path | None = None, findi
         import qconvert.lora  # noqa: F401
         import qconvert.verify.inputs  # noqa: F401
         import qconvert.verify.report  # noqa: F401
+        import qconvert.calibrate.stats  # noqa: F401
     from fuzz.targets import TARGETS
 
     target = TARGETS[name]
     folder = corpus(name, folder)
     findings_dir = findings_dir or HERE / "findings"
-    if name in ("lora", "sampler-inputs"):
-        from fuzz.targets import _lora_model
+    if name in ("lora", "sampler-inputs", "imatrix"):
+        from fuzz.targets import _lora_model, _runnable_model
 
-        _lora_model()  # made before the first input, not timed as part of it
+        _lora_model()
+        _runnable_model()  # made before the first input, not timed as part of it
     findings_dir.mkdir(parents=True, exist_ok=True)
     defaults = [f"-timeout={TIMEOUT_S}", f"-rss_limit_mb={RSS_LIMIT_MB}", "-max_len=262144",
                 f"-artifact_prefix={findings_dir}/{name}-"]

@@ -203,6 +203,20 @@ def _lora_model():
     return _MODEL
 
 
+_RUNNABLE = []
+
+
+def _runnable_model():
+    """A tiny model the reference network can run (RoPE axes must be even: head_dim 32)."""
+    if not _RUNNABLE:
+        from qconvert import tiny
+        from qconvert.checkpoint import open_checkpoint
+
+        _RUNNABLE.append(open_checkpoint(tiny.make_tiny(scratch() / "runnable-model", layers=1, heads=2,
+                                                        head_dim=32, text_dim=32)))
+    return _RUNNABLE[0]
+
+
 def lora_file(data: bytes) -> None:
     """A LoRA: read, map onto the model, merge every tensor it patches."""
     from qconvert.lora import with_loras
@@ -252,6 +266,17 @@ def sampler_inputs(data: bytes) -> None:
             inputs.read_prompt(path, config)
 
 
+def imatrix_file(data: bytes) -> None:
+    """An importance matrix given to ``to-gguf --imatrix``: llama.cpp's GGUF format or qconvert's own."""
+    from qconvert.calibrate.stats import read_imatrix
+
+    model = _runnable_model()
+    kind = "imatrix.gguf" if data[:4] == b"GGUF" else "calib.safetensors"
+    path = _file(kind, data)
+    with expected_errors():
+        read_imatrix(path, model)
+
+
 BASELINE_SETTINGS = {"height": 32, "width": 48, "steps": 2, "cfg": 1.0, "schedule": "lightning", "seed": 0,
                      "embeds": "synthetic"}
 
@@ -279,6 +304,7 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "fp8": fp8_file,
     "sampler-inputs": sampler_inputs,
     "verify-baseline": verify_baseline,
+    "imatrix": imatrix_file,
 }
 
 
@@ -310,6 +336,8 @@ def seeds(name: str) -> list[bytes]:
         return _fp8_seeds(work)
     if name == "sampler-inputs":
         return _sampler_seeds(work)
+    if name == "imatrix":
+        return _imatrix_seeds(work)
     if name == "verify-baseline":
         import json
 
@@ -376,6 +404,31 @@ def _sampler_seeds(work: Path) -> list[bytes]:
         write_safetensors(work / f"{name}.safetensors", tensors)
         out.append((work / f"{name}.safetensors").read_bytes())
     return out
+
+
+def _imatrix_seeds(work: Path) -> list[bytes]:
+    import gguf
+    import numpy as np
+
+    from qconvert.calibrate.run import run_calibrate
+    from qconvert.verify.commands import SampleOptions
+
+    calib = work / "calib.safetensors"
+    run_calibrate(_runnable_model(), SampleOptions(height=32, width=32, steps=1, schedule="lightning"), [], 1, calib,
+                  keep_rows=2, echo=lambda _: None)
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(calib))
+    writer = gguf.GGUFWriter(str(work / "imatrix.gguf"), arch="imatrix")
+    for key in sorted(k for k in tensors if k.endswith(".in_sq_mean")):
+        base = "model.diffusion_model." + key[: -len(".in_sq_mean")] + ".weight"
+        writer.add_tensor(base + ".in_sum2", tensors[key].numpy())
+        writer.add_tensor(base + ".counts", np.array([1.0], dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return [calib.read_bytes(), (work / "imatrix.gguf").read_bytes()]
 
 
 def torch_bf16():

@@ -99,7 +99,7 @@ def test_calibration_of_another_model_is_refused(tmp_path, capsys, calib):
     other = tiny.make_tiny(tmp_path / "o", layers=2, heads=1)
     out = tmp_path / "x.gguf"
     code, _, err = run(["to-gguf", other, "--level", "Q4_K_M", "--imatrix", calib, "-o", out], capsys)
-    assert_one_line_error(code, err, "calib.safetensors", "in_sq_mean is F32 [256]", "takes 128 inputs")
+    assert_one_line_error(code, err, "calib.safetensors", "has 256 values; this model's layer takes 128 inputs")
     assert not out.exists()
 
 
@@ -117,3 +117,32 @@ def test_calibrate_command(tmp_path, capsys, model):
     code, _, err = run(["calibrate", model, "--synthetic", 1, "--steps", 1, "-o", tmp_path / "q.safetensors"], capsys)
     assert_one_line_error(code, err, "--steps 1: the qwen schedule needs at least 2 steps")
     assert load_file(str(out))["img_in.in_rows"].shape == (3, 64)
+
+
+@pytest.mark.parametrize("prefix", ["", "model.diffusion_model."])
+def test_llama_cpp_gguf_imatrix_gives_the_same_bytes(tmp_path, capsys, model, calib, prefix):
+    """An imatrix in llama.cpp's GGUF format (in_sum2 / counts), written with gguf-py as its tools do."""
+    import gguf
+
+    tensors = load_file(str(calib))
+    writer = gguf.GGUFWriter(str(tmp_path / "imatrix.gguf"), arch="imatrix")
+    writer.add_array("imatrix.datasets", ["synthetic"])
+    writer.add_uint32("imatrix.chunk_count", 2)
+    writer.add_uint32("imatrix.chunk_size", 16)
+    for key in sorted(tensors):
+        if key.endswith(".in_sq_mean"):
+            base = prefix + key[: -len(".in_sq_mean")] + ".weight"
+            count = float(tensors[key[: -len("in_sq_mean")] + "in_count"])
+            writer.add_tensor(base + ".in_sum2", (tensors[key].double() * count).float().numpy())
+            writer.add_tensor(base + ".counts", np.array([count], dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    outs = {}
+    for label, im in (("gguf", tmp_path / "imatrix.gguf"), ("ours", calib)):
+        outs[label] = tmp_path / f"{label}.gguf"
+        code, _, err = run(["to-gguf", model, "--level", "Q3_K_M", "--imatrix", im, "--minimal-metadata",
+                            "-o", outs[label], "--quiet"], capsys)
+        assert code == 0, err
+    assert outs["gguf"].read_bytes() == outs["ours"].read_bytes()

@@ -23,6 +23,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from ..errors import QConvertError
 from ..models import qwen_image as qi
 from .providers import WeightProvider
 
@@ -184,6 +185,10 @@ class QwenImageTransformer:
     """The network over a weight provider.  ``model(...)`` returns the velocity for the image tokens."""
 
     def __init__(self, config: qi.QwenImageConfig, provider: WeightProvider):
+        if any(a % 2 for a in config.axes_dims_rope):
+            # RoPE rotates pairs of channels per axis (diffusers asserts the same)
+            raise QConvertError(f"axes_dims_rope {list(config.axes_dims_rope)}: every axis must be even to run the "
+                                "model (a tiny test model with head_dim 16 cannot run; use 32 or more)")
         self.config = config
         self.provider = provider
 

@@ -123,3 +123,10 @@ def test_layered_is_refused_clearly(tmp_path, capsys):
     code, _, err = run(["sample", layered, "--synthetic-embeds", "--height", 32, "--width", 32,
                         "-o", tmp_path / "o.safetensors"], capsys)
     assert_one_line_error(code, err, "Qwen-Image-Layered")
+
+
+def test_a_model_whose_rope_axes_are_odd_cannot_run(tmp_path, capsys):
+    odd = tiny.make_tiny(tmp_path / "odd", layers=1, heads=2, head_dim=16, text_dim=64)  # axes (2, 7, 7)
+    code, _, err = run(["sample", odd, "--synthetic-embeds", "--height", 32, "--width", 32, "--steps", 2,
+                        "-o", tmp_path / "o.safetensors"], capsys)
+    assert_one_line_error(code, err, "axes_dims_rope [2, 7, 7]: every axis must be even")

@@ -43,6 +43,7 @@ MAX_KV = 4096  # a diffusion GGUF has about 20 keys, an LLM's about 50; gguf-py 
 MAX_ARRAY_ITEMS = 1 << 18
 GGML_MAX_DIMS = 4  # ggml.h
 GGML_MAX_NAME = 64  # ggml.h: names are stored in char[64], NUL included
+SD_CPP_MAX_NAME = 128  # stable-diffusion.cpp builds ggml with GGML_MAX_NAME=128 (its imatrix files use it)
 MAX_ELEMENTS = 2 ** 48
 DEFAULT_ALIGNMENT = 32
 ALIGNMENT_KEY = "general.alignment"
@@ -77,8 +78,8 @@ class Header:
 class _Cursor:
     """Bounded reads from the header prefix; running past it is the file's fault."""
 
-    def __init__(self, path: Path, buf: bytes):
-        self.path, self.buf, self.pos = path, buf, 0
+    def __init__(self, path: Path, buf: bytes, max_name: int):
+        self.path, self.buf, self.pos, self.max_name = path, buf, 0, max_name
 
     def fail(self, what: str) -> CheckpointError:
         return CheckpointError(f"{self.path}: {what} (at byte {self.pos:,}); the GGUF file is corrupt or hostile")
@@ -114,8 +115,9 @@ class _Cursor:
         return check_text(text, str(self.path), what)
 
 
-def check_header(path: str | Path) -> Header:
-    """Validate a GGUF file's header against the file (see module docstring)."""
+def check_header(path: str | Path, *, max_name: int = GGML_MAX_NAME) -> Header:
+    """Validate a GGUF file's header against the file (see module docstring).  ``max_name`` is the
+    GGML_MAX_NAME of the ggml build that will read the file (128 for stable-diffusion.cpp's)."""
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -134,7 +136,7 @@ def check_header(path: str | Path) -> Header:
                               "little-endian machines cannot load it")
     if version not in VERSIONS:
         raise CheckpointError(f"{path}: GGUF version {version}; qconvert reads versions 2 and 3")
-    cur = _Cursor(path, buf)
+    cur = _Cursor(path, buf, max_name)
     cur.pos = 8
     n_tensors, n_kv = cur.unpack("Q"), cur.unpack("Q")
     if n_tensors > MAX_TENSORS or n_kv > MAX_KV:
@@ -195,9 +197,9 @@ def _skip_value(cur: _Cursor, code: int, key: str, budget: list) -> None:
 
 def _tensor_info(cur: _Cursor) -> TensorInfo:
     name = cur.name("tensor name")
-    if len(name.encode("utf-8")) >= GGML_MAX_NAME:
+    if len(name.encode("utf-8")) >= cur.max_name:
         raise cur.fail(f"tensor name {shown(name)} is {len(name.encode('utf-8'))} bytes; ggml reads names "
-                       f"shorter than {GGML_MAX_NAME}")
+                       f"shorter than {cur.max_name}")
     n_dims = cur.unpack("I")
     if n_dims > GGML_MAX_DIMS:
         raise cur.fail(f"tensor {shown(name)} has {n_dims} dimensions (ggml allows at most {GGML_MAX_DIMS})")
@@ -240,9 +242,9 @@ def _check_data(path: Path, tensors: list, data_start: int, alignment: int, size
                                   f"but the file has {size:,}; the file is truncated (re-download it)")
 
 
-def open_gguf(path: str | Path):
+def open_gguf(path: str | Path, *, max_name: int = GGML_MAX_NAME):
     """gguf-py's reader over a file whose header ``check_header`` accepted."""
     import gguf
 
-    check_header(path)
+    check_header(path, max_name=max_name)
     return gguf.GGUFReader(str(path))
