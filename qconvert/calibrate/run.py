@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ..errors import QConvertError
-from ..pipeline import provenance, provenance_json
+from ..pipeline import parse_device, provenance, provenance_json
 from ..verify import inputs, sampler
 from ..verify.commands import DTYPES, SampleOptions, check_options
 from ..verify.model import QwenImageTransformer
@@ -23,11 +23,12 @@ def run_calibrate(source, options: SampleOptions, prompts: list, synthetic: int,
         raise QConvertError("calibrate: give --embeds FILE (repeatable) or --synthetic N")
     if not 1 <= keep_rows <= 4096:
         raise QConvertError(f"--keep-rows {keep_rows}: keep 1 to 4096 sampled input rows per layer")
+    device = parse_device(options.device)
     config = source.config
     loaded = [inputs.read_prompt(p, config) for p in prompts]  # all checked before any work
     loaded += [inputs.synthetic_prompt(config, options.seed + i) for i in range(synthetic)]
     dtype = DTYPES[options.compute_dtype_name]
-    provider = RecordingProvider(source, keep_rows=keep_rows, seed=options.seed, dtype=dtype, device=options.device)
+    provider = RecordingProvider(source, keep_rows=keep_rows, seed=options.seed, dtype=dtype, device=device)
     model = QwenImageTransformer(config, provider)
     shapes = [(1, options.height // 16, options.width // 16)]
     runs = len(loaded) * options.steps * (2 if options.cfg > 1 else 1)
@@ -37,11 +38,11 @@ def run_calibrate(source, options: SampleOptions, prompts: list, synthetic: int,
     with torch.no_grad():
         for i, prompt in enumerate(loaded):
             noise = inputs.seeded_noise(options.seed + i, options.height, options.width)
-            sampler.sample(model, noise.to(options.device, dtype), prompt.embeds.to(options.device, dtype),
-                           prompt.mask.to(options.device), steps=options.steps, schedule=options.schedule,
+            sampler.sample(model, noise.to(device, dtype), prompt.embeds.to(device, dtype),
+                           prompt.mask.to(device), steps=options.steps, schedule=options.schedule,
                            cfg=options.cfg, img_shapes=shapes,
-                           neg_text=None if prompt.neg_embeds is None else prompt.neg_embeds.to(options.device, dtype),
-                           neg_mask=None if prompt.neg_mask is None else prompt.neg_mask.to(options.device))
+                           neg_text=None if prompt.neg_embeds is None else prompt.neg_embeds.to(device, dtype),
+                           neg_mask=None if prompt.neg_mask is None else prompt.neg_mask.to(device))
             if i == 0 and len(loaded) > 1:
                 took = time.monotonic() - start
                 echo(f"  prompt 1/{len(loaded)} took {took:.1f} s; about {took * len(loaded):.0f} s in all")
