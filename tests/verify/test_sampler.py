@@ -82,3 +82,37 @@ def test_sampling_matches_the_pipeline_loop(tiny_pair, name, steps, cfg):
     assert got.shape == want.shape
     assert (got - want).abs().max() <= 1e-4
     assert (got - noise).abs().mean() > 0.1  # it did denoise
+
+
+@pytest.mark.slow
+def test_edit_sampling_matches_the_edit_pipeline(tmp_path):
+    """QwenImageEditPipeline with a reference image (a tiny random VAE encodes it; no text encoder needed
+    with embeddings): our loop, given the same reference latents, ends on the same latents."""
+    from PIL import Image
+
+    from qconvert.verify import inputs
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_dimensions
+
+    path = tiny.make_tiny(tmp_path / "m", layers=1, heads=2, head_dim=32, text_dim=64)
+    ref = diffusers.QwenImageTransformer2DModel.from_pretrained(path, subfolder="transformer",
+                                                                torch_dtype=torch.float32).eval()
+    vae = diffusers.AutoencoderKLQwenImage(base_dim=16, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1).eval()
+    pipe = diffusers.QwenImageEditPipeline(scheduler=scheduler("qwen"), vae=vae, text_encoder=None, tokenizer=None,
+                                           processor=None, transformer=ref)
+    pipe.set_progress_bar_config(disable=True)
+    image = Image.fromarray((np.random.default_rng(0).random((64, 96, 3)) * 255).astype(np.uint8))
+    g = torch.Generator().manual_seed(3)
+    text, mask = torch.randn(1, 6, 64, generator=g), torch.ones(1, 6, dtype=torch.int64)
+    noise = inputs.seeded_noise(5, 64, 64)
+    with torch.no_grad():
+        want = pipe(image=image, prompt_embeds=text, prompt_embeds_mask=mask, height=64, width=64,
+                    num_inference_steps=3, true_cfg_scale=1.0, latents=noise, output_type="latent").images
+        # the reference latents as the pipeline makes them (its own resize, preprocess and VAE encode)
+        w, h, _ = calculate_dimensions(1024 * 1024, image.size[0] / image.size[1])
+        pixels = pipe.image_processor.preprocess(pipe.image_processor.resize(image, h, w), h, w).unsqueeze(2)
+        packed = inputs.pack(pipe._encode_vae_image(pixels, generator=None))
+        ckpt = open_checkpoint(path)
+        got = sampler.sample(QwenImageTransformer(ckpt.config, DenseProvider(ckpt)), noise, text, mask, steps=3,
+                             schedule="qwen", img_shapes=[(1, 4, 4), (1, h // 16, w // 16)], image_latents=packed)
+    assert got.shape == want.shape
+    assert (got - want).abs().max() <= 1e-4
