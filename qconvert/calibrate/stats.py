@@ -63,10 +63,6 @@ class RecordingProvider(DenseProvider):
         stat.seen += n
 
 
-def counts(stats: dict[str, Stat]) -> dict[str, int]:
-    return {m: s.seen for m, s in stats.items()}
-
-
 def write_calibration(path, stats: dict[str, Stat], metadata: dict) -> None:
     tensors = {}
     for module, s in sorted(stats.items()):

@@ -60,6 +60,13 @@ def check_options(o: SampleOptions) -> None:
         raise QConvertError(f"--dtype {o.dtype}: choose {', '.join(DTYPES)}")
 
 
+def load_prompt(options: SampleOptions, config) -> inputs.Prompt:
+    """The embeddings file given with --embeds, or seeded synthetic embeddings."""
+    if options.embeds:
+        return inputs.read_prompt(options.embeds, config)
+    return inputs.synthetic_prompt(config, options.seed)
+
+
 def run_sample(source, options: SampleOptions, output: str | os.PathLike, *, echo=print, quiet: bool = False) -> dict:
     """Sample with the reference model over ``source`` and write ``latents`` (packed) to ``output``."""
     check_options(options)
@@ -69,8 +76,7 @@ def run_sample(source, options: SampleOptions, output: str | os.PathLike, *, ech
                             "and Edit loops only (Layered's decomposition loop is not implemented)")
     device = parse_device(options.device)
     dtype = DTYPES[options.compute_dtype_name]
-    prompt = (inputs.read_prompt(options.embeds, config) if options.embeds
-              else inputs.synthetic_prompt(config, options.seed))
+    prompt = load_prompt(options, config)
     noise = (inputs.read_noise(options.noise, options.height, options.width) if options.noise
              else inputs.seeded_noise(options.seed, options.height, options.width))
     shapes = [(1, options.height // 16, options.width // 16)]

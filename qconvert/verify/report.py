@@ -87,10 +87,11 @@ class _Stopped(Exception):
 def run_verify(output_path, reference, options, report_dir, *, baseline=None, tolerance: float = 0.05,
                max_minutes: float | None = None, echo=print) -> dict:
     """Measure, write the report, then gate.  ``options`` is a ``commands.SampleOptions``."""
-    from .commands import check_options
+    from .commands import check_options, load_prompt
 
     check_options(options)
     base = read_baseline(baseline, settings_json(options)) if baseline else None
+    prompt = load_prompt(options, reference.config)  # read once, and checked before any work
     output, kind = open_output(output_path)
     names = model_weights(reference)
     have = set(output.names())
@@ -107,11 +108,11 @@ def run_verify(output_path, reference, options, report_dir, *, baseline=None, to
     stopped = None
     try:
         found["weights"] = weight_errors(output, reference, names, deadline)
-        found["blocks"] = block_errors(output, reference, options, deadline)
+        found["blocks"] = block_errors(output, reference, options, prompt, deadline)
         start = time.monotonic()
-        ref_latents = _sample(reference, reference, options, deadline)
+        ref_latents = _sample(reference, reference, options, prompt, deadline)
         echo(f"  reference run took {time.monotonic() - start:.1f} s; the output's takes about as long")
-        found["latents"] = (ref_latents, _sample(output, reference, options, deadline))
+        found["latents"] = (ref_latents, _sample(output, reference, options, prompt, deadline))
     except _Stopped as exc:
         stopped = str(exc)
         echo(f"  --max-minutes reached: {stopped}; the report is partial")
@@ -142,10 +143,9 @@ def weight_errors(output, reference, names: list[str], deadline: Deadline | None
     return rows
 
 
-def block_errors(output, reference, options, deadline: Deadline | None = None) -> list[dict]:
+def block_errors(output, reference, options, prompt, deadline: Deadline | None = None) -> list[dict]:
     """Each block of the output run on the reference's input to it (first step): the error a block adds."""
     config = reference.config
-    prompt = _prompt(reference, options)
     shapes = [(1, options.height // 16, options.width // 16)]
     ref_provider, out_provider = DenseProvider(reference), DenseProvider(output)
     t = sampler.sigmas(sampler.SCHEDULES[options.schedule], options.steps, shapes[0][1] * shapes[0][2])[:1]
@@ -165,13 +165,7 @@ def block_errors(output, reference, options, deadline: Deadline | None = None) -
     return rows
 
 
-def _prompt(reference, options):
-    return (inputs.read_prompt(options.embeds, reference.config) if options.embeds
-            else inputs.synthetic_prompt(reference.config, options.seed))
-
-
-def _sample(source, reference, options, deadline: Deadline | None = None) -> torch.Tensor:
-    prompt = _prompt(reference, options)
+def _sample(source, reference, options, prompt, deadline: Deadline | None = None) -> torch.Tensor:
     noise = inputs.seeded_noise(options.seed, options.height, options.width)
     model = QwenImageTransformer(reference.config, DenseProvider(source))
 
