@@ -83,6 +83,51 @@ def _layer_format(where: str, conf) -> str:
     return untrusted.field_str(conf, "format", where)
 
 
+class FP8File:
+    """An FP8 file opened once: every layer config and scale checked, then tensors by bare name.
+
+    ``load`` gives a scaled weight dequantized to float32 and any other tensor
+    as stored.  ``iter_dequantized`` and the reference model's weight source
+    (``verify.providers.FP8Weights``) both read through it.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        header = read_safetensors_header(self.path)
+        self.prefix = _prefix(header.tensors)
+        # Checkpoint's positioned reads, not a memory map: resident memory stays at
+        # one tensor however large the file.  An FP8 file is no conversion source,
+        # so it is not validated as one (no config needed).
+        self._reader = Checkpoint(self.path, "single-file", None, header.tensors, header.metadata)
+        self._scales = {key: scale for key, (_, scale) in
+                        _scaled_weights(self.path, header, self._reader, self.prefix).items()}
+
+    def names(self) -> list[str]:
+        """Every tensor's bare name (a ``model.diffusion_model.`` prefix stripped), scales and configs included."""
+        return [k[len(self.prefix):] for k in self._reader.tensors if k.startswith(self.prefix)]
+
+    def weight_names(self) -> list[str]:
+        """The model's tensors, sorted: no scales, layer configs, activation scales or markers."""
+        return sorted(n for n in self.names()
+                      if not is_aux_name(n) and not (qi.is_known(n) and qi.describe(n).role is qi.Role.MARKER))
+
+    def load(self, name: str) -> torch.Tensor:
+        key = self.prefix + name
+        if key not in self._reader.tensors:
+            raise CheckpointError(f"{self.path}: no tensor {untrusted.shown(name)}")
+        tensor = self._reader.load(key)
+        return tensor.to(torch.float32) * self._scales[key] if key in self._scales else tensor
+
+    def close(self) -> None:
+        self._reader.close()
+
+    def __enter__(self) -> "FP8File":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def iter_dequantized(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32
                      ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, weight)`` for every model weight of an FP8 file, dequantized to ``dtype``.
@@ -94,26 +139,11 @@ def iter_dequantized(path: str | os.PathLike, *, dtype: torch.dtype = torch.floa
     yielded.  Non-FP8 tensors are converted to ``dtype``.  Every layer config
     and scale is checked before the first weight is yielded.
     """
-    path = Path(path)
-    header = read_safetensors_header(path)
-    prefix = _prefix(header.tensors)
-    # Checkpoint's positioned reads, not a memory map: resident memory stays at
-    # one tensor however large the file.  An FP8 file is no conversion source,
-    # so it is not validated as one (no config needed).
-    with Checkpoint(path, "single-file", None, header.tensors, header.metadata) as reader:
-        scales = {key: scale for key, (_, scale) in _scaled_weights(path, header, reader, prefix).items()}
-        for key in sorted(k for k in header.tensors if k.startswith(prefix)):
-            name = key[len(prefix):]
-            if is_aux_name(name) or (qi.is_known(name) and qi.describe(name).role is qi.Role.MARKER):
-                continue
-            tensor = reader.load(key)
-            if key in scales:
-                yield name, (tensor.to(torch.float32) * scales[key]).to(dtype)
-            elif tensor.is_floating_point():
-                # Plain FP8 and legacy layers without scale_weight: scale 1, as ComfyUI does.
-                yield name, tensor.to(dtype)
-            else:
-                yield name, tensor
+    with FP8File(path) as f:
+        for name in f.weight_names():
+            tensor = f.load(name)
+            # Plain FP8 and legacy layers without scale_weight: scale 1, as ComfyUI does.
+            yield name, tensor.to(dtype) if tensor.is_floating_point() else tensor
 
 
 def layer_formats(path: str | os.PathLike) -> dict[str, int]:

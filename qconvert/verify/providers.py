@@ -78,30 +78,18 @@ class GGUFWeights:
 
 class FP8Weights:
     """An FP8 safetensors file (any layout to-fp8 writes, or ComfyUI's) as a weight source: scaled
-    weights dequantized with their checked scales, one tensor at a time."""
+    weights dequantized with their checked scales, one tensor at a time (``fp8_loader.FP8File``)."""
 
     def __init__(self, path):
-        from ..checkpoint import Checkpoint, read_safetensors_header
-        from ..formats.fp8_loader import _prefix, _scaled_weights
+        from ..formats.fp8_loader import FP8File
 
-        header = read_safetensors_header(path)
-        self.path = path
-        self.prefix = _prefix(header.tensors)
-        self._reader = Checkpoint(path, "single-file", None, header.tensors, header.metadata)
-        self._scales = {k: scale for k, (_, scale) in
-                        _scaled_weights(path, header, self._reader, self.prefix).items()}
+        self._file = FP8File(path)
 
     def names(self) -> list[str]:
-        return [k[len(self.prefix):] for k in self._reader.tensors if k.startswith(self.prefix)]
+        return self._file.names()
 
     def load(self, name: str) -> torch.Tensor:
-        from ..errors import QConvertError
-
-        key = self.prefix + name
-        if key not in self._reader.tensors:
-            raise QConvertError(f"{self.path}: no tensor {name}; not a whole Qwen-Image FP8 file")
-        t = self._reader.load(key)
-        return t.to(torch.float32) * self._scales[key] if key in self._scales else t.to(torch.float32)
+        return self._file.load(name).to(torch.float32)
 
 
 class StateDictProvider(DenseProvider):
