@@ -116,3 +116,44 @@ def test_edit_sampling_matches_the_edit_pipeline(tmp_path):
                              schedule="qwen", img_shapes=[(1, 4, 4), (1, h // 16, w // 16)], image_latents=packed)
     assert got.shape == want.shape
     assert (got - want).abs().max() <= 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["qwen-image", "edit-2511"])
+def test_edit_plus_sampling_matches_the_edit_plus_pipeline(tmp_path, variant):
+    """QwenImageEditPlusPipeline (Edit-2509; Edit-2511 with zero_cond_t) with two reference images of
+    different shapes and true CFG: our loop, given the pipeline's reference latents, ends on its latents."""
+    from PIL import Image
+
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import VAE_IMAGE_SIZE, calculate_dimensions
+    from qconvert.verify import inputs
+
+    path = tiny.make_tiny(tmp_path / "m", layers=1, heads=2, head_dim=32, text_dim=64, variant=variant)
+    ref = diffusers.QwenImageTransformer2DModel.from_pretrained(path, subfolder="transformer",
+                                                                torch_dtype=torch.float32).eval()
+    vae = diffusers.AutoencoderKLQwenImage(base_dim=16, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1).eval()
+    pipe = diffusers.QwenImageEditPlusPipeline(scheduler=scheduler("qwen"), vae=vae, text_encoder=None,
+                                               tokenizer=None, processor=None, transformer=ref)
+    pipe.set_progress_bar_config(disable=True)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray((rng.random(size) * 255).astype(np.uint8)) for size in ((32, 64, 3), (48, 32, 3))]
+    g = torch.Generator().manual_seed(3)
+    text, neg = torch.randn(1, 6, 64, generator=g), torch.randn(1, 4, 64, generator=g)
+    mask, neg_mask = torch.ones(1, 6, dtype=torch.int64), torch.ones(1, 4, dtype=torch.int64)
+    noise = inputs.seeded_noise(5, 64, 64)
+    with torch.no_grad():
+        want = pipe(image=images, prompt_embeds=text, prompt_embeds_mask=mask, negative_prompt_embeds=neg,
+                    negative_prompt_embeds_mask=neg_mask, true_cfg_scale=3.0, height=64, width=64,
+                    num_inference_steps=3, latents=noise, output_type="latent").images
+        shapes, packed = [(1, 4, 4)], []
+        for image in images:  # the pipeline's own resize, preprocess and VAE encode, image by image
+            w, h = calculate_dimensions(VAE_IMAGE_SIZE, image.size[0] / image.size[1])
+            pixels = pipe.image_processor.preprocess(image, h, w).unsqueeze(2)
+            packed.append(inputs.pack(pipe._encode_vae_image(pixels, generator=None)))
+            shapes.append((1, h // 16, w // 16))
+        ckpt = open_checkpoint(path)
+        got = sampler.sample(QwenImageTransformer(ckpt.config, DenseProvider(ckpt)), noise, text, mask, steps=3,
+                             schedule="qwen", cfg=3.0, neg_text=neg, neg_mask=neg_mask, img_shapes=shapes,
+                             image_latents=torch.cat(packed, dim=1))
+    assert got.shape == want.shape
+    assert (got - want).abs().max() <= 1e-4
