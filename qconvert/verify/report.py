@@ -100,18 +100,21 @@ def run_verify(output_path, reference, options, report_dir, *, baseline=None, to
         raise CheckpointError(f"{output_path}: has no tensor {missing}; the output is not of the reference's "
                               "model and config")
     layers_n = reference.config.num_layers
-    echo(f"verify: {len(names)} weights compared one at a time; {layers_n} blocks run on the reference's inputs; "
-         f"then 2 sampling runs of {options.steps} steps at {options.height}x{options.width}"
+    at_steps = measured_steps(options.steps)
+    echo(f"verify: {len(names)} weights compared one at a time; 2 sampling runs of {options.steps} steps at "
+         f"{options.height}x{options.width}; {layers_n} blocks run on the reference's inputs at steps "
+         f"{', '.join(str(s + 1) for s in at_steps)}"
          + (f"; stops after {max_minutes:g} min" if max_minutes else ""))
     deadline = Deadline(max_minutes)
     found: dict = {"weights": None, "blocks": None, "latents": None}
     stopped = None
     try:
         found["weights"] = weight_errors(output, reference, names, deadline)
-        found["blocks"] = block_errors(output, reference, options, prompt, deadline)
         start = time.monotonic()
-        ref_latents = _sample(reference, reference, options, prompt, deadline)
+        along = {}  # the reference's latents entering each measured step
+        ref_latents = _sample(reference, reference, options, prompt, deadline, record=(at_steps, along))
         echo(f"  reference run took {time.monotonic() - start:.1f} s; the output's takes about as long")
+        found["blocks"] = block_errors(output, reference, options, prompt, along, deadline)
         found["latents"] = (ref_latents, _sample(output, reference, options, prompt, deadline))
     except _Stopped as exc:
         stopped = str(exc)
@@ -143,33 +146,44 @@ def weight_errors(output, reference, names: list[str], deadline: Deadline | None
     return rows
 
 
-def block_errors(output, reference, options, prompt, deadline: Deadline | None = None) -> list[dict]:
-    """Each block of the output run on the reference's input to it (first step): the error a block adds."""
+def measured_steps(steps: int) -> list[int]:
+    """The steps whose block errors verify measures: the first, the middle and the last."""
+    return sorted({0, steps // 2, steps - 1})
+
+
+def block_errors(output, reference, options, prompt, along: dict, deadline: Deadline | None = None) -> list[dict]:
+    """Each block of the output run on the reference's input to it, at each step in ``along``
+    ({step: (latents entering it, t)}): the error a block adds, early and late in sampling."""
     config = reference.config
     shapes = [(1, options.height // 16, options.width // 16)]
     ref_provider, out_provider = DenseProvider(reference), DenseProvider(output)
-    t = sampler.sigmas(sampler.SCHEDULES[options.schedule], options.steps, shapes[0][1] * shapes[0][2])[:1]
     rows = []
     with torch.no_grad():
-        state = QwenImageTransformer(config, ref_provider).embed(
-            inputs.seeded_noise(options.seed, options.height, options.width), prompt.embeds, prompt.mask, t, shapes)
-        for i in range(config.num_layers):
-            if deadline is not None and deadline.passed():
-                raise _Stopped(f"blocks: {i} of {config.num_layers} measured")
-            args = (state.img, state.txt, state.temb, state.mask, state.freqs, state.modulate_index)
-            ref_img, ref_txt = Block(ref_provider, i, config)(*args)
-            out_img, out_txt = Block(out_provider, i, config)(*args)
-            rows.append({"block": i, "img_rel_rmse": metrics.rel_rmse(out_img, ref_img),
-                         "txt_rel_rmse": metrics.rel_rmse(out_txt, ref_txt)})
-            state.img, state.txt = ref_img, ref_txt
+        for step, (latents, t) in sorted(along.items()):
+            state = QwenImageTransformer(config, ref_provider).embed(latents, prompt.embeds, prompt.mask, t, shapes)
+            for i in range(config.num_layers):
+                if deadline is not None and deadline.passed():
+                    raise _Stopped(f"blocks: step {step}, {i} of {config.num_layers} measured")
+                args = (state.img, state.txt, state.temb, state.mask, state.freqs, state.modulate_index)
+                ref_img, ref_txt = Block(ref_provider, i, config)(*args)
+                out_img, out_txt = Block(out_provider, i, config)(*args)
+                rows.append({"step": step, "block": i, "img_rel_rmse": metrics.rel_rmse(out_img, ref_img),
+                             "txt_rel_rmse": metrics.rel_rmse(out_txt, ref_txt)})
+                state.img, state.txt = ref_img, ref_txt
     return rows
 
 
-def _sample(source, reference, options, prompt, deadline: Deadline | None = None) -> torch.Tensor:
+def _sample(source, reference, options, prompt, deadline: Deadline | None = None, record=None) -> torch.Tensor:
+    """One sampling run; ``record`` = (steps, into) keeps {step: (latents entering it, its t)}."""
     noise = inputs.seeded_noise(options.seed, options.height, options.width)
     model = QwenImageTransformer(reference.config, DenseProvider(source))
+    levels = sampler.sigmas(sampler.SCHEDULES[options.schedule], options.steps, noise.shape[1])
+    if record is not None and 0 in record[0]:
+        record[1][0] = (noise, levels[:1])
 
-    def check(i: int, total: int, _latents) -> None:
+    def check(i: int, total: int, latents) -> None:
+        if record is not None and i + 1 in record[0]:
+            record[1][i + 1] = (latents, levels[i + 1:i + 2])
         if deadline is not None and deadline.passed() and i + 1 < total:
             raise _Stopped(f"sampling: {i + 1} of {total} steps run")
 
@@ -195,7 +209,8 @@ def build_report(output_path, kind, reference, options, found: dict, stopped: st
     blocks = found["blocks"]
     if blocks:
         worst = max(blocks, key=lambda r: _badness(r["img_rel_rmse"]))
-        report["blocks"] = {"worst_rel_rmse": worst["img_rel_rmse"], "worst_block": worst["block"]}
+        report["blocks"] = {"worst_rel_rmse": worst["img_rel_rmse"], "worst_block": worst["block"],
+                            "worst_step": worst["step"], "steps": sorted({r["step"] for r in blocks})}
     if found["latents"] is not None:
         ref_latents, out_latents = found["latents"]
         h, w = options.height, options.width
@@ -241,16 +256,18 @@ def markdown(r: dict) -> str:
         lines += [f"| latent PSNR | {psnr} |", f"| latent SSIM | {lat['ssim']:.5f} |",
                   f"| latent cosine | {lat['cosine']:.6f} |", f"| latent relative RMSE | {lat['rel_rmse']:.5f} |"]
     if b:
-        lines.append(f"| block output: worst relative RMSE | {b['worst_rel_rmse']:.5f} (block {b['worst_block']}) |")
+        lines.append(f"| block output: worst relative RMSE | {b['worst_rel_rmse']:.5f} (block {b['worst_block']}, "
+                     f"step {b['worst_step'] + 1}) |")
     if w:
         lines += [f"| weights: worst relative RMSE | {w['worst_rel_rmse']:.5f} ({w['worst_layer']}) |",
                   f"| weights: mean relative RMSE | {w['mean_rel_rmse']:.5f} over {w['layers']} tensors |",
                   f"| weights: lowest cosine | {w['min_cosine']:.6f} |"]
     lines += ["", "Settings: " + ", ".join(f"{k} {v}" for k, v in r["settings"].items()), ""]
     if r["per_block"]:
-        lines += ["## Blocks (first step, each on the reference's input)", "",
-                  "| block | image stream | text stream |", "|---|---|---|"]
-        lines += [f"| {row['block']} | {row['img_rel_rmse']:.5f} | {row['txt_rel_rmse']:.5f} |" for row in r["per_block"]]
+        lines += ["## Blocks (each on the reference's input to it, at the first, middle and last step)", "",
+                  "| step | block | image stream | text stream |", "|---|---|---|---|"]
+        lines += [f"| {row['step'] + 1} | {row['block']} | {row['img_rel_rmse']:.5f} | {row['txt_rel_rmse']:.5f} |"
+                  for row in r["per_block"]]
         lines.append("")
     if r["per_layer"]:
         lines += ["## Worst layers", "", "| layer | role | relative RMSE | cosine |", "|---|---|---|---|"]

@@ -47,7 +47,9 @@ def test_report_ranks_levels_and_bf16_is_exact(tmp_path, capsys, outputs):
         assert (tmp_path / level / "report.md").read_text().startswith("# qconvert verify")
         figures[level] = report
     assert figures["BF16"]["weights"]["worst_rel_rmse"] == 0 and figures["BF16"]["latents"]["psnr_db"] is None
-    assert figures["BF16"]["blocks"]["worst_rel_rmse"] == 0 and len(figures["Q8_0"]["per_block"]) == 2
+    assert figures["BF16"]["blocks"]["worst_rel_rmse"] == 0
+    # every block, at the first and last of the 2 steps (first, middle and last coincide)
+    assert [(r["step"], r["block"]) for r in figures["Q8_0"]["per_block"]] == [(0, 0), (0, 1), (1, 0), (1, 1)]
     assert figures["Q8_0"]["blocks"]["worst_rel_rmse"] < figures["Q2_K"]["blocks"]["worst_rel_rmse"]
     assert figures["Q8_0"]["latents"]["psnr_db"] > figures["Q2_K"]["latents"]["psnr_db"]
     assert figures["Q8_0"]["weights"]["worst_rel_rmse"] < figures["Q2_K"]["weights"]["worst_rel_rmse"]
@@ -181,3 +183,10 @@ def test_report_pictures_and_page(tmp_path, capsys, outputs):
     zero = pictures.preview(torch.zeros(16, 2, 2))
     want = [round((b + 1) / 2 * 255) for b in pictures.LATENT_RGB_BIAS]
     assert zero[0, 0].tolist() == want
+
+
+def test_block_errors_are_measured_early_middle_and_late():
+    from qconvert.verify.report import measured_steps
+
+    assert measured_steps(1) == [0] and measured_steps(2) == [0, 1]
+    assert measured_steps(4) == [0, 2, 3] and measured_steps(50) == [0, 25, 49]
