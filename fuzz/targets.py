@@ -278,7 +278,7 @@ def imatrix_file(data: bytes) -> None:
 
 
 BASELINE_SETTINGS = {"height": 32, "width": 48, "steps": 2, "cfg": 1.0, "schedule": "lightning", "seed": 0,
-                     "embeds": "synthetic"}
+                     "embeds": "synthetic", "decode": "off"}
 
 
 def verify_baseline(data: bytes) -> None:
@@ -296,6 +296,18 @@ _REPORT = {"complete": True, "weights": {"worst_rel_rmse": 0.01, "mean_rel_rmse"
            "latents": {"psnr_db": 40.0, "ssim": 0.99, "rel_rmse": 0.02}}
 
 
+def vae_config(data: bytes) -> None:
+    """A VAE folder's config.json (verify decodes with the reference's vae/): checked before anything is built."""
+    from qconvert.verify.decode import _config
+
+    folder = scratch() / "vae"
+    folder.mkdir(exist_ok=True)
+    (folder / "config.json").write_bytes(data)
+    with expected_errors():
+        config = _config(folder)
+        assert config["z_dim"] == 16 and len(config["latents_std"]) == 16 and config["base_dim"] <= 1024
+
+
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "safetensors": safetensors_file,
     "folder": folder,
@@ -305,6 +317,7 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "sampler-inputs": sampler_inputs,
     "verify-baseline": verify_baseline,
     "imatrix": imatrix_file,
+    "vae-config": vae_config,
 }
 
 
@@ -341,9 +354,13 @@ def seeds(name: str) -> list[bytes]:
     if name == "verify-baseline":
         import json
 
-        report = {"schema_version": 1, "settings": BASELINE_SETTINGS, **_REPORT,
+        report = {"schema_version": 2, "settings": BASELINE_SETTINGS, **_REPORT,
                   "per_layer": [{"name": "x", "role": "img_q", "rel_rmse": 0.01, "cosine": 0.99}]}
         return [json.dumps(report, indent=2).encode()]
+    if name == "vae-config":
+        import json
+
+        return [json.dumps(tiny.TINY_VAE, indent=2).encode()]
     raise KeyError(name)
 
 

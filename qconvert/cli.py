@@ -84,17 +84,22 @@ def cli() -> None:
 @click.option("--single-file", is_flag=True, help="Write one ComfyUI-style .safetensors instead of a diffusers folder.")
 @click.option("--full-size", is_flag=True, help="The real 60-layer, 20.4B-parameter layout (needs --sparse).")
 @click.option("--sparse", is_flag=True, help="With --full-size: true headers, data left as file holes.")
+@click.option("--vae", is_flag=True, help="Add a tiny vae/ (diffusers' AutoencoderKLQwenImage; needs diffusers), "
+              "so verify decodes pixels.")
 @quiet_option
 @debug_option
-def make_tiny_cmd(out, layers, heads, head_dim, text_dim, seed, variant, single_file, full_size, sparse, quiet):
+def make_tiny_cmd(out, layers, heads, head_dim, text_dim, seed, variant, single_file, full_size, sparse, vae, quiet):
     """Write a test model: tiny and trained-looking, or full-size and sparse.
 
     \b
     qconvert make-tiny ./tiny-qwen
+    qconvert make-tiny ./tiny-qwen --vae
     qconvert make-tiny ./qwen-full --full-size --sparse
     """
     from . import tiny
 
+    if vae and (single_file or full_size):
+        raise click.UsageError("--vae adds a vae/ to a tiny diffusers repo; drop --single-file/--full-size")
     if full_size != sparse:
         raise click.UsageError("--full-size and --sparse go together (41 GB of real data is not a test model)")
     if full_size:
@@ -107,6 +112,8 @@ def make_tiny_cmd(out, layers, heads, head_dim, text_dim, seed, variant, single_
     else:
         path = tiny.make_tiny(out, layers=layers, heads=heads, head_dim=head_dim, text_dim=text_dim, seed=seed,
                               variant=variant)
+        if vae:
+            tiny.add_tiny_vae(path, seed=seed)
     if not quiet:
         echo(f"wrote {path}")
 
@@ -363,11 +370,14 @@ def sample_cmd(source, embeds, synthetic_embeds, height, width, steps, cfg, sche
               help="Stop measuring after this long and write a report marked partial (never gated).")
 @click.option("--lora", "loras", multiple=True, metavar="FILE[:STRENGTH]", help="LoRAs the output was baked with.")
 @click.option("--ignore-unmatched", is_flag=True, help="Warn instead of failing on unmatched LoRA keys.")
+@click.option("--vae", type=click.Path(path_type=Path), default=None,
+              help="A diffusers vae/ folder to decode both runs with (default: the reference repo's vae/).")
+@click.option("--no-decode", is_flag=True, help="Latent figures only; do not decode with the VAE.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @quiet_option
 @debug_option
 def verify_cmd(output, reference, report_dir, baseline, tolerance, embeds, height, width, steps, cfg, schedule, seed,
-               max_minutes, loras, ignore_unmatched, as_json, quiet):
+               max_minutes, loras, ignore_unmatched, vae, no_decode, as_json, quiet):
     """Measure an output against its source: per-layer weight error, end-to-end latents; gate on a baseline.
 
     \b
@@ -386,11 +396,14 @@ def verify_cmd(output, reference, report_dir, baseline, tolerance, embeds, heigh
     with open_source(reference, loras=loras, ignore_unmatched=ignore_unmatched) as ref:
         say = (lambda m: None) if (quiet or as_json) else echo
         result = run_verify(output, ref, options, report_dir, baseline=baseline, tolerance=tolerance,
-                            max_minutes=max_minutes, echo=say)
+                            max_minutes=max_minutes, vae=vae, decode=not no_decode, echo=say)
     if as_json:
         emit_json({k: v for k, v in result.items() if k not in ("per_layer", "per_block")})
     elif not quiet:
-        lat, w = result["latents"], result["weights"]
+        lat, w, px = result["latents"], result["weights"], result["pixels"]
+        if px:
+            echo(f"pixels: PSNR {px['psnr_db']:.2f} dB, SSIM {px['ssim']:.4f}"
+                 + (f", LPIPS {px['lpips']:.4f}" if px["lpips"] is not None else ""))
         if lat:
             echo(f"latents: PSNR {lat['psnr_db']:.2f} dB, SSIM {lat['ssim']:.4f}")
         if w:

@@ -6,8 +6,9 @@ import importlib
 from pathlib import Path
 from typing import Callable
 
+from .errors import QConvertError
 from .inspection import inspect_path
-from .tiny import make_tiny
+from .tiny import add_tiny_vae, make_tiny
 
 
 def run_demo(out: Path, *, quiet: bool = False, echo: Callable[[str], None] = print) -> list[Path]:
@@ -16,6 +17,10 @@ def run_demo(out: Path, *, quiet: bool = False, echo: Callable[[str], None] = pr
     model = out / "tiny-qwen-image"
     make_tiny(model)
     written.append(model)
+    try:
+        add_tiny_vae(model)  # so the reports decode pixels, as they would with the real repo
+    except QConvertError as exc:  # diffusers is optional: the reports then show latents only
+        echo(f"no vae/ for the tiny model ({exc}); the verify reports show latents only")
     s = inspect_path(model)
     echo(f"tiny model      {model}  ({s['tensors']} tensors, {s['parameters']:,} parameters, diffusers layout)")
     echo("                loads in diffusers: QwenImageTransformer2DModel.from_pretrained("
@@ -45,8 +50,9 @@ def _verify_step(model: Path, written: list[Path], out: Path, echo: Callable[[st
         folder = out / "reports" / path.name.replace(".", "-")
         with reference:
             r = run_verify(path, reference, options, folder, echo=lambda _: None)
-        echo(f"verify          {folder}/report.md  (latent PSNR {_db(r['latents']['psnr_db'])}, worst layer "
-             f"error {r['weights']['worst_rel_rmse']:.3g})")
+        pixels = f"pixel PSNR {_db(r['pixels']['psnr_db'])}, " if r["pixels"] else ""
+        echo(f"verify          {folder}/index.html  ({pixels}latent PSNR {_db(r['latents']['psnr_db'])}, worst "
+             f"layer error {r['weights']['worst_rel_rmse']:.3g})")
         reports.append(folder)
     echo(f"                qconvert verify OUTPUT --reference {model} --report DIR  (add --baseline to gate)")
     return reports

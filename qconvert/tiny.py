@@ -111,6 +111,37 @@ def make_tiny_single_file(out: str | Path, *, layers: int = 3, heads: int = 2, h
     return out
 
 
+TINY_VAE = {"_class_name": "AutoencoderKLQwenImage", "base_dim": 16, "z_dim": 16, "dim_mult": [1, 1, 1, 1],
+            "num_res_blocks": 1, "attn_scales": [], "temperal_downsample": [False, True, True],
+            # Qwen/Qwen-Image vae/config.json's latent statistics
+            "latents_mean": [-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508, 0.4134, -0.0715,
+                             0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921],
+            "latents_std": [2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743, 3.2687, 2.1526, 2.8652,
+                            1.5579, 1.6382, 1.1253, 2.8251, 1.916]}
+
+
+def add_tiny_vae(repo: str | Path, *, seed: int = 0) -> Path:
+    """Give a tiny diffusers repo a ``vae/``: diffusers' AutoencoderKLQwenImage at a tiny width, seeded
+    random weights (its pictures are noise, but verify decodes them exactly as the real one).  Needs diffusers."""
+    try:
+        from diffusers import AutoencoderKLQwenImage
+    except ImportError:
+        raise QConvertError("make-tiny --vae: needs diffusers (pip install diffusers)") from None
+    from .io import write_safetensors
+
+    repo = Path(repo)
+    if not (repo / "model_index.json").is_file():
+        raise QConvertError(f"{repo}: not a diffusers repo (no model_index.json) to add a vae/ to")
+    torch.manual_seed(seed)
+    fields = {k: v for k, v in TINY_VAE.items() if not k.startswith("_")}
+    state = AutoencoderKLQwenImage(**fields).state_dict()
+    with atomic_directory(repo / "vae") as tmp:
+        (tmp / "config.json").write_text(json.dumps(TINY_VAE, indent=2) + "\n")
+        write_safetensors(tmp / "diffusion_pytorch_model.safetensors",
+                          {k: v.contiguous() for k, v in sorted(state.items())})
+    return repo / "vae"
+
+
 def _shard_names(n: int) -> list[str]:
     return [f"diffusion_pytorch_model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
 

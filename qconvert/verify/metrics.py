@@ -27,11 +27,12 @@ def cosine(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float(x @ ref) / denom if denom else float(torch.equal(x, ref))
 
 
-def psnr(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """Peak signal-to-noise ratio in dB, peak = the reference's value range; inf when identical."""
+def psnr(x: torch.Tensor, ref: torch.Tensor, peak: float | None = None) -> float:
+    """Peak signal-to-noise ratio in dB; inf when identical.  ``peak``: the signal's full range
+    (1 for pixels in [0, 1]); by default the reference's value range (latents have no fixed range)."""
     x, ref = x.double(), ref.double()
     mse = float(((x - ref) ** 2).mean())
-    peak = float(ref.max() - ref.min())
+    peak = float(ref.max() - ref.min()) if peak is None else peak
     if mse == 0:
         return math.inf
     return 10 * math.log10(peak * peak / mse) if peak else -math.inf
@@ -43,10 +44,11 @@ def _gaussian(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
     return torch.outer(g, g)
 
 
-def ssim(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """Mean SSIM of [C, H, W] images (per channel, 11x11 Gaussian window, reflect padding)."""
+def ssim(x: torch.Tensor, ref: torch.Tensor, data_range: float | None = None) -> float:
+    """Mean SSIM of [C, H, W] images (per channel, 11x11 Gaussian window, reflect padding);
+    ``data_range`` as ``psnr``'s peak."""
     x, ref = x.double().unsqueeze(1), ref.double().unsqueeze(1)  # channels as a batch
-    data_range = float(ref.max() - ref.min()) or 1.0
+    data_range = (float(ref.max() - ref.min()) or 1.0) if data_range is None else data_range
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     size = min(11, x.shape[-1], x.shape[-2])
     size -= 1 - size % 2  # odd

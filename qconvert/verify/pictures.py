@@ -69,6 +69,25 @@ def write_pictures(folder: Path, reference: torch.Tensor, output: torch.Tensor) 
     return list(images)
 
 
+def to_uint8(pixels: torch.Tensor) -> torch.Tensor:
+    """[3, H, W] pixels in [0, 1] -> [H, W, 3] uint8."""
+    return pixels.clamp(0, 1).mul(255).round().to(torch.uint8).movedim(0, -1).contiguous()
+
+
+def write_pixel_pictures(folder: Path, reference: torch.Tensor, output: torch.Tensor) -> list[str]:
+    """The decoded images and their difference map, from [3, H, W] pixels in [0, 1]; returns the names."""
+    factor = max(1, 256 // max(reference.shape[1:]))  # small test images shown at a visible size
+    images = {"reference-pixels.png": to_uint8(reference), "output-pixels.png": to_uint8(output),
+              "pixel-difference.png": difference(output, reference)}
+    for name, image in images.items():
+        (folder / name).write_bytes(png(enlarge(image, factor)))
+    return list(images)
+
+
+def _figures(names: list[str]) -> str:
+    return "".join(f'<figure><img src="{p}" alt="{p[:-4]}"><figcaption>{p[:-4]}</figcaption></figure>' for p in names)
+
+
 def error_chart(layers: list[dict], width: int = 900, height: int = 220) -> str:
     """An inline SVG: one bar per layer (file order), height log-scaled relative RMSE; the worst in red."""
     if not layers:
@@ -94,17 +113,21 @@ def error_chart(layers: list[dict], width: int = 900, height: int = 220) -> str:
     return "".join(parts)
 
 
-def page(report: dict, markdown_tables: str, pictures: list[str]) -> str:
+def page(report: dict, markdown_tables: str, pictures: list[str], pixel_pictures: list[str] = ()) -> str:
     """index.html: the pictures, the error chart and the report's tables."""
     title = html.escape(f"qconvert verify: {Path(report['output']).name}")
-    figures = "".join(f'<figure><img src="{p}" alt="{p[:-4]}"><figcaption>{p[:-4]}</figcaption></figure>'
-                      for p in pictures)
+    figures = _figures(pictures)
+    if pixel_pictures:
+        pixels = _figures(pixel_pictures)
+    else:
+        pixels = f"<p>Not decoded: {html.escape(report.get('pixels_skipped') or 'no sampling run finished')}.</p>"
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>"
             "body{font-family:sans-serif;margin:2em;max-width:1000px}figure{display:inline-block;margin:0 1em 1em 0}"
             "img{image-rendering:pixelated;border:1px solid #ccc}pre{background:#f6f6f6;padding:1em;overflow:auto}"
             f"</style></head><body><h1>{title}</h1>"
             + (f"<p><strong>Partial report</strong>: {html.escape(report['stopped'])}</p>" if not report["complete"]
                else "")
-            + f"<h2>Latents (ComfyUI's preview projection)</h2>{figures or '<p>No sampling run finished.</p>'}"
+            + f"<h2>Images (decoded by the reference's VAE)</h2>{pixels}"
+            f"<h2>Latents (ComfyUI's preview projection)</h2>{figures or '<p>No sampling run finished.</p>'}"
             f"<h2>Relative RMSE per layer</h2>{error_chart(report['per_layer'])}"
             f"<h2>Figures</h2><pre>{html.escape(markdown_tables)}</pre></body></html>\n")

@@ -34,12 +34,13 @@ from . import inputs, metrics, sampler
 from .model import Block, QwenImageTransformer
 from .providers import DenseProvider, FP8Weights, GGUFWeights
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: per_block rows carry their step; pixels; settings.decode
 REPORT_LIMITS = untrusted.Limits(objects=20_000, items=200_000)
 # (figure, better): the gate compares these with the baseline
 FIGURES = (("weights.worst_rel_rmse", "lower"), ("weights.mean_rel_rmse", "lower"),
            ("blocks.worst_rel_rmse", "lower"),
-           ("latents.psnr_db", "higher"), ("latents.ssim", "higher"), ("latents.rel_rmse", "lower"))
+           ("latents.psnr_db", "higher"), ("latents.ssim", "higher"), ("latents.rel_rmse", "lower"),
+           ("pixels.psnr_db", "higher"), ("pixels.ssim", "higher"), ("pixels.lpips", "lower"))
 
 
 class GateFailure(QConvertError):
@@ -65,9 +66,10 @@ def model_weights(reference) -> list[str]:
     return [n for n in reference.tensors if qi.is_known(n) and qi.describe(n).role is not qi.Role.MARKER]
 
 
-def settings_json(o) -> dict:
+def settings_json(o, decode: bool = False) -> dict:
     return {"height": o.height, "width": o.width, "steps": o.steps, "cfg": o.cfg, "schedule": o.schedule,
-            "seed": o.seed, "embeds": str(o.embeds) if o.embeds else "synthetic"}
+            "seed": o.seed, "embeds": str(o.embeds) if o.embeds else "synthetic",
+            "decode": "vae" if decode else "off"}
 
 
 class Deadline:
@@ -85,12 +87,15 @@ class _Stopped(Exception):
 
 
 def run_verify(output_path, reference, options, report_dir, *, baseline=None, tolerance: float = 0.05,
-               max_minutes: float | None = None, echo=print) -> dict:
-    """Measure, write the report, then gate.  ``options`` is a ``commands.SampleOptions``."""
+               max_minutes: float | None = None, vae=None, decode: bool = True, echo=print) -> dict:
+    """Measure, write the report, then gate.  ``options`` is a ``commands.SampleOptions``; ``vae`` a
+    diffusers vae/ folder (default: the reference repo's), ``decode=False`` for latent figures only."""
     from .commands import check_options, load_prompt
+    from .decode import find_vae
 
     check_options(options)
-    base = read_baseline(baseline, settings_json(options)) if baseline else None
+    vae_plan = find_vae(getattr(reference, "path", None), vae, decode)
+    base = read_baseline(baseline, settings_json(options, vae_plan.folder is not None)) if baseline else None
     prompt = load_prompt(options, reference.config)  # read once, and checked before any work
     output, kind = open_output(output_path)
     names = model_weights(reference)
@@ -104,9 +109,11 @@ def run_verify(output_path, reference, options, report_dir, *, baseline=None, to
     echo(f"verify: {len(names)} weights compared one at a time; 2 sampling runs of {options.steps} steps at "
          f"{options.height}x{options.width}; {layers_n} blocks run on the reference's inputs at steps "
          f"{', '.join(str(s + 1) for s in at_steps)}"
+         + (f"; both runs decoded by {vae_plan.folder}" if vae_plan.folder else f"; no pixel figures: {vae_plan.why_not}")
          + (f"; stops after {max_minutes:g} min" if max_minutes else ""))
     deadline = Deadline(max_minutes)
-    found: dict = {"weights": None, "blocks": None, "latents": None}
+    found: dict = {"weights": None, "blocks": None, "latents": None, "pixels": None,
+                   "pixels_skipped": vae_plan.why_not}
     stopped = None
     try:
         found["weights"] = weight_errors(output, reference, names, deadline)
@@ -116,14 +123,20 @@ def run_verify(output_path, reference, options, report_dir, *, baseline=None, to
         echo(f"  reference run took {time.monotonic() - start:.1f} s; the output's takes about as long")
         found["blocks"] = block_errors(output, reference, options, prompt, along, deadline)
         found["latents"] = (ref_latents, _sample(output, reference, options, prompt, deadline))
+        if vae_plan.folder is not None:
+            if deadline.passed():
+                raise _Stopped("decoding: not started")
+            start = time.monotonic()
+            found["pixels"] = decode_pair(vae_plan.folder, found["latents"], options)
+            echo(f"  decoding took {time.monotonic() - start:.1f} s")
     except _Stopped as exc:
         stopped = str(exc)
         echo(f"  --max-minutes reached: {stopped}; the report is partial")
-    report = build_report(output_path, kind, reference, options, found, stopped)
+    report = build_report(output_path, kind, reference, options, found, stopped, vae_plan.folder is not None)
     images = None
     if found["latents"] is not None:
         images = tuple(metrics.unpack(x, options.height, options.width) for x in found["latents"])
-    write_report(report, report_dir, images)
+    write_report(report, report_dir, images, found["pixels"][:2] if found["pixels"] else None)
     if base is not None:
         if stopped:
             raise GateFailure(f"gate: the report is partial ({stopped}), so it is not gated; raise --max-minutes")
@@ -194,12 +207,31 @@ def _sample(source, reference, options, prompt, deadline: Deadline | None = None
                               on_step=check)
 
 
-def build_report(output_path, kind, reference, options, found: dict, stopped: str | None) -> dict:
+def decode_pair(folder, latents: tuple, options) -> tuple:
+    """(reference pixels, output pixels, figures): both final latents decoded by the reference's VAE."""
+    from .decode import Decoder, lpips_distance, lpips_model
+
+    decoder = Decoder(folder)
+    ref_px, out_px = (decoder.pixels(metrics.unpack(x, options.height, options.width)) for x in latents)
+    del decoder
+    figures = {"psnr_db": metrics.psnr(out_px, ref_px, peak=1.0), "ssim": metrics.ssim(out_px, ref_px, data_range=1.0),
+               "lpips": None, "lpips_skipped": None}
+    model, why_not = lpips_model()
+    if model is None:
+        figures["lpips_skipped"] = why_not
+    else:
+        figures["lpips"] = lpips_distance(model, out_px, ref_px)
+    return ref_px, out_px, figures
+
+
+def build_report(output_path, kind, reference, options, found: dict, stopped: str | None,
+                 decode: bool = False) -> dict:
     report = {"schema_version": SCHEMA_VERSION, "output": str(output_path), "format": kind,
-              "reference": reference.provenance(), "settings": settings_json(options),
+              "reference": reference.provenance(), "settings": settings_json(options, decode),
               "complete": stopped is None, "stopped": stopped,
               "weights": None, "blocks": None, "latents": None, "per_layer": found["weights"] or [],
-              "per_block": found["blocks"] or []}
+              "per_block": found["blocks"] or [], "pixels": found["pixels"][2] if found["pixels"] else None,
+              "pixels_skipped": found["pixels_skipped"]}
     layers = found["weights"]
     if layers:
         worst = max(layers, key=lambda r: _badness(r["rel_rmse"]))  # a NaN error (NaN weights) is the worst
@@ -221,9 +253,10 @@ def build_report(output_path, kind, reference, options, found: dict, stopped: st
     return report
 
 
-def write_report(report: dict, folder, images: tuple | None = None) -> None:
-    """report.json, report.md, and index.html with pictures of the (reference, output) latents."""
-    from .pictures import page, write_pictures
+def write_report(report: dict, folder, images: tuple | None = None, pixels: tuple | None = None) -> None:
+    """report.json, report.md, and index.html with pictures of the (reference, output) latents and,
+    when decoded, pixels."""
+    from .pictures import page, write_pictures, write_pixel_pictures
 
     with atomic_directory(Path(folder)) as tmp:
         # JSON has no infinity: an identical run's PSNR is written as null
@@ -231,7 +264,8 @@ def write_report(report: dict, folder, images: tuple | None = None) -> None:
         text = markdown(report)
         (tmp / "report.md").write_text(text)
         pictures = write_pictures(tmp, *images) if images is not None else []
-        (tmp / "index.html").write_text(page(report, text, pictures))
+        pixel_pictures = write_pixel_pictures(tmp, *pixels) if pixels is not None else []
+        (tmp / "index.html").write_text(page(report, text, pictures, pixel_pictures))
 
 
 def _finite(value):
@@ -250,7 +284,14 @@ def markdown(r: dict) -> str:
         lines += [f"**Partial report**: stopped by --max-minutes ({r['stopped']}).", ""]
     lines += [f"Format {r['format']}, against {r['reference']['source']} ({r['reference']['variant']}).", "",
               "| figure | value |", "|---|---|"]
-    lat, w, b = r["latents"], r["weights"], r["blocks"]
+    lat, w, b, px = r["latents"], r["weights"], r["blocks"], r.get("pixels")
+    if px:
+        psnr = "identical" if px["psnr_db"] is None or px["psnr_db"] == math.inf else f"{px['psnr_db']:.2f} dB"
+        lpips = f"{px['lpips']:.4f}" if px["lpips"] is not None else f"skipped: {px['lpips_skipped']}"
+        lines += [f"| pixel PSNR (VAE-decoded) | {psnr} |", f"| pixel SSIM | {px['ssim']:.5f} |",
+                  f"| LPIPS | {lpips} |"]
+    elif r.get("pixels_skipped"):
+        lines.append(f"| pixels | not decoded: {r['pixels_skipped']} |")
     if lat:
         psnr = "identical" if lat["psnr_db"] is None or lat["psnr_db"] == math.inf else f"{lat['psnr_db']:.2f} dB"
         lines += [f"| latent PSNR | {psnr} |", f"| latent SSIM | {lat['ssim']:.5f} |",
@@ -281,8 +322,11 @@ def read_baseline(path, settings: dict) -> dict:
     path = Path(path)
     data = read_json_file(path, REPORT_LIMITS)
     where = str(path)
-    if not isinstance(data, dict) or data.get("schema_version") != SCHEMA_VERSION:
-        raise CheckpointError(f"{where}: not a qconvert verify report of schema {SCHEMA_VERSION}")
+    if not isinstance(data, dict) or "schema_version" not in data:
+        raise CheckpointError(f"{where}: not a qconvert verify report")
+    if data["schema_version"] != SCHEMA_VERSION:
+        raise CheckpointError(f"{where}: a verify report of schema {untrusted.shown(data['schema_version'], 20)}; "
+                              f"this qconvert writes and gates on schema {SCHEMA_VERSION}: rerun the baseline")
     theirs = data.get("settings")
     if not isinstance(theirs, dict):
         raise CheckpointError(f"{where}: has no settings object")
@@ -290,6 +334,9 @@ def read_baseline(path, settings: dict) -> dict:
     if differ:
         detail = ", ".join(f"{k} {untrusted.shown(theirs.get(k), 40)} there, {settings[k]} here" for k in differ)
         raise QConvertError(f"{where}: made with other settings ({detail}); rerun the baseline with these")
+    if data.get("complete") is not True or not all(isinstance(data.get(k), dict) for k in ("weights", "blocks", "latents")):
+        raise CheckpointError(f"{where}: a partial report (or one missing its weights, blocks or latents figures) "
+                              "cannot be a baseline")
     for figure, _ in FIGURES:
         value = _figure(data, figure)
         if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
@@ -307,9 +354,18 @@ def _figure(report: dict, figure: str):
     return part.get(key) if isinstance(part, dict) else None
 
 
+def _measured(report: dict, figure: str) -> bool:
+    """Whether the report has the figure's section (LPIPS and pixels are optional)."""
+    section, key = figure.split(".")
+    part = report.get(section)
+    return isinstance(part, dict) and not (key == "lpips" and part.get("lpips") is None)
+
+
 def gate(report: dict, base: dict, tolerance: float) -> None:
     """Fail on the first figure worse than the baseline's beyond ``tolerance`` (a fraction)."""
     for figure, better in FIGURES:
+        if not (_measured(report, figure) and _measured(base, figure)):
+            continue
         now, then = _figure(report, figure), _figure(base, figure)
         if then is None:  # an identical baseline run: PSNR infinite
             then = math.inf if better == "higher" else 0.0

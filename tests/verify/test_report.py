@@ -19,6 +19,8 @@ from ..cli_helpers import assert_one_line_error, run
 
 SMALL = dict(layers=2, heads=2, head_dim=32, text_dim=64)
 FAST = ["--height", 32, "--width", 48, "--steps", 2]
+SETTINGS = {"height": 32, "width": 48, "steps": 2, "cfg": 1.0, "schedule": "lightning", "seed": 0,
+            "embeds": "synthetic", "decode": "off"}
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +45,7 @@ def test_report_ranks_levels_and_bf16_is_exact(tmp_path, capsys, outputs):
         code, out, err = verify(capsys, path, model, tmp_path / level)
         assert code == 0, err
         report = json.loads((tmp_path / level / "report.json").read_text())
-        assert report["schema_version"] == 1 and report["format"] == "gguf"
+        assert report["schema_version"] == 2 and report["format"] == "gguf"
         assert (tmp_path / level / "report.md").read_text().startswith("# qconvert verify")
         figures[level] = report
     assert figures["BF16"]["weights"]["worst_rel_rmse"] == 0 and figures["BF16"]["latents"]["psnr_db"] is None
@@ -115,20 +117,22 @@ def test_baseline_with_other_settings_is_refused(tmp_path, capsys, outputs):
     assert not (tmp_path / "now").exists()
 
 
-@pytest.mark.parametrize("damage, pattern", [
-    (lambda p: p.write_text("[" * 5000), "JSON nested too deeply"),
-    (lambda p: p.write_text('{"schema_version": 7}'), "not a qconvert verify report of schema 1"),
-    (lambda p: p.write_text(json.dumps({"schema_version": 1, "settings": {"height": 32, "width": 48, "steps": 2,
-                                        "cfg": 1.0, "schedule": "lightning", "seed": 0, "embeds": "synthetic"},
-                                        "latents": {"psnr_db": "high"}})),
-     "latents.psnr_db must be a number, not a string"),
+@pytest.mark.parametrize("damage, patterns", [
+    (lambda p: p.write_text("[" * 5000), ["JSON nested too deeply"]),
+    (lambda p: p.write_text('{"schema_version": 7}'), ["a verify report of schema 7", "rerun the baseline"]),
+    (lambda p: p.write_text('{"settings": {}}'), ["not a qconvert verify report"]),
+    (lambda p: p.write_text(json.dumps({"schema_version": 2, "settings": SETTINGS, "complete": False})),
+     ["a partial report", "cannot be a baseline"]),
+    (lambda p: p.write_text(json.dumps({"schema_version": 2, "settings": SETTINGS, "complete": True,
+                                        "weights": {}, "blocks": {}, "latents": {"psnr_db": "high"}})),
+     ["latents.psnr_db must be a number, not a string"]),
 ])
-def test_hostile_baselines(tmp_path, capsys, outputs, damage, pattern):
+def test_hostile_baselines(tmp_path, capsys, outputs, damage, patterns):
     model, paths = outputs
     base = tmp_path / "base.json"
     damage(base)
     code, _, err = verify(capsys, paths["Q8_0"], model, tmp_path / "now", "--baseline", base)
-    assert_one_line_error(code, err, pattern)
+    assert_one_line_error(code, err, *patterns)
     assert not (tmp_path / "now").exists()
 
 
