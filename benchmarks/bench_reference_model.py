@@ -7,8 +7,9 @@ the CPU) on a Qwen-Image of full width (inner dim 3072, text dim 3584) with
 ``--layers`` blocks, made once with ``make_tiny`` and kept in ``--model``.
 Each side runs in a fresh process so its peak RSS is its own: diffusers
 loads every block (``from_pretrained``), qconvert reads one block at a time
-and drops it.  Printed: seconds per step after the first, peak RSS, and the
-ratios qconvert / diffusers.
+and drops it; ``qconvert-cached`` keeps every converted block
+(``--cache-gb`` large enough for the model).  Printed: seconds per step after
+the first, peak RSS, and the ratios to diffusers.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ if side == "diffusers":
 else:
     from qconvert.verify.model import QwenImageTransformer
     from qconvert.verify.providers import DenseProvider
-    run = QwenImageTransformer(ckpt.config, DenseProvider(ckpt))
+    cache = 1 << 40 if side == "qconvert-cached" else 0
+    run = QwenImageTransformer(ckpt.config, DenseProvider(ckpt, cache_bytes=cache))
 times = []
 def step(i, n, _):
     times.append(time.monotonic())
@@ -71,15 +73,18 @@ def main() -> None:
     if not (model / "transformer").is_dir():
         print(f"making a full-width model of {args.layers} block(s) in {model} ...", flush=True)
         make_tiny(model, layers=args.layers, heads=24, head_dim=128, text_dim=3584)
-    results = {side: measure(side, model, args.size, args.steps) for side in ("qconvert", "diffusers")}
+    sides = ("qconvert", "qconvert-cached", "diffusers")
+    results = {side: measure(side, model, args.size, args.steps) for side in sides}
     print(f"{args.layers} full-width block(s), {args.size}x{args.size}, {args.steps} steps, float32 on the CPU")
-    print(f"{'':<10}{'s/step (after the first)':>26}{'peak RSS MB':>14}")
+    print(f"{'':<16}{'s/step (after the first)':>26}{'peak RSS MB':>14}")
     for side, r in results.items():
         later = r["per_step_s"][1:] or r["per_step_s"]
         r["step"] = sum(later) / len(later)
-        print(f"{side:<10}{r['step']:>26.2f}{r['peak_rss_mb']:>14.0f}")
-    q, d = results["qconvert"], results["diffusers"]
-    print(f"qconvert / diffusers: time {q['step'] / d['step']:.2f}x, peak RSS {q['peak_rss_mb'] / d['peak_rss_mb']:.2f}x")
+        print(f"{side:<16}{r['step']:>26.2f}{r['peak_rss_mb']:>14.0f}")
+    d = results["diffusers"]
+    for side in sides[:2]:
+        q = results[side]
+        print(f"{side} / diffusers: time {q['step'] / d['step']:.2f}x, peak RSS {q['peak_rss_mb'] / d['peak_rss_mb']:.2f}x")
 
 
 if __name__ == "__main__":

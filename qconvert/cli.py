@@ -292,6 +292,12 @@ def bake_lora_cmd(source, output, dry_run, as_json, device, loras, ignore_unmatc
         echo(format_report(report))
 
 
+_cache_option = click.option("--cache-gb", type=float, default=0.0, show_default=True,
+                             help="Keep this many GiB of converted weights between steps (the first blocks that "
+                                  "fit); 0 streams every block at every step.  As fast as holding the model when "
+                                  "it all fits.")
+
+
 # [sample]
 
 @cli.command("sample")
@@ -312,9 +318,10 @@ def bake_lora_cmd(source, output, dry_run, as_json, device, loras, ignore_unmatc
               help="Edit: safetensors with image_latents [1, 16, h, w] of a reference image (repeatable).")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
               help="Compute dtype (default float32 on the CPU, bfloat16 on CUDA).")
+@_cache_option
 @converter_options
 def sample_cmd(source, embeds, synthetic_embeds, height, width, steps, cfg, schedule, seed, noise, image_latents,
-               dtype, output, dry_run, as_json, device, loras, ignore_unmatched, allow_extra, quiet):
+               dtype, cache_gb, output, dry_run, as_json, device, loras, ignore_unmatched, allow_extra, quiet):
     """Denoise with the reference model: packed latents [1, (H/16)*(W/16), 64] to a safetensors file.
 
     \b
@@ -329,7 +336,7 @@ def sample_cmd(source, embeds, synthetic_embeds, height, width, steps, cfg, sche
     target = _safetensors_output(output, "latents.safetensors")
     options = SampleOptions(height=height, width=width, steps=steps, cfg=cfg, schedule=schedule, seed=seed,
                             embeds=embeds, noise=noise, image_latents=list(image_latents), device=device,
-                            dtype=dtype)
+                            dtype=dtype, cache_gb=cache_gb)
     if dry_run:
         from .verify.commands import check_options
 
@@ -373,11 +380,12 @@ def sample_cmd(source, embeds, synthetic_embeds, height, width, steps, cfg, sche
 @click.option("--vae", type=click.Path(path_type=Path), default=None,
               help="A diffusers vae/ folder to decode both runs with (default: the reference repo's vae/).")
 @click.option("--no-decode", is_flag=True, help="Latent figures only; do not decode with the VAE.")
+@_cache_option
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @quiet_option
 @debug_option
 def verify_cmd(output, reference, report_dir, baseline, tolerance, embeds, height, width, steps, cfg, schedule, seed,
-               max_minutes, loras, ignore_unmatched, vae, no_decode, as_json, quiet):
+               max_minutes, loras, ignore_unmatched, vae, no_decode, cache_gb, as_json, quiet):
     """Measure an output against its source: per-layer weight error, end-to-end latents; gate on a baseline.
 
     \b
@@ -392,7 +400,7 @@ def verify_cmd(output, reference, report_dir, baseline, tolerance, embeds, heigh
     if max_minutes is not None and not max_minutes > 0:
         raise click.UsageError(f"--max-minutes {max_minutes}: give a positive number of minutes")
     options = SampleOptions(height=height, width=width, steps=steps, cfg=cfg, schedule=schedule, seed=seed,
-                            embeds=embeds)
+                            embeds=embeds, cache_gb=cache_gb)
     with open_source(reference, loras=loras, ignore_unmatched=ignore_unmatched) as ref:
         say = (lambda m: None) if (quiet or as_json) else echo
         result = run_verify(output, ref, options, report_dir, baseline=baseline, tolerance=tolerance,
@@ -427,9 +435,10 @@ def verify_cmd(output, reference, report_dir, baseline, tolerance, embeds, heigh
 @click.option("--seed", default=0, show_default=True)
 @click.option("--keep-rows", default=64, show_default=True, help="Input rows sampled per layer (for SVDQuant).")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None)
+@_cache_option
 @converter_options
-def calibrate_cmd(source, embeds, synthetic, height, width, steps, cfg, schedule, seed, keep_rows, dtype, output,
-                  dry_run, as_json, device, loras, ignore_unmatched, allow_extra, quiet):
+def calibrate_cmd(source, embeds, synthetic, height, width, steps, cfg, schedule, seed, keep_rows, dtype, cache_gb,
+                  output, dry_run, as_json, device, loras, ignore_unmatched, allow_extra, quiet):
     """Activation statistics of every linear layer: importance matrix, absmax, sampled input rows.
 
     \b
@@ -444,7 +453,7 @@ def calibrate_cmd(source, embeds, synthetic, height, width, steps, cfg, schedule
     if not embeds and synthetic < 1:
         raise click.UsageError("give --embeds FILE (repeatable) or --synthetic N")
     options = SampleOptions(height=height, width=width, steps=steps, cfg=cfg, schedule=schedule, seed=seed,
-                            device=device, dtype=dtype)
+                            device=device, dtype=dtype, cache_gb=cache_gb)
     if dry_run:
         check_options(options)
         result = {"command": "calibrate", "dry_run": True, "output": str(target), **options.to_json()}

@@ -28,7 +28,8 @@ def run_calibrate(source, options: SampleOptions, prompts: list, synthetic: int,
     loaded = [inputs.read_prompt(p, config) for p in prompts]  # all checked before any work
     loaded += [inputs.synthetic_prompt(config, options.seed + i) for i in range(synthetic)]
     dtype = DTYPES[options.compute_dtype_name]
-    provider = RecordingProvider(source, keep_rows=keep_rows, seed=options.seed, dtype=dtype, device=device)
+    provider = RecordingProvider(source, keep_rows=keep_rows, seed=options.seed, dtype=dtype, device=device,
+                                 cache_bytes=options.cache_bytes)
     model = QwenImageTransformer(config, provider)
     shapes = [(1, options.height // 16, options.width // 16)]
     runs = len(loaded) * options.steps * (2 if options.cfg > 1 else 1)

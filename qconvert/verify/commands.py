@@ -32,6 +32,11 @@ class SampleOptions:
     image_latents: list = field(default_factory=list)  # Edit references
     device: str = "cpu"
     dtype: str | None = None  # default float32 on the CPU, bfloat16 on CUDA
+    cache_gb: float = 0.0  # converted weights kept between steps (0: stream every block at every step)
+
+    @property
+    def cache_bytes(self) -> int:
+        return int(self.cache_gb * 2 ** 30)
 
     def to_json(self) -> dict:
         return {"height": self.height, "width": self.width, "steps": self.steps, "cfg": self.cfg,
@@ -56,6 +61,8 @@ def check_options(o: SampleOptions) -> None:
         raise QConvertError(f"--steps {o.steps}: the {o.schedule} schedule needs at least 2 steps")
     if not (o.cfg >= 1.0 and o.cfg < 100):
         raise QConvertError(f"--cfg {o.cfg}: true CFG scales run from 1 (off) to under 100")
+    if not 0 <= o.cache_gb <= 1 << 20:
+        raise QConvertError(f"--cache-gb {o.cache_gb}: give the GiB of converted weights to keep (0 streams)")
     if o.compute_dtype_name not in DTYPES:
         raise QConvertError(f"--dtype {o.dtype}: choose {', '.join(DTYPES)}")
 
@@ -89,7 +96,8 @@ def run_sample(source, options: SampleOptions, output: str | os.PathLike, *, ech
              f"{options.height}x{options.width} ({noise.shape[1]} image tokens"
              + (f" + {image_latents.shape[1]} reference" if refs else "") + f"), {options.schedule} schedule, "
              f"{options.compute_dtype_name} on {device}")
-    model = QwenImageTransformer(config, DenseProvider(source, dtype=dtype, device=device))
+    model = QwenImageTransformer(config, DenseProvider(source, dtype=dtype, device=device,
+                                                       cache_bytes=options.cache_bytes))
     start = time.monotonic()
 
     def progress(i: int, total: int, _latents) -> None:

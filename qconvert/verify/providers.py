@@ -34,15 +34,35 @@ class WeightProvider(Protocol):
 
 
 class DenseProvider:
-    """Weights from a checkpoint (or a LoRA view over one): ``F.linear`` in the compute dtype."""
+    """Weights from a checkpoint (or a LoRA view over one): ``F.linear`` in the compute dtype.
 
-    def __init__(self, source, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+    ``cache_bytes``: converted tensors are kept, first come first kept, until
+    that many bytes are held; the rest are read again at every step.
+    Sampling visits the blocks in the same order at every step, so an
+    evicting cache (LRU) would miss every time once the model does not fit;
+    keeping the first blocks makes each cached byte save a read per step.
+    0 (the default) keeps nothing: peak memory is one block.
+    """
+
+    def __init__(self, source, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 cache_bytes: int = 0):
         self.source = source
         self.dtype = dtype
         self.device = torch.device(device)
+        self.cache_bytes = cache_bytes
+        self.cached_bytes = 0
+        self._cache: dict[str, torch.Tensor] = {}
 
     def tensor(self, name: str) -> torch.Tensor:
-        return self.source.load(name).to(device=self.device, dtype=self.dtype)
+        hit = self._cache.get(name)
+        if hit is not None:
+            return hit
+        t = self.source.load(name).to(device=self.device, dtype=self.dtype)
+        size = t.numel() * t.element_size()
+        if self.cached_bytes + size <= self.cache_bytes:
+            self._cache[name] = t
+            self.cached_bytes += size
+        return t
 
     def linear(self, module: str) -> Linear:
         weight = self.tensor(f"{module}.weight")

@@ -189,7 +189,7 @@ def block_errors(output, reference, options, prompt, along: dict, deadline: Dead
 def _sample(source, reference, options, prompt, deadline: Deadline | None = None, record=None) -> torch.Tensor:
     """One sampling run; ``record`` = (steps, into) keeps {step: (latents entering it, its t)}."""
     noise = inputs.seeded_noise(options.seed, options.height, options.width)
-    model = QwenImageTransformer(reference.config, DenseProvider(source))
+    model = QwenImageTransformer(reference.config, DenseProvider(source, cache_bytes=options.cache_bytes))
     levels = sampler.sigmas(sampler.SCHEDULES[options.schedule], options.steps, noise.shape[1])
     if record is not None and 0 in record[0]:
         record[1][0] = (noise, levels[:1])

@@ -130,3 +130,46 @@ def test_a_model_whose_rope_axes_are_odd_cannot_run(tmp_path, capsys):
     code, _, err = run(["sample", odd, "--synthetic-embeds", "--height", 32, "--width", 32, "--steps", 2,
                         "-o", tmp_path / "o.safetensors"], capsys)
     assert_one_line_error(code, err, "axes_dims_rope [2, 7, 7]: every axis must be even")
+
+
+def test_weight_cache_gives_the_same_bytes_and_reads_less(tmp_path, capsys, model, embeds):
+    """--cache-gb keeps converted weights between steps: the same latents, fewer reads; 0 keeps none."""
+    outs = []
+    for cache in ("0", "1"):
+        out = tmp_path / f"lat{cache}.safetensors"
+        code, _, err = run(["sample", model, "--embeds", embeds, "--height", 32, "--width", 32, "--steps", 3,
+                            "--cfg", 1, "--cache-gb", cache, "-o", out], capsys)
+        assert code == 0, err
+        outs.append(load_file(out)["latents"])
+    assert torch.equal(*outs)
+
+    class Counting:
+        def __init__(self, ckpt):
+            self.ckpt, self.loads = ckpt, 0
+
+        def load(self, name):
+            self.loads += 1
+            return self.ckpt.load(name)
+
+    ckpt = open_checkpoint(model)
+    reads = {}
+    for budget in (0, 1 << 30, 300_000):
+        source = Counting(ckpt)
+        provider = DenseProvider(source, cache_bytes=budget)
+        for _ in range(3):  # three steps
+            QwenImageTransformer(ckpt.config, provider)(*_inputs(ckpt.config))
+        reads[budget] = source.loads
+        assert provider.cached_bytes <= budget
+    assert reads[1 << 30] * 3 == reads[0]  # everything kept: read once, not at every step
+    assert reads[1 << 30] < reads[300_000] < reads[0]  # a small budget keeps the first tensors only
+
+
+def _inputs(config):
+    prompt = inputs.synthetic_prompt(config, seed=0, length=4, negative=False)
+    return inputs.seeded_noise(0, 32, 32), prompt.embeds, prompt.mask, torch.tensor([0.5]), [(1, 2, 2)]
+
+
+def test_cache_gb_must_be_sane(tmp_path, capsys, model):
+    code, _, err = run(["sample", model, "--synthetic-embeds", "--cache-gb", "-1", "-o", tmp_path / "x.safetensors"],
+                       capsys)
+    assert_one_line_error(code, err, "--cache-gb -1")
