@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 
 from ..errors import QConvertError
-from ..pipeline import parse_device, provenance, provenance_json
+from ..pipeline import provenance, provenance_json
 from ..verify import inputs, sampler
-from ..verify.commands import DTYPES, SampleOptions, check_options
+from ..verify.commands import SampleOptions, check_options, placement
 from ..verify.model import QwenImageTransformer
 from .stats import RecordingProvider, write_calibration
 
@@ -23,11 +23,10 @@ def run_calibrate(source, options: SampleOptions, prompts: list, synthetic: int,
         raise QConvertError("calibrate: give --embeds FILE (repeatable) or --synthetic N")
     if not 1 <= keep_rows <= 4096:
         raise QConvertError(f"--keep-rows {keep_rows}: keep 1 to 4096 sampled input rows per layer")
-    device = parse_device(options.device)
+    device, dtype = placement(options)
     config = source.config
     loaded = [inputs.read_prompt(p, config) for p in prompts]  # all checked before any work
     loaded += [inputs.synthetic_prompt(config, options.seed + i) for i in range(synthetic)]
-    dtype = DTYPES[options.compute_dtype_name]
     provider = RecordingProvider(source, keep_rows=keep_rows, seed=options.seed, dtype=dtype, device=device,
                                  cache_bytes=options.cache_bytes)
     model = QwenImageTransformer(config, provider)
@@ -39,11 +38,10 @@ def run_calibrate(source, options: SampleOptions, prompts: list, synthetic: int,
     with torch.no_grad():
         for i, prompt in enumerate(loaded):
             noise = inputs.seeded_noise(options.seed + i, options.height, options.width)
-            sampler.sample(model, noise.to(device, dtype), prompt.embeds.to(device, dtype),
-                           prompt.mask.to(device), steps=options.steps, schedule=options.schedule,
-                           cfg=options.cfg, img_shapes=shapes,
-                           neg_text=None if prompt.neg_embeds is None else prompt.neg_embeds.to(device, dtype),
-                           neg_mask=None if prompt.neg_mask is None else prompt.neg_mask.to(device))
+            prompt = prompt.to(device, dtype)
+            sampler.sample(model, noise.to(device, dtype), prompt.embeds, prompt.mask, steps=options.steps,
+                           schedule=options.schedule, cfg=options.cfg, img_shapes=shapes,
+                           neg_text=prompt.neg_embeds, neg_mask=prompt.neg_mask)
             if i == 0 and len(loaded) > 1:
                 took = time.monotonic() - start
                 echo(f"  prompt 1/{len(loaded)} took {took:.1f} s; about {took * len(loaded):.0f} s in all")

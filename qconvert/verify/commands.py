@@ -67,6 +67,11 @@ def check_options(o: SampleOptions) -> None:
         raise QConvertError(f"--dtype {o.dtype}: choose {', '.join(DTYPES)}")
 
 
+def placement(options: SampleOptions) -> tuple[torch.device, torch.dtype]:
+    """Where the model computes, and in what (one line when CUDA is asked for but absent)."""
+    return parse_device(options.device), DTYPES[options.compute_dtype_name]
+
+
 def load_prompt(options: SampleOptions, config) -> inputs.Prompt:
     """The embeddings file given with --embeds, or seeded synthetic embeddings."""
     if options.embeds:
@@ -81,8 +86,7 @@ def run_sample(source, options: SampleOptions, output: str | os.PathLike, *, ech
     if config.use_layer3d_rope:
         raise QConvertError(f"{source.path}: a Qwen-Image-Layered model; qconvert sample runs the text-to-image "
                             "and Edit loops only (Layered's decomposition loop is not implemented)")
-    device = parse_device(options.device)
-    dtype = DTYPES[options.compute_dtype_name]
+    device, dtype = placement(options)
     prompt = load_prompt(options, config)
     noise = (inputs.read_noise(options.noise, options.height, options.width) if options.noise
              else inputs.seeded_noise(options.seed, options.height, options.width))
@@ -107,13 +111,11 @@ def run_sample(source, options: SampleOptions, output: str | os.PathLike, *, ech
         if i == 0 and total > 1:
             echo(f"  step 1/{total} took {took:.1f} s; about {took * total:.0f} s in all")
 
-    to = dict(device=device, dtype=dtype)
+    prompt = prompt.to(device, dtype)
     with torch.no_grad():
         latents = sampler.sample(
-            model, noise.to(**to), prompt.embeds.to(**to), prompt.mask.to(device), steps=options.steps,
-            schedule=options.schedule, cfg=options.cfg,
-            neg_text=None if prompt.neg_embeds is None else prompt.neg_embeds.to(**to),
-            neg_mask=None if prompt.neg_mask is None else prompt.neg_mask.to(device),
+            model, noise.to(device, dtype), prompt.embeds, prompt.mask, steps=options.steps,
+            schedule=options.schedule, cfg=options.cfg, neg_text=prompt.neg_embeds, neg_mask=prompt.neg_mask,
             img_shapes=shapes, image_latents=image_latents, on_step=progress)
     info = provenance(source, fmt="latents", options=options.to_json())
     target = Path(output)

@@ -36,6 +36,13 @@ class Prompt:
     neg_embeds: torch.Tensor | None = None
     neg_mask: torch.Tensor | None = None
 
+    def to(self, device, dtype) -> "Prompt":
+        """Embeddings in the compute dtype on ``device``; masks moved, their dtype kept."""
+        def move(t, cast):
+            return None if t is None else t.to(device=device, dtype=dtype) if cast else t.to(device)
+        return Prompt(move(self.embeds, True), move(self.mask, False), move(self.neg_embeds, True),
+                      move(self.neg_mask, False))
+
 
 def check_size(height: int, width: int) -> None:
     if height <= 0 or width <= 0 or height % 16 or width % 16:

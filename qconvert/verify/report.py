@@ -32,6 +32,7 @@ from ..io import atomic_directory
 from ..models import qwen_image as qi
 from . import inputs, metrics, sampler
 from .model import Block, QwenImageTransformer
+from .commands import placement
 from .providers import DenseProvider, FP8Weights, GGUFWeights
 
 SCHEMA_VERSION = 2  # 2: per_block rows carry their step; pixels; settings.decode
@@ -69,7 +70,7 @@ def model_weights(reference) -> list[str]:
 def settings_json(o, decode: bool = False) -> dict:
     return {"height": o.height, "width": o.width, "steps": o.steps, "cfg": o.cfg, "schedule": o.schedule,
             "seed": o.seed, "embeds": str(o.embeds) if o.embeds else "synthetic",
-            "decode": "vae" if decode else "off"}
+            "decode": "vae" if decode else "off", "dtype": o.compute_dtype_name}
 
 
 class Deadline:
@@ -169,11 +170,14 @@ def block_errors(output, reference, options, prompt, along: dict, deadline: Dead
     ({step: (latents entering it, t)}): the error a block adds, early and late in sampling."""
     config = reference.config
     shapes = [(1, options.height // 16, options.width // 16)]
-    ref_provider, out_provider = DenseProvider(reference), DenseProvider(output)
+    device, dtype = placement(options)
+    ref_provider, out_provider = (DenseProvider(s, dtype=dtype, device=device) for s in (reference, output))
+    prompt = prompt.to(device, dtype)
     rows = []
     with torch.no_grad():
         for step, (latents, t) in sorted(along.items()):
-            state = QwenImageTransformer(config, ref_provider).embed(latents, prompt.embeds, prompt.mask, t, shapes)
+            state = QwenImageTransformer(config, ref_provider).embed(latents.to(device, dtype), prompt.embeds,
+                                                                     prompt.mask, t.to(device), shapes)
             for i in range(config.num_layers):
                 if deadline is not None and deadline.passed():
                     raise _Stopped(f"blocks: step {step}, {i} of {config.num_layers} measured")
@@ -188,8 +192,11 @@ def block_errors(output, reference, options, prompt, along: dict, deadline: Dead
 
 def _sample(source, reference, options, prompt, deadline: Deadline | None = None, record=None) -> torch.Tensor:
     """One sampling run; ``record`` = (steps, into) keeps {step: (latents entering it, its t)}."""
-    noise = inputs.seeded_noise(options.seed, options.height, options.width)
-    model = QwenImageTransformer(reference.config, DenseProvider(source, cache_bytes=options.cache_bytes))
+    device, dtype = placement(options)
+    noise = inputs.seeded_noise(options.seed, options.height, options.width).to(device, dtype)
+    provider = DenseProvider(source, dtype=dtype, device=device, cache_bytes=options.cache_bytes)
+    model = QwenImageTransformer(reference.config, provider)
+    prompt = prompt.to(device, dtype)
     levels = sampler.sigmas(sampler.SCHEDULES[options.schedule], options.steps, noise.shape[1])
     if record is not None and 0 in record[0]:
         record[1][0] = (noise, levels[:1])
@@ -201,17 +208,18 @@ def _sample(source, reference, options, prompt, deadline: Deadline | None = None
             raise _Stopped(f"sampling: {i + 1} of {total} steps run")
 
     with torch.no_grad():
-        return sampler.sample(model, noise, prompt.embeds, prompt.mask, steps=options.steps,
-                              schedule=options.schedule, cfg=options.cfg, neg_text=prompt.neg_embeds,
-                              neg_mask=prompt.neg_mask, img_shapes=[(1, options.height // 16, options.width // 16)],
-                              on_step=check)
+        latents = sampler.sample(model, noise, prompt.embeds, prompt.mask, steps=options.steps,
+                                 schedule=options.schedule, cfg=options.cfg, neg_text=prompt.neg_embeds,
+                                 neg_mask=prompt.neg_mask, img_shapes=[(1, options.height // 16, options.width // 16)],
+                                 on_step=check)
+    return latents.float().cpu()
 
 
 def decode_pair(folder, latents: tuple, options) -> tuple:
     """(reference pixels, output pixels, figures): both final latents decoded by the reference's VAE."""
     from .decode import Decoder, lpips_distance, lpips_model
 
-    decoder = Decoder(folder)
+    decoder = Decoder(folder, device=placement(options)[0])
     ref_px, out_px = (decoder.pixels(metrics.unpack(x, options.height, options.width)) for x in latents)
     del decoder
     figures = {"psnr_db": metrics.psnr(out_px, ref_px, peak=1.0), "ssim": metrics.ssim(out_px, ref_px, data_range=1.0),

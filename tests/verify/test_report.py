@@ -20,7 +20,7 @@ from ..cli_helpers import assert_one_line_error, run
 SMALL = dict(layers=2, heads=2, head_dim=32, text_dim=64)
 FAST = ["--height", 32, "--width", 48, "--steps", 2]
 SETTINGS = {"height": 32, "width": 48, "steps": 2, "cfg": 1.0, "schedule": "lightning", "seed": 0,
-            "embeds": "synthetic", "decode": "off"}
+            "embeds": "synthetic", "decode": "off", "dtype": "float32"}
 
 
 @pytest.fixture(scope="module")
@@ -194,3 +194,18 @@ def test_block_errors_are_measured_early_middle_and_late():
 
     assert measured_steps(1) == [0] and measured_steps(2) == [0, 1]
     assert measured_steps(4) == [0, 2, 3] and measured_steps(50) == [0, 25, 49]
+
+
+def test_dtype_and_device_are_settings(tmp_path, capsys, outputs):
+    """bfloat16 compute runs the same code path CUDA takes; its report is gated only against a bfloat16 one."""
+    model, paths = outputs
+    code, _, err = verify(capsys, paths["Q8_0"], model, tmp_path / "bf16", "--dtype", "bfloat16")
+    assert code == 0, err
+    report = json.loads((tmp_path / "bf16" / "report.json").read_text())
+    assert report["settings"]["dtype"] == "bfloat16" and report["latents"]["psnr_db"] > 20
+    code, _, err = verify(capsys, paths["Q8_0"], model, tmp_path / "f32", "--baseline", tmp_path / "bf16/report.json")
+    assert_one_line_error(code, err, "made with other settings", "dtype bfloat16 there, float32 here")
+    if not torch.cuda.is_available():
+        code, _, err = verify(capsys, paths["Q8_0"], model, tmp_path / "cuda", "--device", "cuda")
+        assert_one_line_error(code, err, "cuda")
+        assert not (tmp_path / "cuda").exists()
