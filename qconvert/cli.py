@@ -260,6 +260,48 @@ def to_fp8_cmd(source, layout, dtype, keep, output, dry_run, as_json, device, lo
         echo(fp8.format_report(report))
 
 
+# [to-svdquant]
+
+@cli.command("to-svdquant")
+@click.argument("source")
+@click.option("--precision", type=click.Choice(["int4", "nvfp4"]), default="int4", show_default=True,
+              help="int4: RTX 20/30/40; nvfp4: RTX 50 (Blackwell).")
+@click.option("--rank", default=32, show_default=True, help="Low-rank branch rank (multiple of 16; Nunchaku ships 32 "
+              "and 128).")
+@click.option("--calib", type=click.Path(path_type=Path), default=None,
+              help="Statistics from qconvert calibrate (absmax and sampled input rows); without it a short "
+                   "calibration on synthetic prompts runs first.")
+@click.option("--layout", type=click.Choice(["nunchaku", "diffusers"]), default="nunchaku", show_default=True,
+              help="nunchaku: one .safetensors for ComfyUI-nunchaku and nunchaku's diffusers model.  diffusers: a "
+                   "transformer folder for diffusers' own nunchaku_lite quantizer.")
+@click.option("--grid", default=20, show_default=True, help="Smoothing search grid (DeepCompressor's num_grids; "
+              "10 halves the time).")
+@converter_options
+def to_svdquant_cmd(source, precision, rank, calib, layout, grid, output, dry_run, as_json, device, loras,
+                    ignore_unmatched, allow_extra, quiet):
+    """SVDQuant 4-bit files (Nunchaku INT4/NVFP4), calibrated, one block in memory at a time.
+
+    LoRAs given with --lora are baked at full precision before smoothing and SVD.  The default name is
+    svdq-{int4|fp4}_r{RANK}-MODEL.safetensors (a folder without the suffix for --layout diffusers).
+
+    \b
+    qconvert calibrate ./qwen-image --embeds prompts/*.safetensors -o calib.safetensors
+    qconvert to-svdquant ./qwen-image --precision int4 --rank 32 --calib calib.safetensors
+    qconvert to-svdquant ./qwen-image --lora Qwen-Image-Lightning-4steps-V1.0.safetensors --precision nvfp4 --rank 128
+    """
+    from .svdquant.convert import SvdqOptions, convert, format_report
+
+    options = SvdqOptions(precision=precision, rank=rank, layout=layout, grid=grid, calib=calib)
+    with open_source(source, loras=loras, ignore_unmatched=ignore_unmatched, allow_extra=allow_extra,
+                     device=device) as src:
+        report = convert(src, output, options, device=device, dry_run=dry_run, quiet=quiet or as_json,
+                         echo=echo)
+    if as_json:
+        emit_json({k: v for k, v in report.items() if k != "layers"})
+    elif dry_run or not quiet:
+        echo(format_report(report))
+
+
 # [bake-lora]
 
 @cli.command("bake-lora")

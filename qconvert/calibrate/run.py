@@ -18,6 +18,17 @@ from .stats import RecordingProvider, write_calibration
 def run_calibrate(source, options: SampleOptions, prompts: list, synthetic: int, output, *, keep_rows: int = 64,
                   echo=print) -> dict:
     """``prompts``: embeddings files; ``synthetic``: how many seeded prompts to add (seeds seed, seed+1, ...)."""
+    start = time.monotonic()
+    stats, settings = collect(source, options, prompts, synthetic, keep_rows=keep_rows, echo=echo)
+    info = provenance(source, fmt="calibration", options=settings)
+    write_calibration(Path(output), stats, {"qconvert": provenance_json(info)})
+    return {"command": "calibrate", "output": str(output), "layers": len(stats),
+            "seconds": round(time.monotonic() - start, 2), **settings}
+
+
+def collect(source, options: SampleOptions, prompts: list, synthetic: int, *, keep_rows: int = 64,
+            echo=print) -> tuple[dict, dict]:
+    """Sample the prompts with a recording provider: ({module: Stat}, the settings used)."""
     check_options(options)
     if not prompts and synthetic < 1:
         raise QConvertError("calibrate: give --embeds FILE (repeatable) or --synthetic N")
@@ -45,8 +56,4 @@ def run_calibrate(source, options: SampleOptions, prompts: list, synthetic: int,
             if i == 0 and len(loaded) > 1:
                 took = time.monotonic() - start
                 echo(f"  prompt 1/{len(loaded)} took {took:.1f} s; about {took * len(loaded):.0f} s in all")
-    settings = {**options.to_json(), "prompts": len(loaded), "keep_rows": keep_rows}
-    info = provenance(source, fmt="calibration", options=settings)
-    write_calibration(Path(output), provider.stats, {"qconvert": provenance_json(info)})
-    return {"command": "calibrate", "output": str(output), "layers": len(provider.stats),
-            "seconds": round(time.monotonic() - start, 2), **settings}
+    return provider.stats, {**options.to_json(), "prompts": len(loaded), "keep_rows": keep_rows}

@@ -73,6 +73,35 @@ def write_calibration(path, stats: dict[str, Stat], metadata: dict) -> None:
     write_safetensors(path, tensors, metadata)
 
 
+def read_stats(path, source, modules: list[str]) -> dict[str, Stat]:
+    """{module: Stat} for ``modules`` (``transformer_blocks.3.attn.to_q`` ...) from a calibration file,
+    each checked against ``source``'s layer width; a missing or mismatched module is an error naming it."""
+    path = Path(path)
+    header = read_safetensors_header(path)
+    shapes = source.shapes()
+    reader = TensorReader()
+    out = {}
+    try:
+        for module in modules:
+            width = shapes[f"{module}.weight"][-1]
+            metas = {s: header.tensors.get(f"{module}.{s}") for s in ("in_absmax", "in_rows", "in_count")}
+            if any(m is None for m in metas.values()):
+                raise QConvertError(f"{path}: no statistics for {module}; was it made from this model "
+                                    "(qconvert calibrate on the same source)?")
+            if tuple(metas["in_absmax"].shape) != (width,) or len(metas["in_rows"].shape) != 2 \
+                    or metas["in_rows"].shape[1] != width or not 1 <= metas["in_rows"].shape[0] <= 4096:
+                raise QConvertError(f"{path}: the statistics of {module} are for {metas['in_absmax'].shape} inputs; "
+                                    f"this model's layer takes {width} (a calibration of another model?)")
+            absmax = reader.read(metas["in_absmax"]).float()
+            rows = reader.read(metas["in_rows"]).float()
+            if not (bool(torch.isfinite(absmax).all()) and bool(torch.isfinite(rows).all())) or bool((absmax < 0).any()):
+                raise QConvertError(f"{path}: the statistics of {module} hold negative or non-finite values")
+            out[module] = Stat(torch.zeros(0, dtype=torch.float64), absmax, rows, int(rows.shape[0]))
+    finally:
+        reader.close()
+    return out
+
+
 def read_imatrix(path, source) -> dict[str, torch.Tensor]:
     """weight name -> importance vector, from a calibration file made for ``source``'s model.
 

@@ -50,7 +50,12 @@ class GateFailure(QConvertError):
 
 def open_output(path) -> tuple[object, str]:
     """A weight source for any file qconvert writes, and what it is."""
+    from ..svdquant.emulate import SVDQuantFile, is_svdquant
+
     p = Path(path)
+    if is_svdquant(p):
+        f = SVDQuantFile(p)
+        return f, f"svdquant-{f.options.layout}-{f.options.precision}-r{f.options.rank}"
     if p.is_file() and p.suffix.lower() == ".gguf":
         return GGUFWeights(p), "gguf"
     if p.is_file() and p.suffix.lower() == ".safetensors":
@@ -60,6 +65,16 @@ def open_output(path) -> tuple[object, str]:
         if layout != "none":
             return FP8Weights(p), f"fp8-{layout}"
     return open_checkpoint(p), "checkpoint"
+
+
+def provider_for(source, options, **kwargs):
+    """The weight provider running ``source``: its own when the format computes differently from dense
+    weights (SVDQuant quantizes activations), else dense weights in the compute dtype."""
+    device, dtype = placement(options)
+    own = getattr(source, "provider", None)
+    if own is not None:
+        return own(dtype=dtype, device=device, **kwargs)
+    return DenseProvider(source, dtype=dtype, device=device, **kwargs)
 
 
 def model_weights(reference) -> list[str]:
@@ -171,7 +186,7 @@ def block_errors(output, reference, options, prompt, along: dict, deadline: Dead
     config = reference.config
     shapes = [(1, options.height // 16, options.width // 16)]
     device, dtype = placement(options)
-    ref_provider, out_provider = (DenseProvider(s, dtype=dtype, device=device) for s in (reference, output))
+    ref_provider, out_provider = (provider_for(s, options) for s in (reference, output))
     prompt = prompt.to(device, dtype)
     rows = []
     with torch.no_grad():
@@ -194,8 +209,7 @@ def _sample(source, reference, options, prompt, deadline: Deadline | None = None
     """One sampling run; ``record`` = (steps, into) keeps {step: (latents entering it, its t)}."""
     device, dtype = placement(options)
     noise = inputs.seeded_noise(options.seed, options.height, options.width).to(device, dtype)
-    provider = DenseProvider(source, dtype=dtype, device=device, cache_bytes=options.cache_bytes)
-    model = QwenImageTransformer(reference.config, provider)
+    model = QwenImageTransformer(reference.config, provider_for(source, options, cache_bytes=options.cache_bytes))
     prompt = prompt.to(device, dtype)
     levels = sampler.sigmas(sampler.SCHEDULES[options.schedule], options.steps, noise.shape[1])
     if record is not None and 0 in record[0]:

@@ -1,0 +1,219 @@
+"""An SVDQuant file as verify sees it: read as hostile input, run as Nunchaku's kernels would.
+
+``SVDQuantFile`` opens either layout (a Nunchaku ``.safetensors``, or a
+diffusers ``nunchaku_lite`` transformer folder), checks every key, shape and
+dtype against the exact plan for the config, rank and precision its metadata
+declares (strict, as Nunchaku's loader is), and then serves
+
+* ``load(name)``: a diffusers weight or bias as the file effectively holds it
+  (``Q(R)/s + up·down``, the shift taken back out of the bias, the
+  modulation de-interleaved and its ``+1`` removed), for per-layer errors;
+* ``provider()``: a weight provider whose W4A4 linears quantize their inputs
+  per token as the kernels do (``LogicalLayer``), whose modulation linears
+  are W4A16, and whose other layers are plain BF16, so the reference model
+  runs the file end to end without a GPU (and on Hopper, where Nunchaku's
+  kernels do not run).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .. import untrusted
+from ..checkpoint import TensorReader, read_json_file, read_safetensors_header
+from ..errors import CheckpointError
+from ..models import qwen_image as qi
+from . import algorithm, layout
+from .convert import DIFFUSERS_WEIGHTS, NUNCHAKU_MODEL_CLASS, SvdqOptions, plan_entries, top_level_names
+
+META_LIMITS = untrusted.Limits(objects=64, items=200_000)
+
+
+def is_svdquant(path) -> bool:
+    """Whether ``path`` looks like an SVDQuant output (then ``SVDQuantFile`` checks it for real)."""
+    p = Path(path)
+    if p.is_dir():
+        config = p / "config.json"
+        return config.is_file() and b"nunchaku_lite" in config.read_bytes()[:1_000_000]
+    if p.is_file() and p.suffix.lower() == ".safetensors":
+        try:
+            meta = read_safetensors_header(p).metadata or {}
+        except CheckpointError:
+            return False
+        return meta.get("model_class") == NUNCHAKU_MODEL_CLASS
+    return False
+
+
+class _Shapes:
+    """The minimal source interface ``plan_entries`` needs, from a config alone."""
+
+    def __init__(self, config: qi.QwenImageConfig):
+        self.config = config
+        self.tensors = qi.expected_shapes(config)
+
+    def shapes(self) -> dict:
+        return self.tensors
+
+
+def _declared(path: Path) -> tuple[qi.QwenImageConfig, SvdqOptions, Path]:
+    """(config, options, weights file) from the file's own metadata or config.json, all checked."""
+    where = str(path)
+    if path.is_dir():
+        data = read_json_file(path / "config.json", META_LIMITS)
+        if not isinstance(data, dict) or not isinstance(data.get("quantization_config"), dict):
+            raise CheckpointError(f"{where}/config.json: no quantization_config object")
+        q = data["quantization_config"]
+        svdq = q.get("svdq_w4a4")
+        if q.get("quant_method") != "nunchaku_lite" or not isinstance(svdq, dict):
+            raise CheckpointError(f"{where}/config.json: not a nunchaku_lite quantization_config with svdq_w4a4")
+        precision = untrusted.field_str(svdq, "precision", where)
+        rank = untrusted.field_int(svdq, "rank", where, low=16, high=1024)
+        config = qi.QwenImageConfig.from_json(data, where)
+        return qi.validated(config, where), SvdqOptions(precision, rank, "diffusers"), path / DIFFUSERS_WEIGHTS
+    meta = read_safetensors_header(path).metadata or {}
+    try:
+        config = qi.QwenImageConfig.from_json(untrusted.load_json(meta["config"].encode(), where, META_LIMITS), where)
+        q = untrusted.load_json(meta["quantization_config"].encode(), where, META_LIMITS)
+    except KeyError as exc:
+        raise CheckpointError(f"{where}: no {exc.args[0]} in the metadata; not a Nunchaku Qwen-Image file") from None
+    if not isinstance(q, dict) or not isinstance(q.get("weight"), dict):
+        raise CheckpointError(f"{where}: quantization_config has no weight object")
+    dtype = q["weight"].get("dtype")
+    precision = {"int4": "int4", "fp4_e2m1_all": "nvfp4"}.get(dtype) if isinstance(dtype, str) else None
+    if precision is None:
+        raise CheckpointError(f"{where}: weight dtype {untrusted.shown(dtype, 40)} is neither int4 nor fp4_e2m1_all")
+    rank = untrusted.field_int(q, "rank", where, low=16, high=1024, default=32)
+    return qi.validated(config, where), SvdqOptions(precision, rank, "nunchaku"), path
+
+
+class SVDQuantFile:
+    def __init__(self, path):
+        self.path = Path(path)
+        self.config, self.options, self.weights = _declared(self.path)
+        if self.options.precision not in layout.PRECISIONS:
+            raise CheckpointError(f"{self.path}: precision {untrusted.shown(self.options.precision, 20)} is not "
+                                  "int4 or nvfp4")
+        header = read_safetensors_header(self.weights)
+        planned = plan_entries(_Shapes(self.config), self.options)
+        want = {n: (d, tuple(s)) for n, d, s in planned}
+        have = {n: (m.dtype, tuple(m.shape)) for n, m in header.tensors.items()}
+        for name in sorted(set(want) | set(have)):
+            if want.get(name) != have.get(name):
+                what = ("is missing" if name not in have else "is not part of the format" if name not in want
+                        else f"is {have[name][0]} {list(have[name][1])}, not {want[name][0]} {list(want[name][1])}")
+                raise CheckpointError(f"{self.weights}: tensor {untrusted.shown(name, 120)} {what} (a "
+                                      f"{self.options.layout} {self.options.precision} r{self.options.rank} file)")
+        self._meta = header.tensors
+        self._reader = TensorReader()
+        self._cache: dict = {"block": None, "layers": {}}
+
+    # --------------------------------------------------------- reading
+    def _read(self, name: str) -> torch.Tensor:
+        return self._reader.read(self._meta[name])
+
+    def _module(self, prefix: str) -> dict:
+        return {n[len(prefix):]: self._read(n) for n in self._meta if n.startswith(prefix)
+                and "." not in n[len(prefix):]}
+
+    def _layer(self, index: int, stored: str, group: layout.Group):
+        """A block's stored module, unpacked (cached while the block is current)."""
+        if self._cache["block"] != index:
+            self._cache = {"block": index, "layers": {}}
+        key = stored
+        if key not in self._cache["layers"]:
+            tensors = self._module(f"transformer_blocks.{index}.{stored}.")
+            if group.kind == "awq":
+                value = layout.awq_logical(tensors, self.options.layout)
+            else:
+                shift = (algorithm.GELU_SHIFT if group.mlp_down and self.options.layout == "nunchaku"
+                         and self.options.precision == "int4" else 0.0)
+                layer = layout.logical_layer(tensors, self.options.precision, shift)
+                value = (layer, layer.residual())
+            self._cache["layers"][key] = value
+        return self._cache["layers"][key]
+
+    def _where(self, module: str) -> tuple:
+        """(block, stored name, group, rows of the stored module) for a diffusers module name."""
+        info = qi.describe(module + ".weight")
+        rel = module[len(f"transformer_blocks.{info.block}."):]
+        group = layout.group_of(rel)
+        if self.options.layout == "diffusers" or not group.fused:
+            return info.block, rel if group.fused else group.name, group, slice(None)
+        part = group.sources.index(rel)
+        n = self.config.inner_dim
+        return info.block, group.name, group, slice(part * n, (part + 1) * n)
+
+    # ------------------------------------------------ verify's interface
+    def names(self) -> list[str]:
+        return list(qi.expected_shapes(self.config))
+
+    def load(self, name: str) -> torch.Tensor:
+        """A diffusers tensor as the file effectively holds it (float32)."""
+        info = qi.describe(name)
+        if info.block is None or not info.is_block_linear and not name.endswith(".bias"):
+            return self._read(name).float()
+        module = name.rsplit(".", 1)[0]
+        block, stored, group, rows = self._where(module)
+        value = self._layer(block, stored, group)
+        if group.kind == "awq":
+            w, b = value
+            return (w if name.endswith(".weight") else b)[rows].float()
+        layer, r = value
+        s = layer.smooth.float()
+        if name.endswith(".weight"):
+            return (r / s + layer.up.float() @ layer.down.float())[rows]
+        return (layer.bias.float() + layer.shift * (r / s).sum(1))[rows]
+
+    def provider(self, *, dtype: torch.dtype = torch.float32, device="cpu", cache_bytes: int = 0):
+        return SVDQuantProvider(self, dtype=dtype, device=device)
+
+    def close(self) -> None:
+        self._reader.close()
+
+
+class SVDQuantProvider:
+    """The reference model's weights from an SVDQuant file, computed as the runtime computes them."""
+
+    def __init__(self, file: SVDQuantFile, *, dtype: torch.dtype = torch.float32, device="cpu"):
+        self.file = file
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self._top = set(top_level_names(_Shapes(file.config)))
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self.file._read(name).to(self.device, self.dtype)
+
+    def linear(self, module: str):
+        if f"{module}.weight" in self._top:
+            w, b = self.tensor(f"{module}.weight"), self.tensor(f"{module}.bias")
+            return lambda x: F.linear(x, w, b)
+        block, stored, group, rows = self.file._where(module)
+        value = self.file._layer(block, stored, group)
+        if group.kind == "awq":  # W4A16: weights dequantized, activations kept
+            w, b = (t[rows].to(self.device, self.dtype) for t in value)
+            return lambda x: F.linear(x, w, b)
+        fused = self._runner(block, stored, value)
+        return lambda x: fused(x)[..., rows].to(x.dtype)
+
+    def _runner(self, block: int, stored: str, value):
+        """The stored module's emulation, memoized on its last input: the fused q, k and v share one
+        input, so the fused layer runs once for the three."""
+        key = ("run", block, stored)
+        runner = self.file._cache["layers"].get(key)
+        if runner is None:
+            layer, r = value
+            layer = algorithm.LogicalLayer(**{k: (v.to(self.device) if isinstance(v, torch.Tensor) else v)
+                                              for k, v in vars(layer).items()})
+            r = r.to(self.device)
+            memo: dict = {}
+
+            def runner(x: torch.Tensor) -> torch.Tensor:
+                if memo.get("x") is not x:
+                    memo["x"], memo["y"] = x, layer(x, r)
+                return memo["y"]
+
+            self.file._cache["layers"][key] = runner
+        return runner
