@@ -160,7 +160,7 @@ def mutate_folder(data: bytes, max_size: int, seed: int, mutate) -> bytes:
 
 
 MUTATORS = {"safetensors": mutate_safetensors, "lora": mutate_safetensors, "fp8": mutate_safetensors,
-            "sampler-inputs": mutate_safetensors, "folder": mutate_folder}
+            "sampler-inputs": mutate_safetensors, "folder": mutate_folder, "svdquant": mutate_safetensors}
 
 
 def guarded(mutator):

@@ -5,7 +5,8 @@
     python -m fuzz.run fp8 --replay 500           # no atheris: seeds plus 500 seeded mutations
     python -m fuzz.run gguf fuzz/findings/gguf-crash-…   # run one saved input again
 
-Targets: safetensors, folder, gguf, lora, fp8, sampler-inputs, verify-baseline, imatrix (see ``fuzz/targets.py``).
+Targets: safetensors, folder, gguf, lora, fp8, sampler-inputs, verify-baseline, imatrix, vae-config, svdquant
+(see ``fuzz/targets.py``).
 The corpus starts from files qconvert writes (``fuzz/corpus/NAME``, made on
 first use).  A finding is any exception other than ``QConvertError``, an
 input that takes more than ``-timeout`` seconds (5), or memory beyond
@@ -143,6 +144,7 @@ def fuzz(name: str, libfuzzer_args: list[str], folder: Path | None = None, findi
         import qconvert.verify.inputs  # noqa: F401
         import qconvert.verify.report  # noqa: F401
         import qconvert.calibrate.stats  # noqa: F401
+        import qconvert.svdquant.emulate  # noqa: F401
     from fuzz.targets import TARGETS
 
     target = TARGETS[name]
@@ -154,7 +156,8 @@ def fuzz(name: str, libfuzzer_args: list[str], folder: Path | None = None, findi
         _lora_model()
         _runnable_model()  # made before the first input, not timed as part of it
     findings_dir.mkdir(parents=True, exist_ok=True)
-    defaults = [f"-timeout={TIMEOUT_S}", f"-rss_limit_mb={RSS_LIMIT_MB}", "-max_len=262144",
+    max_len = 1 << 20 if name == "svdquant" else 262144  # the smallest SVDQuant model is ~0.7 MB
+    defaults = [f"-timeout={TIMEOUT_S}", f"-rss_limit_mb={RSS_LIMIT_MB}", f"-max_len={max_len}",
                 f"-artifact_prefix={findings_dir}/{name}-"]
     given = {a.split("=")[0] for a in libfuzzer_args}
     args = [a for a in defaults if a.split("=")[0] not in given] + libfuzzer_args

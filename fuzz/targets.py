@@ -308,6 +308,35 @@ def vae_config(data: bytes) -> None:
         assert config["z_dim"] == 16 and len(config["latents_std"]) == 16 and config["base_dim"] <= 1024
 
 
+SVDQ_TINY = {"layers": 1, "heads": 1, "head_dim": 128, "text_dim": 64}
+
+
+def svdquant_file(data: bytes) -> None:
+    """An SVDQuant file given to verify (its weights and its emulated layers) and to inspect."""
+    import torch
+
+    from qconvert.inspection import format_summary, inspect_path
+    from qconvert.svdquant.emulate import SVDQuantFile, is_svdquant
+
+    path = _file("svdq.safetensors", data)
+    with expected_errors():
+        library_agrees(path)
+    with expected_errors():
+        if not is_svdquant(path):
+            return
+        f = SVDQuantFile(path)
+        for name in ("transformer_blocks.0.attn.to_k.weight", "transformer_blocks.0.img_mlp.net.2.bias",
+                     "transformer_blocks.0.img_mod.1.weight", "img_in.weight"):
+            f.load(name)
+        provider = f.provider()
+        x = torch.ones(1, 2, f.config.inner_dim)
+        for module in ("transformer_blocks.0.attn.to_v", "transformer_blocks.0.txt_mod.1"):
+            provider.linear(module)(x)
+        f.close()
+    with expected_errors():
+        format_summary(inspect_path(path))
+
+
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "safetensors": safetensors_file,
     "folder": folder,
@@ -318,6 +347,7 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "verify-baseline": verify_baseline,
     "imatrix": imatrix_file,
     "vae-config": vae_config,
+    "svdquant": svdquant_file,
 }
 
 
@@ -357,6 +387,18 @@ def seeds(name: str) -> list[bytes]:
         report = {"schema_version": 2, "settings": BASELINE_SETTINGS, **_REPORT,
                   "per_layer": [{"name": "x", "role": "img_q", "rel_rmse": 0.01, "cosine": 0.99}]}
         return [json.dumps(report, indent=2).encode()]
+    if name == "svdquant":
+        from qconvert.checkpoint import open_checkpoint
+        from qconvert.svdquant.convert import SvdqOptions, convert
+
+        model = tiny.make_tiny(work / "m", **SVDQ_TINY)
+        out = []
+        for precision in ("int4", "nvfp4"):
+            target = work / f"{precision}.safetensors"
+            options = SvdqOptions(precision, 16, grid=2, calib_prompts=1, calib_steps=2, calib_size=64)
+            convert(open_checkpoint(model), target, options, quiet=True)
+            out.append(target.read_bytes())
+        return out
     if name == "vae-config":
         import json
 

@@ -15,7 +15,11 @@ from .untrusted import shown
 
 def inspect_path(path: str | Path) -> dict:
     """A JSON-able summary of any input or output qconvert knows."""
+    from .svdquant.emulate import is_svdquant
+
     p = Path(path)
+    if is_svdquant(p):
+        return _inspect_svdquant(p)
     if p.is_file() and p.suffix.lower() == ".gguf":
         return _inspect_gguf(p)
     if p.is_file() and p.suffix.lower() == ".safetensors":
@@ -58,6 +62,29 @@ def _inspect_gguf(path: Path) -> dict:
                for t in reader.tensors}
     return _summary(str(path), "gguf", f"GGUF v{_gguf_version(reader)}", tensors, metadata,
                     path.stat().st_size, arch_field=metadata.get("general.architecture"))
+
+
+def _inspect_svdquant(path: Path) -> dict:
+    """An SVDQuant file: every key, shape and dtype checked against its declared format first."""
+    from .svdquant.emulate import SVDQuantFile
+
+    f = SVDQuantFile(path)
+    header = read_safetensors_header(f.weights)
+    o = f.options
+    hist: Counter = Counter()
+    hist_bytes: Counter = Counter()
+    for m in header.tensors.values():
+        hist[m.dtype] += 1
+        hist_bytes[m.dtype] += m.nbytes
+    f.close()
+    size = sum(q.stat().st_size for q in ([path] if path.is_file() else path.iterdir()))
+    names = list(qi.expected_shapes(f.config))
+    return {"path": str(path), "format": f"SVDQuant {o.precision} rank {o.rank}", "layout": o.layout,
+            "architecture": qi.ARCHITECTURE, "variant": qi.variant(f.config, names), "config": f.config.to_json(),
+            "prefix": "", "tensors": len(header.tensors), "model_tensors": len(header.tensors), "aux_tensors": 0,
+            "extra_tensors": [], "parameters": qi.parameter_count(qi.expected_shapes(f.config).values()),
+            "types": {k: {"tensors": hist[k], "bytes": hist_bytes[k]} for k in sorted(hist)},
+            "file_bytes": size, "metadata": header.metadata or {}}
 
 
 def _gguf_version(reader) -> int:

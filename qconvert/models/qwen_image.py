@@ -337,6 +337,9 @@ def explain_not_qwen(names: Iterable[str]) -> str:
     """One sentence saying what a non-Qwen-Image key set looks like instead."""
     names = sorted(names)
     name_set = set(names)
+    if any(n.endswith((".qweight", ".proj_down")) for n in names[:5000]):
+        return ("an SVDQuant (Nunchaku) file, already quantized to 4 bits: convert from the BF16 original "
+                "(qconvert verify and inspect read this file)")
     guess = next((arch for key, arch in _OTHER_ARCHITECTURES
                   if key in name_set or any(n.endswith("." + key) for n in names[:5000])), None)
     missing = [k for k in DETECTION_KEYS if k not in name_set]

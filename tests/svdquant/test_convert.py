@@ -252,7 +252,7 @@ def test_bad_inputs_are_one_line(model, calib, tmp_path):
 
 def test_an_already_quantized_input_is_refused(outputs, tmp_path):
     code, _, err = run_cli(["to-svdquant", outputs["nunchaku", "int4"], "-o", tmp_path / "x.safetensors"])
-    assert code == 1 and err.startswith("error:")
+    assert_one_line_error(code, err, "SVDQuant", "already quantized")
 
 
 def test_hostile_svdquant_files_are_one_line(outputs, tmp_path):
