@@ -276,8 +276,11 @@ def to_fp8_cmd(source, layout, dtype, keep, output, dry_run, as_json, device, lo
                    "transformer folder for diffusers' own nunchaku_lite quantizer.")
 @click.option("--grid", default=20, show_default=True, help="Smoothing search grid (DeepCompressor's num_grids; "
               "10 halves the time).")
+@click.option("--lora-mode", type=click.Choice(["bake", "lowrank"]), default="bake", show_default=True,
+              help="bake: merge the LoRAs at full precision, then quantize.  lowrank: quantize the base and append "
+                   "the LoRAs to the low-rank branch (rank grows by theirs).")
 @converter_options
-def to_svdquant_cmd(source, precision, rank, calib, layout, grid, output, dry_run, as_json, device, loras,
+def to_svdquant_cmd(source, precision, rank, calib, layout, grid, lora_mode, output, dry_run, as_json, device, loras,
                     ignore_unmatched, allow_extra, quiet):
     """SVDQuant 4-bit files (Nunchaku INT4/NVFP4), calibrated, one block in memory at a time.
 
@@ -291,7 +294,7 @@ def to_svdquant_cmd(source, precision, rank, calib, layout, grid, output, dry_ru
     """
     from .svdquant.convert import SvdqOptions, convert, format_report
 
-    options = SvdqOptions(precision=precision, rank=rank, layout=layout, grid=grid, calib=calib)
+    options = SvdqOptions(precision=precision, rank=rank, layout=layout, grid=grid, calib=calib, lora_mode=lora_mode)
     with open_source(source, loras=loras, ignore_unmatched=ignore_unmatched, allow_extra=allow_extra,
                      device=device) as src:
         report = convert(src, output, options, device=device, dry_run=dry_run, quiet=quiet or as_json,
@@ -306,12 +309,15 @@ def to_svdquant_cmd(source, precision, rank, calib, layout, grid, output, dry_ru
 
 @cli.command("bake-lora")
 @click.argument("source")
+@click.option("--rank", type=int, default=None, help="SVDQuant inputs: the output's rank (default: the input's).")
 @converter_options
-def bake_lora_cmd(source, output, dry_run, as_json, device, loras, ignore_unmatched, allow_extra, quiet):
+def bake_lora_cmd(source, rank, output, dry_run, as_json, device, loras, ignore_unmatched, allow_extra, quiet):
     """Merge LoRAs into the weights: a checkpoint in the source's dtype and layout.
 
     W' = W + strength * alpha/rank * up @ down, in float32, rounded once.
     A diffusers folder gives a diffusers folder, a single file a single file.
+    An SVDQuant file gives an SVDQuant file: each LoRA joins the low-rank branch, which is recompressed to the
+    file's rank (or --rank) by an exact SVD; no BF16 original is needed.
 
     \b
     qconvert bake-lora Qwen/Qwen-Image --lora Qwen-Image-Lightning-4steps-V1.0.safetensors -o qwen-image-lightning
@@ -319,9 +325,15 @@ def bake_lora_cmd(source, output, dry_run, as_json, device, loras, ignore_unmatc
         -o qwen_image_style_lightning_bf16.safetensors
     """
     from .bake import bake, bake_plan, bake_report, format_report
+    from .svdquant.emulate import is_svdquant
 
     if not loras:
         raise click.UsageError("give at least one --lora FILE[:STRENGTH]")
+    if is_svdquant(source):
+        _bake_into_svdquant(source, loras, rank, output, dry_run, as_json, ignore_unmatched, quiet)
+        return
+    if rank is not None:
+        raise click.UsageError("--rank applies to SVDQuant inputs only")
     with open_source(source, loras=loras, ignore_unmatched=ignore_unmatched, allow_extra=allow_extra,
                      device=device) as view:
         plan = bake_plan(view, output, options={"ignore_unmatched": ignore_unmatched}, dry_run=dry_run)
@@ -332,6 +344,22 @@ def bake_lora_cmd(source, output, dry_run, as_json, device, loras, ignore_unmatc
         emit_json(report)
     elif not quiet:
         echo(format_report(report))
+
+
+def _bake_into_svdquant(source, loras, rank, output, dry_run, as_json, ignore_unmatched, quiet) -> None:
+    from .svdquant.lora import bake_into_file
+
+    if output is None:
+        raise click.UsageError("give -o for the SVDQuant file with the LoRAs baked in")
+    if dry_run:
+        raise click.UsageError("--dry-run is not offered for SVDQuant inputs (the output is the input's size)")
+    report = bake_into_file(source, loras, output, rank=rank, ignore_unmatched=ignore_unmatched,
+                            quiet=quiet or as_json)
+    if as_json:
+        emit_json(report)
+    elif not quiet:
+        echo(f"wrote {report['output']}  ({report['format']} {report['precision']} rank {report['rank']}, "
+             f"{report['bytes']:,} bytes)")
 
 
 _cache_option = click.option("--cache-gb", type=float, default=0.0, show_default=True,

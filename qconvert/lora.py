@@ -402,10 +402,14 @@ class LoraView:
         """Tensors that at least one LoRA with non-zero strength changes."""
         return sorted(n for n, ps in self._patches.items() if any(lora.strength for lora, _ in ps))
 
+    def patches_for(self, name: str) -> list[tuple[LoraFile, Patch]]:
+        """The (LoRA, patch) pairs that change tensor ``name`` (strength 0 excluded)."""
+        return [(lora, p) for lora, p in self._patches.get(name, ()) if lora.strength != 0]
+
     def load(self, name: str) -> torch.Tensor:
         """The source tensor with every LoRA aimed at it added in float32, rounded once to its dtype."""
         base = self.source.load(name)
-        patches = [(lora, p) for lora, p in self._patches.get(name, ()) if lora.strength != 0]
+        patches = self.patches_for(name)
         if not patches:
             return base  # untouched (strength 0 included): bit-identical to the source
         merged = base.to(device=self.device, dtype=torch.float32, copy=True)  # never alias the source's tensor

@@ -56,7 +56,8 @@ class LogicalLayer:
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """What the W4A4 kernel computes (float32 here)."""
-        r = self.residual() if residual is None else residual
+        r = residual if residual is not None else getattr(self, "_residual", None)
+        r = self.residual() if r is None else r
         x = x.float()
         xs = (x + self.shift) / self.smooth.float()
         main = quant.activations(xs, self.precision, unsigned=self.shift > 0) @ r.T.to(x.device)
@@ -78,31 +79,47 @@ def smooth_scale(xmax: torch.Tensor, wmax: torch.Tensor, alpha: float, beta: flo
     return s.to(torch.bfloat16)  # stored in BF16: everything below uses the rounded value
 
 
-def lowrank(a: torch.Tensor, rank: int, *, seed: int = 0, oversample: int = 10, iters: int = 4) -> tuple:
+def lowrank(a: torch.Tensor, rank: int, *, seed: int = 0, oversample: int = 10, iters: int = 4,
+            start: torch.Tensor | None = None) -> tuple:
     """(up [N, r] with the singular values, down [r, K]) of a seeded randomized SVD (Halko et al.):
-    deterministic for the same input, device and seed."""
+    deterministic for the same input, device and seed.
+
+    ``start`` [K, q] (a previous call's right subspace, ``down`` rows padded)
+    replaces the random start: smoothing candidates differ little, so one
+    power iteration from the last candidate's subspace is as good as four
+    from a random one.
+    """
     n, k = a.shape
     q = min(rank + oversample, n, k)
     if q >= min(n, k):
         u, sv, vh = torch.linalg.svd(a.double(), full_matrices=False)
-    else:
+        return (u[:, :rank] * sv[:rank]).float(), vh[:rank].float(), None
+    if start is None:
         g = torch.Generator().manual_seed(seed)
-        basis = a @ torch.randn(k, q, generator=g, dtype=torch.float32).to(a)
-        basis, _ = torch.linalg.qr(basis)
-        for _ in range(iters):  # power iterations sharpen the range for slowly decaying spectra
-            basis, _ = torch.linalg.qr(a.T @ basis)
-            basis, _ = torch.linalg.qr(a @ basis)
-        u_small, sv, vh = torch.linalg.svd((basis.T @ a).double(), full_matrices=False)
-        u = basis.double() @ u_small
-    return (u[:, :rank] * sv[:rank]).float(), vh[:rank].float()
+        start = torch.randn(k, q, generator=g, dtype=torch.float32).to(a)
+    basis, _ = torch.linalg.qr(a @ start)
+    for _ in range(iters):  # power iterations sharpen the range for slowly decaying spectra
+        right, _ = torch.linalg.qr(a.T @ basis)
+        basis, _ = torch.linalg.qr(a @ right)
+    u_small, sv, vh = torch.linalg.svd((basis.T @ a).double(), full_matrices=False)
+    u = basis.double() @ u_small
+    return (u[:, :rank] * sv[:rank]).float(), vh[:rank].float(), vh[:q].T.float().contiguous()
 
 
 def build(w: torch.Tensor, b: torch.Tensor, s: torch.Tensor, *, precision: str, rank: int, shift: float = 0.0,
-          parts: tuple[int, ...] | None = None, seed: int = 0) -> LogicalLayer:
-    """Smooth by ``s`` (BF16), decompose, quantize the residual, fold the shift: one candidate."""
+          parts: tuple[int, ...] | None = None, seed: int = 0, warm: dict | None = None) -> LogicalLayer:
+    """Smooth by ``s`` (BF16), decompose, quantize the residual, fold the shift: one candidate.
+
+    ``warm`` carries the SVD's subspace from one candidate to the next (see ``lowrank``)."""
     sf = s.float()
     smoothed = w.float() * sf
-    up, down = lowrank(smoothed, rank, seed=seed) if rank else (w.new_zeros(w.shape[0], 0), w.new_zeros(0, w.shape[1]))
+    if rank:
+        start = warm.get("start") if warm is not None else None
+        up, down, subspace = lowrank(smoothed, rank, seed=seed, start=start, iters=1 if start is not None else 4)
+        if warm is not None:
+            warm["start"] = subspace
+    else:
+        up, down = w.new_zeros(w.shape[0], 0), w.new_zeros(0, w.shape[1])
     up_b, down_b = up.to(torch.bfloat16), down.to(torch.bfloat16)
     residual = smoothed - up_b.float() @ down_b.float()  # against the factors as stored
     if precision == "nvfp4":
@@ -113,8 +130,10 @@ def build(w: torch.Tensor, b: torch.Tensor, s: torch.Tensor, *, precision: str, 
         codes, scales = quant.int4_weight(residual)
         alpha, r_deq = None, quant.int4_dequantize(codes, scales)
     bias = b.float() - shift * (r_deq / sf).sum(1) if shift else b.float()
-    return LogicalLayer(precision, codes, scales, alpha, s, (down_b.float() / sf).to(torch.bfloat16), up_b,
-                        bias.to(torch.bfloat16), shift)
+    layer = LogicalLayer(precision, codes, scales, alpha, s, (down_b.float() / sf).to(torch.bfloat16), up_b,
+                         bias.to(torch.bfloat16), shift)
+    layer._residual = r_deq  # the search runs the candidate once; not stored
+    return layer
 
 
 @dataclass
@@ -136,12 +155,18 @@ def search(w: torch.Tensor, b: torch.Tensor, rows: torch.Tensor, xmax: torch.Ten
     w, b, rows = w.float(), b.float(), rows.float()
     ref = rows @ w.T + b
     wmax = w.abs().amax(0)
-    best = None
+    best, warm = None, {}
     for alpha, beta in candidates(grid):
-        layer = build(w, b, smooth_scale(xmax, wmax, alpha, beta), precision=precision, rank=rank, shift=shift,
-                      parts=parts, seed=seed)
+        s = smooth_scale(xmax, wmax, alpha, beta)
+        layer = build(w, b, s, precision=precision, rank=rank, shift=shift, parts=parts, seed=seed, warm=warm)
         err = output_error(layer(rows), ref)
         if best is None or err < best[0]:
-            best = (err, alpha, beta, layer)
+            best = (err, alpha, beta, s)
+        del layer
+    # the winner rebuilt from a fresh seeded start: its bytes do not depend on the candidates before it
+    layer = build(w, b, best[3], precision=precision, rank=rank, shift=shift, parts=parts, seed=seed)
     plain = build(w, b, torch.ones_like(xmax, dtype=torch.bfloat16), precision=precision, rank=0, parts=parts)
-    return Choice(best[3], best[1], best[2], best[0], output_error(plain(rows), ref))
+    error = output_error(layer(rows), ref)
+    result = Choice(layer, best[1], best[2], error, output_error(plain(rows), ref))
+    del layer._residual
+    return result

@@ -47,10 +47,17 @@ class SvdqOptions:
     calib_size: int = 512
     keep_rows: int = 64
     seed: int = 0
+    lora_mode: str = "bake"  # "lowrank": LoRAs appended to the low-rank branch
+    stored_rank: int | None = None  # the file's rank: the base plus LoRA ranks in lowrank mode
+
+    @property
+    def file_rank(self) -> int:
+        return self.stored_rank or self.rank
 
     def to_json(self) -> dict:
-        return {"precision": self.precision, "rank": self.rank, "layout": self.layout, "grid": self.grid,
-                "calib": str(self.calib) if self.calib else None, "seed": self.seed}
+        return {"precision": self.precision, "rank": self.file_rank, "base_rank": self.rank, "layout": self.layout,
+                "grid": self.grid, "calib": str(self.calib) if self.calib else None, "seed": self.seed,
+                "lora_mode": self.lora_mode}
 
 
 def check_options(source, o: SvdqOptions) -> None:
@@ -72,11 +79,15 @@ def check_options(source, o: SvdqOptions) -> None:
         raise QConvertError(f"{source.path}: inner dim {config.inner_dim} is not a multiple of 128 (Nunchaku's tiles)")
     if not 2 <= o.grid <= 100:
         raise QConvertError(f"--grid {o.grid}: give 2 to 100 (DeepCompressor uses 20)")
+    if o.lora_mode not in ("bake", "lowrank"):
+        raise QConvertError(f"--lora-mode {o.lora_mode}: choose bake or lowrank")
+    if o.lora_mode == "lowrank" and not hasattr(source, "patches_for"):
+        raise QConvertError("--lora-mode lowrank: give the LoRAs to append with --lora")
 
 
 def default_name(source, o: SvdqOptions) -> str:
     """Nunchaku's naming: ``svdq-{int4|fp4}_r{rank}-<model>`` (the loader checks the precision in it)."""
-    stem = f"svdq-{PRECISION_TAGS[o.precision]}_r{o.rank}-{source.name}"
+    stem = f"svdq-{PRECISION_TAGS[o.precision]}_r{o.file_rank}-{source.name}"
     return stem + (".safetensors" if o.layout == "nunchaku" else "")
 
 
@@ -103,21 +114,21 @@ def plan_entries(source, o: SvdqOptions) -> list[tuple[str, str, tuple]]:
     shapes = source.shapes()
     entries = [(n, "BF16", tuple(shapes[n])) for n in top_level_names(source)]
     for i in range(source.config.num_layers):
-        entries += layout.block_entries(o.layout, o.precision, o.rank, shapes, i)
+        entries += layout.block_entries(o.layout, o.precision, o.file_rank, shapes, i)
     return entries
 
 
 def quantization_config(o: SvdqOptions, config) -> dict:
     if o.layout == "nunchaku":
         return {"method": "svdquant", "weight": WEIGHT_CONFIG[o.precision],
-                "activation": ACTIVATION_CONFIG[o.precision], "rank": o.rank}
+                "activation": ACTIVATION_CONFIG[o.precision], "rank": o.file_rank}
     targets = {"svdq": [], "awq": []}
     for i in range(config.num_layers):
         for stored, group, _ in layout.stored_modules("diffusers"):
             targets[group.kind].append(f"transformer_blocks.{i}.{stored}")
     return {"quant_method": "nunchaku_lite", "compute_dtype": "bfloat16",
             "svdq_w4a4": {"precision": o.precision, "group_size": WEIGHT_CONFIG[o.precision]["group_size"],
-                          "rank": o.rank, "targets": targets["svdq"]},
+                          "rank": o.file_rank, "targets": targets["svdq"]},
             "awq_w4a16": {"precision": "int4", "group_size": 64, "targets": targets["awq"]}}
 
 
@@ -183,8 +194,11 @@ def quantize_block(source, index: int, stats: dict, o: SvdqOptions, device: torc
     """{stored name: tensor} of one block, and one line of findings per W4A4 group."""
     p = f"transformer_blocks.{index}."
     out, found = {}, []
+    lowrank = o.lora_mode == "lowrank"
     for group in layout.GROUPS:
-        weights = [source.load(f"{p}{s}.weight").to(device, torch.float32) for s in group.sources]
+        # lowrank: the W4A4 layers are quantized from the base weights, their LoRAs appended below
+        load = source.source.load if lowrank and group.kind == "svdq" else source.load
+        weights = [load(f"{p}{s}.weight").to(device, torch.float32) for s in group.sources]
         biases = [source.load(f"{p}{s}.bias").to(device, torch.float32) for s in group.sources]
         w, b = torch.cat(weights), torch.cat(biases)
         del weights, biases
@@ -200,6 +214,12 @@ def quantize_block(source, index: int, stats: dict, o: SvdqOptions, device: torc
                                   rank=o.rank, shift=shift, parts=parts if group.fused else None, grid=o.grid,
                                   seed=o.seed + index)
         layer = _to_cpu(choice.layer)
+        if lowrank:
+            from .lora import append, lora_factors
+
+            loras = [lora_factors(source, p + s, "cpu") for s in group.sources]
+            down, up = append(layer.down, layer.up, loras, list(parts), o.file_rank)
+            layer.down, layer.up = down.to(torch.bfloat16), up.to(torch.bfloat16)
         if o.layout == "diffusers" and group.fused:
             starts = [0]
             for n in parts:
@@ -238,7 +258,7 @@ def write_svdquant(source, o: SvdqOptions, meta, stats, target: Path, *, device,
             for i in range(layers):
                 block, notes = quantize_block(source, i, stats, o, device)
                 found.extend(notes)
-                for name, _, _ in layout.block_entries(o.layout, o.precision, o.rank, shapes, i):
+                for name, _, _ in layout.block_entries(o.layout, o.precision, o.file_rank, shapes, i):
                     writer.write(name, block.pop(name))
                 del block
                 bar.update(1)
@@ -266,6 +286,12 @@ def convert(source, output=None, options: SvdqOptions = SvdqOptions(), *, device
     """Plan, then (unless ``dry_run``) calibrate if needed and write; returns the report."""
     check_options(source, options)
     dev = parse_device(device)
+    if options.lora_mode == "lowrank":
+        from dataclasses import replace
+
+        from .lora import total_rank
+
+        options = replace(options, stored_rank=total_rank(source, options.rank, source.config.num_layers))
     target = output_path(source, options, output)
     if options.calib:
         from ..calibrate.stats import read_stats

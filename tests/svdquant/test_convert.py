@@ -271,3 +271,74 @@ def test_hostile_svdquant_files_are_one_line(outputs, tmp_path):
     write_safetensors(bad_meta, {"x": torch.zeros(1)}, {**meta, "quantization_config": '{"weight": {"dtype": "q"}}'})
     with pytest.raises(CheckpointError, match="neither int4 nor fp4"):
         SVDQuantFile(bad_meta)
+
+
+def effective(path, name):
+    f = SVDQuantFile(path)
+    try:
+        return f.load(name)
+    finally:
+        f.close()
+
+
+def test_lowrank_mode_appends_the_lora_exactly(model, calib, outputs, tmp_path):
+    lora = tiny.make_tiny_lora(tmp_path / "l.safetensors", model)
+    out = tmp_path / "lowrank.safetensors"
+    code, _, err = run_cli(["to-svdquant", model, "--calib", calib, *FAST, "--lora", lora, "--lora-mode",
+                            "lowrank", "-o", out, "-q"])
+    assert code == 0, err
+    with safe_open(out, "pt") as f:
+        assert json.loads(f.metadata()["quantization_config"])["rank"] == 32  # 16 + q/k/v's 3 x 4, padded
+    from qconvert.lora import with_loras
+
+    view = with_loras(open_checkpoint(model), [lora])
+    for name in ("transformer_blocks.1.attn.to_k.weight", "transformer_blocks.0.img_mlp.net.2.weight"):
+        (lora_file, patch), = view.patches_for(name)
+        delta = lora_file.delta(patch, torch.device("cpu"))
+        got = effective(out, name) - effective(outputs["nunchaku", "int4"], name)
+        assert float((got - delta).norm() / delta.norm()) < 0.01, name  # A and B rounded to BF16, nothing else
+    code, _, err = run_cli(["to-svdquant", model, "--calib", calib, *FAST, "--lora", f"{lora}:0", "--lora-mode",
+                            "lowrank", "-o", tmp_path / "zero.safetensors", "-q"])
+    assert code == 0, err
+    base = tensors(outputs["nunchaku", "int4"])
+    assert all(torch.equal(v, base[k]) for k, v in tensors(tmp_path / "zero.safetensors").items())
+
+
+def test_lowrank_rank_limit(model, tmp_path):
+    big = [tiny.make_tiny_lora(tmp_path / f"big{i}.safetensors", model, rank=256, seed=i) for i in range(2)]
+    code, _, err = run_cli(["to-svdquant", model, "--rank", "16", "--lora", big[0], "--lora", big[1],
+                            "--lora-mode", "lowrank", "-o", tmp_path / "x.safetensors"])
+    assert_one_line_error(code, err, "above Nunchaku's limit of 1024", "--lora-mode bake")
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+@pytest.mark.parametrize("layout", ["nunchaku", "diffusers"])
+def test_bake_lora_into_an_svdquant_file(model, outputs, tmp_path, layout):
+    lora = tiny.make_tiny_lora(tmp_path / "l.safetensors", model)
+    source = outputs[layout, "int4"]
+    zero = tmp_path / ("zero" + (".safetensors" if layout == "nunchaku" else ""))
+    code, _, err = run_cli(["bake-lora", source, "--lora", f"{lora}:0", "-o", zero, "-q"])
+    assert code == 0, err
+    weights = (lambda p: p) if layout == "nunchaku" else (lambda p: p / "diffusion_pytorch_model.safetensors")
+    assert tensors(weights(zero)).keys() == tensors(weights(source)).keys()
+    assert all(torch.equal(v, tensors(weights(source))[k]) for k, v in tensors(weights(zero)).items())
+    baked = tmp_path / ("baked" + (".safetensors" if layout == "nunchaku" else ""))
+    code, _, err = run_cli(["bake-lora", source, "--lora", lora, "-o", baked, "-q"])
+    assert code == 0, err
+    SVDQuantFile(baked)  # the same format, checked strictly
+    from qconvert.lora import with_loras
+
+    view = with_loras(open_checkpoint(model), [lora])
+    name = "transformer_blocks.2.attn.to_out.0.weight"
+    (lora_file, patch), = view.patches_for(name)
+    want = effective(source, name) + lora_file.delta(patch, torch.device("cpu"))
+    plain = float((effective(source, name) - want).norm())
+    # at the file's rank the branch is truncated (the weakest directions go): closer than without the LoRA;
+    # with room for it (--rank 32 >= 16 + 4) the LoRA is all there, up to BF16 rounding
+    assert float((effective(baked, name) - want).norm()) < plain
+    roomy = tmp_path / ("roomy" + (".safetensors" if layout == "nunchaku" else ""))
+    code, _, err = run_cli(["bake-lora", source, "--lora", lora, "--rank", "32", "-o", roomy, "-q"])
+    assert code == 0, err
+    assert float((effective(roomy, name) - want).norm()) < plain / 15  # the branch re-rounded to BF16
+    code, _, err = run_cli(["bake-lora", source, "--lora", lora, "--rank", "24", "-o", tmp_path / "x"])
+    assert_one_line_error(code, err, "--rank 24")
