@@ -86,4 +86,4 @@ def test_demo(tmp_path, capsys):
     assert code == 0, err
     assert "tiny model" in out and "done:" in out
     reports = sorted((tmp_path / "demo" / "reports").glob("*/report.json"))
-    assert len(reports) == 4 and out.count("verify          ") == 4  # Q8_0, Q4_K_M, FP8, baked LoRA
+    assert len(reports) == 5 and out.count("verify          ") == 5  # Q8_0, Q4_K_M, FP8, SVDQuant, baked LoRA

@@ -44,6 +44,8 @@ def models(tmp_path_factory):
     # the reference model streams blocks: float32 weights of 26 blocks would add ~250 MB
     (["sample", "--synthetic-embeds", "--height", "64", "--width", "64", "--steps", "2", "--lora", "LORA"],
      ".safetensors"),
+    # one block in memory; the calibration statistics (64 rows per layer, ~0.9 MB a block here) are all kept
+    (["to-svdquant", "--rank", "16", "--grid", "2", "--lora", "LORA"], ".safetensors"),
 ])
 def test_peak_memory_does_not_grow_with_depth(tmp_path, models, command, suffix):
     peaks = []

@@ -56,4 +56,4 @@ def collect(source, options: SampleOptions, prompts: list, synthetic: int, *, ke
             if i == 0 and len(loaded) > 1:
                 took = time.monotonic() - start
                 echo(f"  prompt 1/{len(loaded)} took {took:.1f} s; about {took * len(loaded):.0f} s in all")
-    return provider.stats, {**options.to_json(), "prompts": len(loaded), "keep_rows": keep_rows}
+    return provider.recorded(), {**options.to_json(), "prompts": len(loaded), "keep_rows": keep_rows}

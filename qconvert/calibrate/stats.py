@@ -21,45 +21,63 @@ SUFFIXES = ("in_sq_mean", "in_absmax", "in_rows", "in_count")
 class Stat:
     sq_sum: torch.Tensor  # float64 [in]
     absmax: torch.Tensor  # float32 [in]
-    rows: torch.Tensor  # float32 [<= keep, in]
+    buffer: torch.Tensor  # float32 [keep, in]: the reservoir, its first min(seen, keep) rows filled
     seen: int = 0
+
+    @property
+    def rows(self) -> torch.Tensor:
+        return self.buffer[:min(self.seen, self.buffer.shape[0])]
 
 
 class RecordingProvider(DenseProvider):
-    """A dense provider whose linears also record their inputs (rows of the last dimension)."""
+    """A dense provider whose linears also record their inputs (rows of the last dimension).
+
+    Every statistic is allocated up front, at its final size, and updated in
+    place: allocated as the layers are first seen, the long-lived blocks land
+    above the large temporaries and keep the allocator from returning them,
+    so peak memory grew with the number of layers (by 10x the statistics'
+    own size at 512²).
+    """
 
     def __init__(self, source, *, keep_rows: int = 64, seed: int = 0, **kwargs):
         super().__init__(source, **kwargs)
-        self.stats: dict[str, Stat] = {}
         self.keep_rows = keep_rows
         self.generator = torch.Generator().manual_seed(seed)
+        self.stats: dict[str, Stat] = {}
+        for name, shape in source.shapes().items():
+            if qi.is_known(name) and name.endswith(".weight") and len(shape) == 2:
+                width = shape[1]
+                self.stats[name[:-len(".weight")]] = Stat(torch.zeros(width, dtype=torch.float64),
+                                                          torch.zeros(width), torch.zeros(keep_rows, width))
+
+    def recorded(self) -> dict[str, Stat]:
+        """The statistics of every layer that saw input."""
+        return {m: s for m, s in self.stats.items() if s.seen}
 
     def linear(self, module: str):
         inner = super().linear(module)
 
         def run(x: torch.Tensor) -> torch.Tensor:
-            self._record(module, x.detach().reshape(-1, x.shape[-1]).float().cpu())
+            self._record(module, x.detach().reshape(-1, x.shape[-1]))
             return inner(x)
         return run
 
-    def _record(self, module: str, rows: torch.Tensor) -> None:
-        stat = self.stats.get(module)
-        if stat is None:
-            n = rows.shape[1]
-            stat = self.stats[module] = Stat(torch.zeros(n, dtype=torch.float64), torch.zeros(n),
-                                             torch.zeros(0, n))
-        stat.sq_sum += rows.double().pow(2).sum(0)
-        stat.absmax = torch.maximum(stat.absmax, rows.abs().amax(0))
+    def _record(self, module: str, x: torch.Tensor) -> None:
+        stat = self.stats[module]
+        n, k = x.shape[0], self.keep_rows
+        xf = x.float()
+        stat.sq_sum += torch.sum(xf * xf, dim=0, dtype=torch.float64).cpu()
+        torch.maximum(stat.absmax, xf.abs().amax(0).cpu(), out=stat.absmax)
         # Reservoir sampling (Algorithm R): every row seen has the same chance to be kept; memory stays bounded.
-        n, k = rows.shape[0], self.keep_rows
-        index = torch.arange(stat.seen, stat.seen + n)
-        room = max(0, k - stat.rows.shape[0])
-        stat.rows = torch.cat([stat.rows, rows[:room]])
+        room = max(0, k - stat.seen)
+        take = min(room, n)
+        stat.buffer[stat.seen:stat.seen + take] = xf[:take].cpu()
         if n > room:
-            slots = (torch.rand(n - room, generator=self.generator, dtype=torch.float64)
-                     * (index[room:] + 1)).long()
-            for row, slot in zip(rows[room:][slots < k], slots[slots < k].tolist()):
-                stat.rows[slot] = row
+            index = torch.arange(stat.seen + room, stat.seen + n)
+            slots = (torch.rand(n - room, generator=self.generator, dtype=torch.float64) * (index + 1)).long()
+            hits = (slots < k).nonzero().flatten().tolist()
+            for i in hits:  # in order: a later row replaces an earlier one in the same slot
+                stat.buffer[int(slots[i])] = xf[room + i].cpu()
         stat.seen += n
 
 

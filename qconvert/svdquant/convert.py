@@ -305,7 +305,11 @@ def convert(source, output=None, options: SvdqOptions = SvdqOptions(), *, device
     if dry_run:
         return result
     start = time.monotonic()
-    stats = calibration(source, options, device, echo if not quiet else (lambda m: None))
+    say = echo if not quiet else (lambda m: None)
+    say(f"to-svdquant: {source.config.num_layers} blocks x 8 W4A4 layers x "
+        f"{len(algorithm.candidates(options.grid))} smoothing candidates each (an SVD and a 4-bit quantization "
+        f"per candidate), on {dev}; the time per block follows the first")
+    stats = calibration(source, options, device, say)
     found = write_svdquant(source, options, meta, stats, target, device=dev, quiet=quiet, echo=echo)
     written = target if options.layout == "nunchaku" else target / DIFFUSERS_WEIGHTS
     if written.stat().st_size != result["bytes"]:  # pragma: no cover - the writer checks every tensor
@@ -350,3 +354,18 @@ def format_report(r: dict) -> str:
                  f"rounding: {r['mean_plain_error']:.3g}), in {r['seconds']} s")
     lines.append(f"wrote {r['output']}")
     return "\n".join(lines + ["  " + h for h in load_hints(r)])
+
+
+# ------------------------------------------------------------------ demo
+
+def demo_step(model: Path, out: Path, quiet: bool, echo: Callable[[str], None]) -> list[Path]:
+    """``qconvert demo``: an INT4 rank-16 Nunchaku file of the tiny model (a quick search), and where it loads."""
+    from ..checkpoint import open_checkpoint
+
+    source = open_checkpoint(model)
+    options = SvdqOptions("int4", 16, grid=4, calib_prompts=1, calib_steps=2, calib_size=128)
+    r = convert(source, Path(out) / default_name(source, options), options, quiet=True)
+    echo(f"svdquant        {r['output']}  (INT4 rank 16, {r['bytes']:,} bytes; layer error {r['mean_layer_error']:.2g} "
+         f"vs plain 4-bit {r['mean_plain_error']:.2g})")
+    echo(f"                {load_hints(r)[0]}")
+    return [Path(r["output"])]
