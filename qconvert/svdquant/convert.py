@@ -336,7 +336,7 @@ def load_hints(r: dict) -> list[str]:
         lines = [f"diffusers: QwenImageTransformer2DModel.from_pretrained('{out}', torch_dtype=torch.bfloat16) "
                  "(quant_method nunchaku_lite: pip install kernels, DIFFUSERS_TRUST_REMOTE_KERNELS=true); "
                  f"{tag}; not on Hopper"]
-    if r["variant"] == "edit-2511":
+    if r["variant"] == "qwen-image-edit-2511":
         lines.append("Edit-2511 (zero_cond_t): diffusers' QwenImageTransformer2DModel runs it; ComfyUI-nunchaku "
                      "does not handle the index_timestep_zero reference method (its PR #790 was not merged): "
                      "check your nunchaku version before relying on it")

@@ -342,3 +342,26 @@ def test_bake_lora_into_an_svdquant_file(model, outputs, tmp_path, layout):
     assert float((effective(roomy, name) - want).norm()) < plain / 15  # the branch re-rounded to BF16
     code, _, err = run_cli(["bake-lora", source, "--lora", lora, "--rank", "24", "-o", tmp_path / "x"])
     assert_one_line_error(code, err, "--rank 24")
+
+
+def test_edit_2511_keeps_zero_cond_t_and_says_where_it_runs(tmp_path):
+    model = tiny.make_tiny(tmp_path / "e", layers=1, variant="edit-2511")
+    out = tmp_path / "e.safetensors"
+    code, stdout, err = run_cli(["to-svdquant", model, *FAST, "-o", out])
+    assert code == 0, err
+    assert "Edit-2511 (zero_cond_t)" in stdout and "ComfyUI-nunchaku" in stdout
+    with safe_open(out, "pt") as f:
+        assert json.loads(f.metadata()["config"])["zero_cond_t"] is True
+        assert "__index_timestep_zero__" not in f.keys()  # a marker, not a weight: Nunchaku's loader is strict
+    assert SVDQuantFile(out).config.zero_cond_t
+
+
+def test_nvfp4_is_closer_than_int4(outputs, model):
+    """NVFP4's finer groups (16, FP8 scales) beat INT4's (64): per-layer weight error, same rank and search."""
+    def mean_error(path):
+        f = SVDQuantFile(path)
+        names = [n for n in f.names() if n.endswith(".weight") and ("attn.to_" in n or "_mlp." in n)]
+        src = open_checkpoint(model)
+        errs = [float((f.load(n) - src.load(n).float()).norm() / src.load(n).float().norm()) for n in names]
+        return sum(errs) / len(errs)
+    assert mean_error(outputs["nunchaku", "nvfp4"]) < mean_error(outputs["nunchaku", "int4"])
