@@ -230,9 +230,18 @@ def to_gguf_cmd(source, level, policy, minimal_metadata, imatrix, output, dry_ru
 @click.option("--keep", multiple=True, metavar="GROUP[,GROUP]",
               help="comfy only: keep these block-linear groups in BF16, e.g. mod (img_mod/txt_mod, a third "
                    "of the model and the most sensitive), attn, mlp, qkv, v, mlp_down, or one role like txt_mod.")
+@click.option("--activations", type=click.Choice(["full-precision", "calibrated", "unit"]), default="full-precision",
+              show_default=True,
+              help="comfy only: how ComfyUI treats each layer's input on FP8 GPUs.  full-precision: a BF16 matmul "
+                   "(safe, Comfy-Org's choice).  calibrated: an FP8 matmul with input_scale from --calib.  unit: "
+                   "no scale (inputs beyond 448 saturate; the layout qconvert wrote before).")
+@click.option("--calib", type=click.Path(path_type=Path), default=None,
+              help="With --activations calibrated: statistics from qconvert calibrate.")
+@click.option("--margin", default=1.25, show_default=True,
+              help="With --activations calibrated: input_scale = margin * calibrated amax / 448.")
 @converter_options
-def to_fp8_cmd(source, layout, dtype, keep, output, dry_run, as_json, device, loras, ignore_unmatched, allow_extra,
-               quiet):
+def to_fp8_cmd(source, layout, dtype, keep, activations, calib, margin, output, dry_run, as_json, device, loras,
+               ignore_unmatched, allow_extra, quiet):
     """FP8 safetensors for ComfyUI (and diffusers, through qconvert's dequantizing loader).
 
     The default output name is SOURCE-fp8mixed-e4m3fn.safetensors (comfy), -fp8-e4m3fn-scaled (scaled) or
@@ -248,11 +257,15 @@ def to_fp8_cmd(source, layout, dtype, keep, output, dry_run, as_json, device, lo
     from .formats import fp8
 
     try:
-        options = fp8.make_options(layout, dtype, keep)
+        options = fp8.make_options(layout, dtype, keep, activations, margin)
     except QConvertError as exc:
         raise click.UsageError(str(exc)) from None
+    if (activations == "calibrated") != (calib is not None):
+        raise click.UsageError("--activations calibrated and --calib FILE go together")
     with open_source(source, loras=loras, ignore_unmatched=ignore_unmatched, allow_extra=allow_extra,
                      device=device) as src:
+        if calib is not None:
+            options = fp8.with_input_scales(options, src, calib)
         report = fp8.convert(src, output, options, device=device, dry_run=dry_run, quiet=quiet or as_json)
     if as_json:
         emit_json(report)
@@ -539,6 +552,10 @@ def calibrate_cmd(source, embeds, synthetic, height, width, steps, cfg, schedule
         emit_json(result)
     elif not quiet:
         echo(f"{'would write' if dry_run else 'wrote'} {target}")
+        if not dry_run:
+            over = result["beyond_fp8"]
+            echo(f"  {len(over)} block linear(s) saw inputs beyond ±448 (FP8 e4m3fn's range)"
+                 + (f", e.g. {', '.join(over[:3])}" if over else ""))
 
 
 def _safetensors_output(output, default: str) -> Path:

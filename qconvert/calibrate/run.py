@@ -23,7 +23,17 @@ def run_calibrate(source, options: SampleOptions, prompts: list, synthetic: int,
     info = provenance(source, fmt="calibration", options=settings)
     write_calibration(Path(output), stats, {"qconvert": provenance_json(info)})
     return {"command": "calibrate", "output": str(output), "layers": len(stats),
-            "seconds": round(time.monotonic() - start, 2), **settings}
+            "seconds": round(time.monotonic() - start, 2), "beyond_fp8": beyond_fp8(stats), **settings}
+
+
+FP8_E4M3_MAX = 448.0
+
+
+def beyond_fp8(stats: dict) -> list[str]:
+    """Block linears whose input reached beyond ±448: an FP8 (e4m3fn) activation with scale 1.0, which
+    ComfyUI uses when a layer has no input_scale, saturates there (spec comfy-quant.md §2.2)."""
+    return sorted(m for m, s in stats.items() if m.startswith("transformer_blocks.")
+                  and float(s.absmax.max()) > FP8_E4M3_MAX)
 
 
 def collect(source, options: SampleOptions, prompts: list, synthetic: int, *, keep_rows: int = 64,

@@ -102,7 +102,7 @@ def read_stats(path, source, modules: list[str]) -> dict[str, Stat]:
     try:
         for module in modules:
             width = shapes[f"{module}.weight"][-1]
-            metas = {s: header.tensors.get(f"{module}.{s}") for s in ("in_absmax", "in_rows", "in_count")}
+            metas = {s: header.tensors.get(f"{module}.{s}") for s in SUFFIXES}
             if any(m is None for m in metas.values()):
                 raise QConvertError(f"{path}: no statistics for {module}; was it made from this model "
                                     "(qconvert calibrate on the same source)?")
@@ -110,11 +110,18 @@ def read_stats(path, source, modules: list[str]) -> dict[str, Stat]:
                     or metas["in_rows"].shape[1] != width or not 1 <= metas["in_rows"].shape[0] <= 4096:
                 raise QConvertError(f"{path}: the statistics of {module} are for {metas['in_absmax'].shape} inputs; "
                                     f"this model's layer takes {width} (a calibration of another model?)")
+            if tuple(metas["in_sq_mean"].shape) != (width,) or tuple(metas["in_count"].shape) != () \
+                    or metas["in_count"].dtype != "I64":
+                raise QConvertError(f"{path}: {module}.in_sq_mean / in_count have the wrong shape or type")
             absmax = reader.read(metas["in_absmax"]).float()
             rows = reader.read(metas["in_rows"]).float()
-            if not (bool(torch.isfinite(absmax).all()) and bool(torch.isfinite(rows).all())) or bool((absmax < 0).any()):
-                raise QConvertError(f"{path}: the statistics of {module} hold negative or non-finite values")
-            out[module] = Stat(torch.zeros(0, dtype=torch.float64), absmax, rows, int(rows.shape[0]))
+            sq_mean = reader.read(metas["in_sq_mean"]).double()
+            count = int(reader.read(metas["in_count"]))
+            finite = all(bool(torch.isfinite(t).all()) for t in (absmax, rows, sq_mean))
+            if not finite or bool((absmax < 0).any()) or bool((sq_mean < 0).any()) or count < rows.shape[0]:
+                raise QConvertError(f"{path}: the statistics of {module} hold negative, non-finite or "
+                                    "inconsistent values")
+            out[module] = Stat(sq_mean * count, absmax, rows, count)
     finally:
         reader.close()
     return out

@@ -10,8 +10,16 @@ Layouts (``--format``; facts from shared/specs/fp8-lora-sampler.md §3-§5):
     written with ``json.dumps``' default separators, byte for byte what
     ComfyUI's own ``convert_old_quants`` injects; ComfyUI reads it with
     ``json.loads``, so the spacing is cosmetic but matching costs nothing.
-    No ``input_scale``: without calibration ComfyUI's dynamic activation
-    scale is the right choice.  By default the 840 block linears are
+    Activations (``--activations``; spec comfy-quant.md §2.2, §7.2): ComfyUI
+    quantizes a layer's input with scale ``input_scale``, **1.0 when absent**,
+    on GPUs with native FP8 (sm ≥ 8.9), so inputs beyond ±448 saturate.
+    ``full-precision`` (default) adds ``"full_precision_matrix_mult": true``
+    to each layer's JSON, as Comfy-Org's exporter does: ComfyUI dequantizes
+    and runs a BF16 matmul.  ``calibrated`` writes ``input_scale = margin ·
+    amax / 448`` from ``qconvert calibrate`` statistics and keeps the flag on
+    layers whose typical input would fall below FP8's normal range under that
+    static scale.  ``unit`` is the layout qconvert wrote before (no flag, no
+    scale), for comparisons only.  By default the 840 block linears are
     quantized; ``--keep mod`` (any ``ROLE_GROUPS`` name) keeps groups in BF16.
     Everything else (biases, norms, img_in/txt_in, timestep MLP, norm_out,
     proj_out) is BF16.  Needs a ComfyUI recent enough to read ``comfy_quant``.
@@ -132,11 +140,27 @@ _BY_ST_TYPE = {t.st_type: t for t in FP8_TYPES.values()}
 
 # ------------------------------------------------------------------ options
 
+ACTIVATION_MODES = ("full-precision", "calibrated", "unit")
+FULL_PRECISION = "full_precision_matrix_mult"
+INPUT_SCALE = "input_scale"
+
+
 @dataclass(frozen=True)
 class Fp8Options:
     layout: str = "comfy"
     dtype: str = "e4m3fn"
     keep: tuple = ()  # ROLE_GROUPS names kept in BF16 (comfy layout only), sorted
+    activations: str = "full-precision"  # comfy layout: how ComfyUI treats each layer's input (module docstring)
+    input_scales: tuple = ()  # calibrated: ((layer, input_scale or None for full precision), ...), sorted
+    margin: float = 1.25
+
+    def layer_config(self, layer: str) -> tuple[dict, float | None]:
+        """(the layer's comfy_quant JSON object, its input_scale or None)."""
+        conf = {"format": self.fp8.comfy_format}
+        scale = dict(self.input_scales).get(layer) if self.activations == "calibrated" else None
+        if self.activations == "full-precision" or (self.activations == "calibrated" and scale is None):
+            conf[FULL_PRECISION] = True
+        return conf, scale
 
     @property
     def fp8(self) -> Fp8Type:
@@ -146,13 +170,25 @@ class Fp8Options:
         return frozenset().union(*(qi.ROLE_GROUPS[g] for g in self.keep))
 
     def to_json(self) -> dict:
-        return {"layout": self.layout, "dtype": self.dtype, "keep": list(self.keep),
+        extra = {"activations": self.activations} if self.layout == "comfy" else {}
+        if self.activations == "calibrated" and self.layout == "comfy":
+            extra.update(margin=self.margin, full_precision_layers=sum(1 for _, v in self.input_scales if v is None))
+        return {"layout": self.layout, "dtype": self.dtype, "keep": list(self.keep), **extra,
                 "scale": "per-tensor amax/max" if self.layout != "plain" else "none",
                 "rounding": "nearest-even, clamped to the format's range"}
 
 
-def make_options(layout: str = "comfy", dtype: str = "e4m3fn", keep: Iterable[str] = ()) -> Fp8Options:
-    """Validated options; ``keep`` items may be comma-separated ("mod,v")."""
+def make_options(layout: str = "comfy", dtype: str = "e4m3fn", keep: Iterable[str] = (),
+                 activations: str = "full-precision", margin: float = 1.25) -> Fp8Options:
+    """Validated options; ``keep`` items may be comma-separated ("mod,v").  Calibrated input scales are
+    added by ``with_input_scales`` once the source is open."""
+    if activations not in ACTIVATION_MODES:
+        raise QConvertError(f"--activations {activations}: choose {', '.join(ACTIVATION_MODES)}")
+    if activations != "full-precision" and layout != "comfy":
+        raise QConvertError(f"--activations {activations} needs --format comfy (the {layout} layout has no "
+                            "per-layer activation settings)")
+    if not 1.0 <= margin <= 16:
+        raise QConvertError(f"--margin {margin}: give 1 to 16 (the calibrated maximum is multiplied by it)")
     if layout not in LAYOUTS:
         raise QConvertError(f"unknown FP8 layout {layout!r}; choose from {', '.join(LAYOUTS)}")
     if dtype not in FP8_TYPES:
@@ -168,7 +204,32 @@ def make_options(layout: str = "comfy", dtype: str = "e4m3fn", keep: Iterable[st
     if layout == "scaled" and dtype != "e4m3fn":
         raise QConvertError("--format scaled supports only --dtype e4m3fn: current ComfyUI reads every legacy "
                             "scaled file as e4m3fn; use --format comfy for e5m2")
-    return Fp8Options(layout, dtype, tuple(groups))
+    return Fp8Options(layout, dtype, tuple(groups), activations, (), margin)
+
+
+# Under a static scale s = margin·amax/M a typical input (its RMS) lands at M·rms/(margin·amax); below the
+# format's smallest normal it keeps fewer than the mantissa's bits, so such layers keep full precision.
+def static_scale_holds(amax: float, rms: float, fp8: Fp8Type, margin: float) -> bool:
+    smallest_normal = float(torch.finfo(fp8.dtype).smallest_normal)
+    return amax > 0 and fp8.max * rms / (margin * amax) >= smallest_normal
+
+
+def with_input_scales(options: Fp8Options, source, calib) -> Fp8Options:
+    """``calibrated`` options with each quantized layer's input_scale (None: full precision) from ``calib``."""
+    from dataclasses import replace
+
+    from ..calibrate.stats import read_stats
+
+    layers = sorted(qi.describe(n).module for n in quantized_names(source, options))
+    stats = read_stats(calib, source, layers)
+    scales = []
+    for layer in layers:
+        st = stats[layer]
+        amax = float(st.absmax.max())
+        rms = float((st.sq_sum / max(st.seen, 1)).mean().sqrt())
+        holds = static_scale_holds(amax, rms, options.fp8, options.margin)
+        scales.append((layer, options.margin * amax / options.fp8.max if holds else None))
+    return replace(options, input_scales=tuple(scales))
 
 
 # --------------------------------------------------------------------- plan
@@ -209,9 +270,9 @@ class Fp8Plan:
         return safetensors_size(self.entries, self.metadata)
 
 
-def comfy_quant_config(fp8: Fp8Type) -> bytes:
+def comfy_quant_config(conf: dict) -> bytes:
     """``<layer>.comfy_quant`` contents, as ComfyUI writes them (json.dumps defaults)."""
-    return json.dumps({"format": fp8.comfy_format}).encode("utf-8")
+    return json.dumps(conf).encode("utf-8")
 
 
 def quantized_names(source, options: Fp8Options) -> set[str]:
@@ -284,8 +345,12 @@ def plan_fp8(source, options: Fp8Options, *, dry_run: bool = False) -> Fp8Plan:
             rows.append(_row(name, name, meta.shape, fp8.st_type, role, How.QUANTIZE, scale))
             rows.append(_row(name, scale, (), SCALE_TYPE, "scale", How.SCALE))
             if options.layout == "comfy":
+                conf, input_scale = options.layer_config(layer)
                 blob = f"{layer}.{COMFY_QUANT}"
-                rows.append(_row(blob, blob, (len(comfy_quant_config(fp8)),), "U8", "comfy_quant", How.CONST))
+                rows.append(_row(blob, blob, (len(comfy_quant_config(conf)),), "U8", "comfy_quant", How.CONST))
+                if input_scale is not None:
+                    key = f"{layer}.{INPUT_SCALE}"
+                    rows.append(_row(key, key, (), SCALE_TYPE, "input_scale", How.CONST))
         elif _passes_through(name):
             rows.append(_row(name, name, meta.shape, meta.dtype, role, How.CAST))
         else:
@@ -340,9 +405,12 @@ def cast_to(weight: torch.Tensor, out_type: str, fp8: Fp8Type) -> torch.Tensor:
     return weight.to(DTYPES[out_type][1])
 
 
-def const_tensor(p: TensorPlan, fp8: Fp8Type) -> torch.Tensor:
+def const_tensor(p: TensorPlan, options: Fp8Options) -> torch.Tensor:
+    layer = p.out_name.rsplit(".", 1)[0]
     if p.role == "comfy_quant":
-        return torch.frombuffer(bytearray(comfy_quant_config(fp8)), dtype=torch.uint8)
+        return torch.frombuffer(bytearray(comfy_quant_config(options.layer_config(layer)[0])), dtype=torch.uint8)
+    if p.role == "input_scale":
+        return torch.tensor(options.layer_config(layer)[1], dtype=torch.float32)
     return torch.zeros(p.shape, dtype=DTYPES[p.out_type][1])
 
 
@@ -366,7 +434,7 @@ def write_fp8(source, plan: Fp8Plan, target: str | os.PathLike, *, device: str |
                 slots[p.out_name] = f.tell()
                 writer.write(p.out_name, torch.zeros((), dtype=torch.float32))  # filled in below
             elif row.how is How.CONST:
-                writer.write(p.out_name, const_tensor(p, fp8))
+                writer.write(p.out_name, const_tensor(p, plan.options))
             else:
                 _, weight = next(weights)                 # in plan order, read ahead
                 check_finite(p.name, weight)
@@ -457,7 +525,10 @@ def _diffusers_config(source) -> str:
 
 _LOAD_HINTS = {
     "comfy": ("ComfyUI: put it in ComfyUI/models/diffusion_models/ and load it with Load Diffusion Model "
-              "(weight_dtype default); needs a ComfyUI that reads comfy_quant layers, else use --format scaled"),
+              "(weight_dtype default); needs a ComfyUI with comfy_quant support (newer than 0.3.64: older "
+              "releases load it without complaint but use the FP8 weights unscaled, which gives noise; only a "
+              "log line mentions the unexpected comfy_quant/weight_scale keys); for old ComfyUI use --format "
+              "scaled"),
     "scaled": ("ComfyUI (old and new): put it in ComfyUI/models/diffusion_models/ and load it with "
                "Load Diffusion Model (weight_dtype default)"),
     "plain": ("ComfyUI: put it in ComfyUI/models/diffusion_models/ and load it with Load Diffusion Model; "

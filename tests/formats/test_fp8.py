@@ -71,9 +71,10 @@ def test_comfy_layout(outputs, source):
         assert scale == source[name].float().abs().max() / 448
         blob = tensors[f"{layer}.comfy_quant"]
         assert blob.dtype == torch.uint8 and blob.dim() == 1
-        # Byte for byte what ComfyUI's convert_old_quants writes (json.dumps defaults).
-        assert blob.numpy().tobytes() == b'{"format": "float8_e4m3fn"}'
-        assert json.loads(blob.numpy().tobytes()) == {"format": "float8_e4m3fn"}
+        # json.dumps defaults, as ComfyUI saves it; full precision by default (ComfyUI would otherwise quantize
+        # the input with scale 1.0 on FP8 GPUs and saturate it at 448: spec comfy-quant.md §2.2)
+        assert blob.numpy().tobytes() == b'{"format": "float8_e4m3fn", "full_precision_matrix_mult": true}'
+        assert f"{layer}.input_scale" not in tensors
     for name in set(source) - quantized:  # biases, norms, embeddings, final layers: BF16, untouched
         assert tensors[name].dtype == torch.bfloat16 and torch.equal(tensors[name], source[name]), name
     info = json.loads(metadata["qconvert"])
@@ -127,7 +128,7 @@ def test_e5m2(outputs, source):
     name = "transformer_blocks.1.img_mlp.net.2.weight"
     assert tensors[name].dtype == torch.float8_e5m2
     assert tensors["transformer_blocks.1.img_mlp.net.2.comfy_quant"].numpy().tobytes() == \
-        b'{"format": "float8_e5m2"}'
+        b'{"format": "float8_e5m2", "full_precision_matrix_mult": true}'
     assert tensors["transformer_blocks.1.img_mlp.net.2.weight_scale"] == source[name].float().abs().max() / 57344
 
 
@@ -415,3 +416,50 @@ def test_inspect_names_each_layout(outputs, tmp_path):
     edit = tiny.make_tiny_single_file(tmp_path / "e.safetensors", layers=1, variant="edit-2511")
     summary = inspect_path(convert(edit, tmp_path / "ep.safetensors", layout="plain"))
     assert "plain fp8 cast" in summary["format"] and summary["variant"] == "qwen-image-edit-2511"
+
+
+# ----------------------------------------------------- activation modes
+
+def test_activation_modes(tmp_path, capsys):
+    from qconvert.calibrate.stats import read_stats
+    from qconvert.formats.fp8 import static_scale_holds, FP8_TYPES
+    from tests.cli_helpers import run
+
+    model = tiny.make_tiny(tmp_path / "m", layers=2)
+    calib = tmp_path / "calib.safetensors"
+    code, out, err = run(["calibrate", model, "--synthetic", "1", "--height", 128, "--width", 128, "--steps", 2,
+                          "-o", calib], capsys)
+    assert code == 0 and "saw inputs beyond ±448" in out, err
+    paths = {}
+    for mode, extra in (("unit", []), ("calibrated", ["--calib", calib, "--margin", "1.5"])):
+        paths[mode] = tmp_path / f"{mode}.safetensors"
+        code, _, err = run(["to-fp8", model, "--activations", mode, *extra, "-o", paths[mode], "-q"], capsys)
+        assert code == 0, err
+    unit = load_file(paths["unit"])
+    layer = "transformer_blocks.1.attn.to_q"
+    assert unit[f"{layer}.comfy_quant"].numpy().tobytes() == b'{"format": "float8_e4m3fn"}'
+    calibrated = load_file(paths["calibrated"])
+    source = open_checkpoint(model)
+    layers = sorted({qi.describe(n).module for n in block_linears(source.tensors)})
+    stats = read_stats(calib, source, layers)
+    static = 0
+    for name in layers:
+        conf = json.loads(calibrated[f"{name}.comfy_quant"].numpy().tobytes())
+        st = stats[name]
+        amax, rms = float(st.absmax.max()), float((st.sq_sum / st.seen).mean().sqrt())
+        if static_scale_holds(amax, rms, FP8_TYPES["e4m3fn"], 1.5):
+            static += 1
+            assert conf == {"format": "float8_e4m3fn"}
+            assert float(calibrated[f"{name}.input_scale"]) == pytest.approx(1.5 * amax / 448, rel=1e-6)
+        else:
+            assert conf["full_precision_matrix_mult"] is True and f"{name}.input_scale" not in calibrated
+    assert static > 0
+    code, _, err = run(["verify", paths["calibrated"], "--reference", model, "--report", tmp_path / "r",
+                        "--height", 32, "--width", 32, "--steps", 2, "--no-decode"], capsys)
+    assert code == 0, err  # the loader reads input_scale beside the weights
+    assert not static_scale_holds(1e6, 1.0, FP8_TYPES["e4m3fn"], 1.0)  # typical input below e4m3's normals
+    code, _, err = run(["to-fp8", model, "--activations", "calibrated", "-o", tmp_path / "x.safetensors"], capsys)
+    assert code == 2 and "--calib" in err
+    code, _, err = run(["to-fp8", model, "--format", "plain", "--activations", "unit", "-o",
+                        tmp_path / "x.safetensors"], capsys)
+    assert code == 2 and "needs --format comfy" in err
