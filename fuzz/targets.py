@@ -432,6 +432,13 @@ def _fp8_seeds(work: Path) -> list[bytes]:
         for layout in fp8.LAYOUTS:
             r = fp8.convert(src, work / f"{layout}.safetensors", fp8.make_options(layout), quiet=True)
             out.append(Path(r["output"]).read_bytes())
+    # ComfyUI's block formats (the loader decodes them for verify): a model whose inputs allow ConvRot
+    from qconvert.formats import comfy
+
+    with open_checkpoint(tiny.make_tiny(work / "wide", **SVDQ_TINY)) as src:
+        for fmt in ("nvfp4", "mxfp8", "int8", "int8-tensor"):
+            r = comfy.convert(src, work / f"{fmt}.safetensors", comfy.make_options(fmt), quiet=True)
+            out.append(Path(r["output"]).read_bytes())
     # ComfyUI's other spelling: layer configs in __metadata__, keys under model.diffusion_model.
     tensors = dict(fp8.iter_dequantized(work / "comfy.safetensors", dtype=torch_bf16()))
     layers = {}

@@ -273,6 +273,46 @@ def to_fp8_cmd(source, layout, dtype, keep, activations, calib, margin, output, 
         echo(fp8.format_report(report))
 
 
+# [to-comfy]
+
+@cli.command("to-comfy")
+@click.argument("source")
+@click.option("--format", "fmt", type=click.Choice(["fp8", "nvfp4", "mxfp8", "int8", "int8-row", "int8-tensor"]),
+              default="nvfp4", show_default=True,
+              help="nvfp4 (RTX 50), mxfp8 (Blackwell), int8 (row-wise with ConvRot; int8-row, int8-tensor "
+                   "without), fp8 (= to-fp8 --format comfy).")
+@click.option("--keep", multiple=True, metavar="GROUP[,GROUP]", help="Keep these block-linear groups in BF16.")
+@converter_options
+def to_comfy_cmd(source, fmt, keep, output, dry_run, as_json, device, loras, ignore_unmatched, allow_extra, quiet):
+    """ComfyUI per-layer quantized safetensors: NVFP4, MXFP8, INT8 with ConvRot (and FP8), byte for byte
+    what comfy-kitchen's quantizers make, streamed tensor by tensor.
+
+    \b
+    qconvert to-comfy ./qwen-image --format nvfp4
+    qconvert to-comfy ./qwen-image --format int8 --lora lightning.safetensors
+    qconvert to-comfy ./qwen-image --format mxfp8 --keep mod --dry-run --json
+    """
+    if fmt == "fp8":
+        ctx = click.get_current_context()
+        ctx.invoke(to_fp8_cmd, source=source, layout="comfy", dtype="e4m3fn", keep=keep, activations="full-precision",
+                   calib=None, margin=1.25, output=output, dry_run=dry_run, as_json=as_json, device=device,
+                   loras=loras, ignore_unmatched=ignore_unmatched, allow_extra=allow_extra, quiet=quiet)
+        return
+    from .formats import comfy
+
+    try:
+        options = comfy.make_options(fmt, keep)
+    except QConvertError as exc:
+        raise click.UsageError(str(exc)) from None
+    with open_source(source, loras=loras, ignore_unmatched=ignore_unmatched, allow_extra=allow_extra,
+                     device=device) as src:
+        report = comfy.convert(src, output, options, device=device, dry_run=dry_run, quiet=quiet or as_json)
+    if as_json:
+        emit_json(report)
+    elif dry_run or not quiet:
+        echo(comfy.format_report(report))
+
+
 # [to-svdquant]
 
 @cli.command("to-svdquant")

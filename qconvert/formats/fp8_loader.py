@@ -63,7 +63,7 @@ def _comfy_layers(path: Path, metadata: Mapping, read: Callable[[str], torch.Ten
         if not isinstance(found, dict):
             raise CheckpointError(f"{where}: must be an object with a \"layers\" object")
         for layer, conf in found.items():
-            layers[layer] = _layer_format(f"{where}: layer {untrusted.shown(layer)}", conf)
+            layers[layer] = _layer_format(f"{where}: layer {untrusted.shown(layer)}", conf), conf
     for key in keys:
         if key.endswith("." + COMFY_QUANT):
             meta = header[key]
@@ -72,7 +72,7 @@ def _comfy_layers(path: Path, metadata: Mapping, read: Callable[[str], torch.Ten
                 raise CheckpointError(f"{where}: a layer config must be U8 bytes of JSON (at most "
                                       f"{LAYER_CONFIG_MAX_BYTES:,}), not {meta.dtype} {list(meta.shape)}")
             conf = untrusted.load_json(read(key).numpy().tobytes(), where, LAYER_CONFIG_LIMITS)
-            layers[key[len(prefix): -len(COMFY_QUANT) - 1]] = _layer_format(where, conf)
+            layers[key[len(prefix): -len(COMFY_QUANT) - 1]] = _layer_format(where, conf), conf
     return layers
 
 
@@ -99,6 +99,7 @@ class FP8File:
         # one tensor however large the file.  An FP8 file is no conversion source,
         # so it is not validated as one (no config needed).
         self._reader = Checkpoint(self.path, "single-file", None, header.tensors, header.metadata)
+        # weight key -> its dequantization: a per-tensor FP8 scale, or a decoder of a block format
         self._scales = {key: scale for key, (_, scale) in
                         _scaled_weights(self.path, header, self._reader, self.prefix).items()}
 
@@ -116,7 +117,12 @@ class FP8File:
         if key not in self._reader.tensors:
             raise CheckpointError(f"{self.path}: no tensor {untrusted.shown(name)}")
         tensor = self._reader.load(key)
-        return tensor.to(torch.float32) * self._scales[key] if key in self._scales else tensor
+        scale = self._scales.get(key)
+        if scale is None:
+            return tensor
+        if callable(scale):
+            return scale(tensor)
+        return tensor.to(torch.float32) * scale
 
     def close(self) -> None:
         self._reader.close()
@@ -168,8 +174,14 @@ def _scaled_weights(path: Path, header, reader, prefix: str) -> dict[str, tuple[
     layout = _layout({k: header.tensors[k] for k in keys}, header.metadata)
     found = {}
     if layout == "comfy":
-        for layer, fmt in _comfy_layers(path, header.metadata, reader.load, header.tensors, keys, prefix).items():
-            found[f"{prefix}{layer}.weight"] = (fmt, _comfy_scale(path, prefix + layer, fmt, reader, header.tensors))
+        for layer, (fmt, conf) in _comfy_layers(path, header.metadata, reader.load, header.tensors, keys,
+                                                prefix).items():
+            if fmt in BLOCK_FORMATS:
+                decode = block_decoder(path, prefix + layer, fmt, conf, reader, header.tensors)
+                found[f"{prefix}{layer}.weight"] = (fmt, decode)
+            else:
+                found[f"{prefix}{layer}.weight"] = (fmt, _comfy_scale(path, prefix + layer, fmt, reader,
+                                                                      header.tensors))
     elif layout == "scaled":
         for key in keys:
             if key.endswith("." + SCALE_WEIGHT):
@@ -178,6 +190,74 @@ def _scaled_weights(path: Path, header, reader, prefix: str) -> dict[str, tuple[
                 fp8 = _BY_ST_TYPE.get(header.tensors[weight].dtype, _E4M3)
                 found[weight] = ("scaled " + fp8.comfy_format, scale)
     return found
+
+
+BLOCK_FORMATS = ("nvfp4", "mxfp8", "int8_tensorwise")
+
+
+def block_decoder(path: Path, layer: str, fmt: str, conf: dict, reader, header) -> Callable:
+    """A checked layer of ComfyUI's NVFP4, MXFP8 or INT8 format: a function of its stored weight giving the
+    float32 weight ComfyUI dequantizes (spec comfy-quant.md §5).  Shapes, dtypes and scales are checked here."""
+    from . import comfy_codecs as codecs
+
+    where = f"{path}: layer {untrusted.shown(layer)}"
+    meta = {s: header.get(f"{layer}.{s}") for s in ("weight", "weight_scale", "weight_scale_2")}
+    w = meta["weight"]
+    if w is None or meta["weight_scale"] is None:
+        raise CheckpointError(f"{where} is {fmt} but lacks its weight or weight_scale tensor")
+    if len(w.shape) != 2:
+        raise CheckpointError(f"{where}: the weight must be 2-D, not {list(w.shape)}")
+    rows = w.shape[0]
+    block = {"nvfp4": codecs.NVFP4_BLOCK, "mxfp8": codecs.MXFP8_BLOCK}.get(fmt)
+    cols = w.shape[1] * (2 if fmt == "nvfp4" else 1)
+    want = {"nvfp4": ("U8",), "mxfp8": ("F8_E4M3",), "int8_tensorwise": ("I8",)}[fmt]
+    if w.dtype not in want:
+        raise CheckpointError(f"{where} says {fmt} but its weight is {w.dtype}, not {want[0]}")
+    scale = meta["weight_scale"]
+    if block is not None:
+        grid = (128 * -(-rows // 128), 4 * -(-(cols // block) // 4))
+        if cols % block or tuple(scale.shape) != grid or scale.dtype not in ("U8", "F8_E4M3"):
+            raise CheckpointError(f"{where}: weight_scale is {scale.dtype} {list(scale.shape)}; a {fmt} weight of "
+                                  f"{rows}x{cols} needs an 8-bit {list(grid)} block grid")
+    shape = (rows, cols)
+    if fmt == "nvfp4":
+        g = _scalar(path, f"{layer}.weight_scale_2", reader, header)
+        return lambda q: codecs.decode_nvfp4({"weight": q, "weight_scale": reader.load(f"{layer}.weight_scale"),
+                                              "weight_scale_2": g}, shape)
+    if fmt == "mxfp8":
+        return lambda q: codecs.decode_mxfp8({"weight": q, "weight_scale": reader.load(f"{layer}.weight_scale")},
+                                             shape)
+    if scale.dtype != "F32" or tuple(scale.shape) not in ((), (rows, 1)):
+        raise CheckpointError(f"{where}: an int8 weight_scale must be F32 [] or [{rows}, 1], not {scale.dtype} "
+                              f"{list(scale.shape)} (a 1-D per-row scale would scale columns)")
+    params = conf.get("params") if isinstance(conf.get("params"), dict) else conf
+    convrot = params.get("convrot", False)
+    group = params.get("convrot_groupsize", codecs.CONVROT_GROUP)
+    if not isinstance(convrot, bool) or type(group) is not int or not 4 <= group <= 4096 \
+            or not _power_of_4(group) or cols % group:
+        raise CheckpointError(f"{where}: convrot {untrusted.shown(convrot, 20)} with group "
+                              f"{untrusted.shown(group, 20)}: the group must be a power of 4 dividing {cols}")
+    s = reader.load(f"{layer}.weight_scale").float()
+    if not bool(torch.isfinite(s).all()) or bool((s < 0).any()):
+        raise CheckpointError(f"{where}: weight_scale holds negative or non-finite values")
+    return lambda q: codecs.decode_int8({"weight": q, "weight_scale": s}, shape, {"convrot": convrot,
+                                                                                  "convrot_groupsize": group})
+
+
+def _power_of_4(n: int) -> bool:
+    while n % 4 == 0 and n > 1:
+        n //= 4
+    return n == 1
+
+
+def _scalar(path: Path, key: str, reader, header) -> torch.Tensor:
+    meta = header.get(key)
+    if meta is None or meta.dtype not in FLOAT_SCALE_TYPES or meta.numel != 1:
+        raise CheckpointError(f"{path}: {untrusted.shown(key)} must be one float")
+    value = reader.load(key).float().reshape(())
+    if not bool(torch.isfinite(value)) or float(value) < 0:
+        raise CheckpointError(f"{path}: {untrusted.shown(key)} is {float(value)}; it must be finite and >= 0")
+    return value
 
 
 def _comfy_scale(path: Path, layer: str, fmt: str, reader, header) -> torch.Tensor:

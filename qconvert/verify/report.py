@@ -62,6 +62,10 @@ def open_output(path) -> tuple[object, str]:
         from ..formats.fp8_loader import fp8_layout
 
         layout = fp8_layout(p)
+        if layout == "comfy":
+            from ..formats.fp8_loader import layer_formats
+
+            return FP8Weights(p), "comfy-" + "+".join(layer_formats(p)) if layer_formats(p) else "comfy"
         if layout != "none":
             return FP8Weights(p), f"fp8-{layout}"
     return open_checkpoint(p), "checkpoint"

@@ -1,0 +1,264 @@
+"""``qconvert to-comfy``: ComfyUI's per-layer formats NVFP4, MXFP8 and INT8 (± ConvRot), streamed.
+
+Every quantized linear ``L`` gets its format's tensors (``comfy_codecs``) and
+``L.comfy_quant``, the UTF-8 JSON ComfyUI's loader parses
+(``json.dumps`` defaults, as ComfyUI saves it); everything else is BF16, so
+formats mix per layer (spec comfy-quant.md §2).  FP8 goes through ``to-fp8``
+(``--format fp8`` here calls it).
+
+Layer policy (spec §4.1): comfy-quants' lists: every block linear but
+``transformer_blocks.0.img_mod.1`` (839) for NVFP4 and MXFP8, all 840 for
+INT8; ``--keep GROUP`` keeps more in BF16.
+
+File order: by element size, then name, as the safetensors library writes;
+F32 scales therefore precede their weights and are written as placeholders,
+filled once the weight is encoded, so the source is read once, tensor by
+tensor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import DTYPES
+from ..errors import QConvertError
+from ..io import SafetensorsWriter, atomic_output, safetensors_size, tensor_bytes
+from ..models import qwen_image as qi
+from ..pipeline import check_finite, parse_device, prefetched, progress, provenance, provenance_json
+from . import comfy_codecs as codecs
+
+FORMATS = ("nvfp4", "mxfp8", "int8", "int8-row", "int8-tensor")
+FIRST_MODULATION = "transformer_blocks.0.img_mod.1"  # comfy-quants keeps it BF16 in every FP format
+# What each format needs of ComfyUI (spec §1: the commits that added them; comfy-kitchen for the kernels)
+MIN_COMFYUI = {
+    "nvfp4": "ComfyUI with nvfp4 (Jan 2026, #11635); native on RTX 50 / Blackwell, dequantized elsewhere",
+    "mxfp8": "ComfyUI with mxfp8 (Mar 2026, #12907) and comfy-kitchen with MXFP8 (else KeyError 'mxfp8'); "
+             "native on Blackwell with torch >= 2.10, dequantized elsewhere",
+    "int8": "ComfyUI with int8_tensorwise and ConvRot (Jun 2026, #14636); INT8 matmuls from Turing (sm 7.5) on",
+}
+HIGH = "BF16"
+
+
+@dataclass(frozen=True)
+class ComfyOptions:
+    fmt: str = "nvfp4"
+    keep: tuple = ()
+
+    def kept_roles(self) -> frozenset:
+        return frozenset().union(*(qi.ROLE_GROUPS[g] for g in self.keep))
+
+    def to_json(self) -> dict:
+        return {"format": self.fmt, "keep": list(self.keep)}
+
+    @property
+    def family(self) -> str:
+        return "int8" if self.fmt.startswith("int8") else self.fmt
+
+
+def make_options(fmt: str, keep=()) -> ComfyOptions:
+    if fmt not in FORMATS:
+        raise QConvertError(f"--format {fmt}: choose {', '.join(FORMATS)} (FP8: qconvert to-fp8)")
+    groups = sorted({g.strip() for item in keep for g in item.split(",") if g.strip()})
+    unknown = [g for g in groups if g not in qi.ROLE_GROUPS]
+    if unknown:
+        raise QConvertError(f"--keep: unknown group(s) {', '.join(unknown)}; valid groups are "
+                            f"{', '.join(sorted(qi.ROLE_GROUPS))}")
+    return ComfyOptions(fmt, tuple(groups))
+
+
+def quantized_layers(source, options: ComfyOptions) -> list[str]:
+    kept = options.kept_roles()
+    out = []
+    for name in source.tensors:
+        if not qi.is_known(name):
+            continue
+        info = qi.describe(name)
+        if not info.is_block_linear or info.role in kept:
+            continue
+        if info.module == FIRST_MODULATION and options.family != "int8":
+            continue
+        out.append(info.module)
+    return sorted(out)
+
+
+# -------------------------------------------------------------------- plan
+
+def layer_entries(layer: str, shape: tuple, options: ComfyOptions) -> list[tuple[str, str, tuple]]:
+    """The stored (name, dtype, shape) of one quantized layer, from its weight's shape alone."""
+    rows, cols = shape
+    conf = _json(options)
+    out = [(f"{layer}.comfy_quant", "U8", (len(conf),))]
+    grid = lambda block: (128 * -(-rows // 128), 4 * -(-(cols // block) // 4))  # noqa: E731
+    if options.fmt == "nvfp4":
+        out += [(f"{layer}.weight", "U8", (rows, cols // 2)),
+                (f"{layer}.weight_scale", "F8_E4M3", grid(codecs.NVFP4_BLOCK)),
+                (f"{layer}.weight_scale_2", "F32", ())]
+    elif options.fmt == "mxfp8":
+        out += [(f"{layer}.weight", "F8_E4M3", (rows, cols)),
+                (f"{layer}.weight_scale", "U8", grid(codecs.MXFP8_BLOCK))]
+    else:
+        scale = () if options.fmt == "int8-tensor" else (rows, 1)
+        out += [(f"{layer}.weight", "I8", (rows, cols)), (f"{layer}.weight_scale", "F32", scale)]
+    return out
+
+
+CONFIGS = {"nvfp4": {"format": "nvfp4"}, "mxfp8": {"format": "mxfp8"},
+           "int8": {"format": "int8_tensorwise", "convrot": True, "convrot_groupsize": codecs.CONVROT_GROUP},
+           "int8-row": {"format": "int8_tensorwise"}, "int8-tensor": {"format": "int8_tensorwise"}}
+
+
+def _json(options: ComfyOptions) -> bytes:
+    """The stock ComfyUI JSON (never the INT8-Fast node's, which has no "format" and stock ComfyUI refuses)."""
+    return json.dumps(CONFIGS[options.fmt]).encode("utf-8")
+
+
+def _encoder(options: ComfyOptions):
+    return codecs.FORMATS[options.fmt]
+
+
+def check_shapes(source, layers: list[str], options: ComfyOptions) -> None:
+    need = {"nvfp4": codecs.NVFP4_BLOCK, "mxfp8": codecs.MXFP8_BLOCK, "int8": codecs.CONVROT_GROUP}.get(options.fmt, 1)
+    for layer in layers:
+        cols = source.tensors[f"{layer}.weight"].shape[1]
+        if cols % need:
+            raise QConvertError(f"{layer}: {cols} inputs are not a multiple of {need}, which {options.fmt} needs "
+                                "(every Qwen-Image linear is; a tiny test model needs --head-dim 64 or more)")
+
+
+def plan(source, options: ComfyOptions, *, dry_run: bool = False) -> tuple[list, dict, set]:
+    layers = quantized_layers(source, options)
+    check_shapes(source, layers, options)
+    weights = {f"{layer}.weight" for layer in layers}
+    entries = []
+    for name, meta in source.tensors.items():
+        if name in weights:
+            entries += layer_entries(name[: -len(".weight")], tuple(meta.shape), options)
+        elif not qi.is_known(name) or qi.describe(name).role is qi.Role.MARKER:
+            entries.append((name, meta.dtype, tuple(meta.shape)))
+        else:
+            entries.append((name, HIGH, tuple(meta.shape)))
+    if source.config.zero_cond_t and qi.MARKER_EDIT_2511 not in source.tensors:
+        entries.append((qi.MARKER_EDIT_2511, HIGH, (0,)))
+    entries.sort(key=lambda e: (-DTYPES[e[1]][0], e[0]))
+    info = provenance(source, fmt=f"safetensors-comfy-{options.fmt}", options=options.to_json(), dry_run=dry_run)
+    return entries, {"qconvert": provenance_json(info)}, weights
+
+
+# ------------------------------------------------------------------ write
+
+def write(source, options: ComfyOptions, target: Path, *, device="cpu", quiet: bool = False) -> dict:
+    entries, meta, weights = plan(source, options)
+    dev = parse_device(device)
+    loaded = [n for n, _, _ in entries if n in source.tensors]
+    encoder = _encoder(options)
+    with atomic_output(target, expected_bytes=safetensors_size(entries, meta)) as f, \
+            progress(sum(source.tensors[n].nbytes for n in loaded), f"to-comfy {target.name}", quiet=quiet) as bar, \
+            contextlib.closing(prefetched(source.load, loaded)) as reader:
+        writer = SafetensorsWriter(f, entries, meta)
+        pending: dict[str, int] = {}  # derived tensors written before their layer: file offsets
+        done: dict[str, torch.Tensor] = {}  # derived tensors of encoded layers, not yet reached
+        for name, dtype, shape in entries:
+            layer, _, suffix = name.rpartition(".")
+            if name in done:
+                writer.write(name, done.pop(name))
+            elif name == f"{layer}.comfy_quant" and f"{layer}.weight" in weights:
+                writer.write(name, torch.frombuffer(bytearray(_json(options)), dtype=torch.uint8))
+            elif name not in source.tensors and f"{layer}.weight" in weights:
+                pending[name] = f.tell()
+                writer.write(name, torch.zeros(shape, dtype=DTYPES[dtype][1]))
+            elif name in source.tensors:
+                _, tensor = next(reader)
+                check_finite(name, tensor)
+                if name in weights:
+                    encoded, _ = encoder(tensor.to(dev))
+                    writer.write(name, encoded.pop("weight").cpu())
+                    for suffix_name, value in encoded.items():
+                        key = f"{layer}.{suffix_name}"
+                        if key in pending:
+                            _fill(f, pending.pop(key), value.cpu())
+                        else:
+                            done[key] = value.cpu()
+                elif dtype == HIGH:
+                    writer.write(name, tensor.to(torch.bfloat16))
+                else:
+                    writer.write(name, tensor)
+                bar.update(source.tensors[name].nbytes)
+            else:  # the Edit-2511 marker a diffusers source signals in its config
+                writer.write(name, torch.zeros(shape, dtype=DTYPES[dtype][1]))
+        writer.close()
+        if pending or done:  # pragma: no cover - a planning bug
+            raise RuntimeError(f"unwritten layer tensors: {sorted(pending) + sorted(done)}")
+    return {"entries": entries, "layers": len(weights)}
+
+
+def _fill(f, offset: int, value: torch.Tensor) -> None:
+    here = f.tell()
+    f.seek(offset)
+    f.write(tensor_bytes(value))
+    f.seek(here)
+
+
+# -------------------------------------------------------------- front end
+
+def default_name(source, options: ComfyOptions) -> str:
+    suffix = {"nvfp4": "nvfp4", "mxfp8": "mxfp8", "int8": "int8-convrot", "int8-row": "int8-rowwise",
+              "int8-tensor": "int8-tensorwise"}[options.fmt]
+    return f"{source.name}-{suffix}.safetensors"
+
+
+def output_path(source, options: ComfyOptions, output) -> Path:
+    if output is None:
+        return Path(default_name(source, options))
+    out = Path(output)
+    if out.is_dir() or str(output).endswith(("/", os.sep)):
+        return out / default_name(source, options)
+    if out.suffix.lower() != ".safetensors":
+        raise QConvertError(f"{out}: give the output a .safetensors name")
+    return out
+
+
+def convert(source, output=None, options: ComfyOptions = ComfyOptions(), *, device: str = "cpu",
+            dry_run: bool = False, quiet: bool = False) -> dict:
+    target = output_path(source, options, output)
+    entries, meta, weights = plan(source, options, dry_run=dry_run)
+    result = {"command": "to-comfy", "output": str(target), "format": options.fmt, "keep": list(options.keep),
+              "layers": len(weights), "tensor_count": len(entries), "bytes": safetensors_size(entries, meta),
+              "written": False, "needs": MIN_COMFYUI[options.family]}
+    if dry_run:
+        return result
+    write(source, options, target, device=device, quiet=quiet)
+    size = target.stat().st_size
+    if size != result["bytes"]:  # pragma: no cover - the writer checks every tensor against the plan
+        raise RuntimeError(f"{target}: wrote {size} bytes, planned {result['bytes']}")
+    return {**result, "written": True}
+
+
+def format_report(r: dict) -> str:
+    lines = [f"{r['format']}: {r['layers']} linears quantized, {r['tensor_count']} tensors, {r['bytes']:,} bytes "
+             f"({r['bytes'] / 1e9:.2f} GB)" + (f"; kept in BF16: {', '.join(r['keep'])}" if r["keep"] else "")]
+    if not r["written"]:
+        return "\n".join(lines + ["dry run: nothing written"])
+    return "\n".join(lines + [f"wrote {r['output']}",
+                              "  ComfyUI: put it in ComfyUI/models/diffusion_models/ and load it with Load Diffusion "
+                              f"Model; needs {r['needs']}; older ComfyUI cannot load it (use to-fp8 --format scaled)",
+                              f"  check it: qconvert verify {r['output']} --reference SOURCE --report DIR"])
+
+
+def demo_step(model: Path, out: Path, quiet: bool, echo) -> list[Path]:
+    """``qconvert demo``: one file of each block format of the tiny model, and where it loads."""
+    from ..checkpoint import open_checkpoint
+
+    written = []
+    for fmt in ("nvfp4", "mxfp8", "int8"):
+        source = open_checkpoint(model)
+        options = make_options(fmt)
+        r = convert(source, Path(out) / default_name(source, options), options, quiet=True)
+        echo(f"{fmt + ' (comfy)':<16}{r['output']}  ({r['layers']} layers, {r['bytes']:,} bytes); needs {r['needs']}")
+        written.append(Path(r["output"]))
+    return written

@@ -1,0 +1,181 @@
+"""ComfyUI's per-layer formats beyond FP8, as comfy-kitchen's eager quantizers compute them.
+
+Each ``encode_*`` returns the layer's stored tensors (bare suffixes: ``weight``,
+``weight_scale``, ...) and its ``comfy_quant`` JSON object; each
+``decode_*`` is ComfyUI's dequantization (spec comfy-quant.md §5) in float32.
+Byte parity with comfy-kitchen 0.2.40 is tested (f32 math in its op order).
+
+* ``nvfp4``: E2M1 codes two per byte, the even column in the high nibble;
+  FP8 E4M3 scales per 16 inputs, swizzled (``to_blocked``); a per-tensor F32
+  ``weight_scale_2 = amax / 2688``.
+* ``mxfp8``: FP8 E4M3 values; E8M0 exponents per 32 inputs (stored U8),
+  swizzled.
+* ``int8``: ``int8_tensorwise`` with a per-tensor or per-row (``[out, 1]``)
+  scale, optionally after ConvRot, a fixed block-Hadamard rotation of each
+  256 inputs that spreads outliers (no seed; ComfyUI rebuilds it).
+
+Guards (spec §7.5): an all-zero weight gives zeros, never NaN; MXFP8 blocks
+too small for E8M0 (amax ≤ 448·2^-127) are written as zero blocks.  Shapes
+must be aligned (16 for NVFP4, 32 for MXFP8, the rotation group for
+ConvRot); every Qwen-Image linear is.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+FP8_MAX = 448.0
+E2M1_MAX = 6.0
+NVFP4_BLOCK = 16
+MXFP8_BLOCK = 32
+CONVROT_GROUP = 256
+_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+_E2M1_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
+
+
+def _check(w: torch.Tensor, block: int, what: str) -> None:
+    if w.dim() != 2 or w.shape[1] % block:
+        raise ValueError(f"{what}: a [{', '.join(map(str, w.shape))}] weight; inputs must be a multiple of {block}")
+
+
+# ----------------------------------------------------------- the swizzle
+
+def to_blocked(s: torch.Tensor) -> torch.Tensor:
+    """cuBLAS' block-scaling layout: scales [R, Cb] -> [128·⌈R/128⌉, 4·⌈Cb/4⌉], zero-padded, each
+    128x4 tile stored as 32 rows of 16 (row r%32, then the four 32-row quarters, then 4 columns)."""
+    r, cb = s.shape
+    rp, cp = 128 * math.ceil(r / 128), 4 * math.ceil(cb / 4)
+    padded = torch.zeros(rp, cp, dtype=s.dtype)
+    padded[:r, :cb] = s
+    tiles = padded.view(rp // 128, 4, 32, cp // 4, 4).permute(0, 3, 2, 1, 4)
+    return tiles.reshape(rp, cp)
+
+
+def from_blocked(b: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    rp, cp = b.shape
+    tiles = b.reshape(rp // 128, cp // 4, 32, 4, 4).permute(0, 3, 2, 1, 4)
+    return tiles.reshape(rp, cp)[:rows, :cols]
+
+
+# ------------------------------------------------------------------ NVFP4
+
+def e2m1_rne(x: torch.Tensor) -> torch.Tensor:
+    """E2M1 codes (uint8, sign in bit 3) rounding to nearest, ties to the even code; saturating at 6."""
+    mag = x.abs().clamp(max=E2M1_MAX)
+    mids = torch.tensor(_E2M1_MIDPOINTS, dtype=mag.dtype)
+    idx = torch.bucketize(mag, mids)  # ties go to the lower code here ...
+    tie = (idx < len(_E2M1_MIDPOINTS)) & (mag == mids[idx.clamp(max=len(_E2M1_MIDPOINTS) - 1)])
+    idx = torch.where(tie & (idx % 2 == 1), idx + 1, idx)  # ... and to the even one here
+    return (idx | torch.signbit(x).to(idx.dtype) << 3).to(torch.uint8)
+
+
+def e2m1_value(codes: torch.Tensor) -> torch.Tensor:
+    table = torch.tensor(_E2M1 + tuple(-v for v in _E2M1), dtype=torch.float32)
+    return table[codes.long()]
+
+
+def encode_nvfp4(w: torch.Tensor) -> tuple[dict, dict]:
+    _check(w, NVFP4_BLOCK, "nvfp4")
+    x = w.float()
+    g = x.abs().amax() / (FP8_MAX * E2M1_MAX)
+    g_safe = torch.clamp(g, min=2.0 ** -126)  # an all-zero weight: zeros, not 0/0
+    blocks = x.reshape(x.shape[0], -1, NVFP4_BLOCK)
+    s = torch.clamp(blocks.abs().amax(-1) / E2M1_MAX / g_safe, max=FP8_MAX).to(torch.float8_e4m3fn)
+    t = (g_safe * s.float()).unsqueeze(-1)
+    scaled = torch.where(t == 0, torch.zeros_like(blocks), blocks / torch.where(t == 0, torch.ones_like(t), t))
+    codes = e2m1_rne(scaled.clamp(-E2M1_MAX, E2M1_MAX)).reshape(x.shape)
+    packed = (codes[:, 0::2] << 4) | codes[:, 1::2]
+    tensors = {"weight": packed, "weight_scale": to_blocked(s.view(torch.uint8)).view(torch.float8_e4m3fn),
+               "weight_scale_2": g.reshape(())}
+    return tensors, {"format": "nvfp4"}
+
+
+def decode_nvfp4(tensors: dict, shape: tuple) -> torch.Tensor:
+    packed = tensors["weight"]
+    codes = torch.stack([packed >> 4, packed & 0xF], dim=-1).reshape(packed.shape[0], -1)
+    rows, cols = shape
+    s = from_blocked(tensors["weight_scale"].view(torch.uint8), rows, cols // NVFP4_BLOCK)
+    scale = s.view(torch.float8_e4m3fn).float() * tensors["weight_scale_2"].float()
+    values = e2m1_value(codes[:rows, :cols]).reshape(rows, -1, NVFP4_BLOCK)
+    return (values * scale.unsqueeze(-1)).reshape(rows, cols)
+
+
+# ------------------------------------------------------------------ MXFP8
+
+def _ceil_log2(v: torch.Tensor) -> torch.Tensor:
+    """ceil(log2 v) exactly, for v > 0 (frexp, not a rounded logarithm)."""
+    m, e = torch.frexp(v)
+    return torch.where(m == 0.5, e - 1, e)
+
+
+def encode_mxfp8(w: torch.Tensor) -> tuple[dict, dict]:
+    _check(w, MXFP8_BLOCK, "mxfp8")
+    x = w.float()
+    blocks = x.reshape(x.shape[0], -1, MXFP8_BLOCK)
+    amax = blocks.abs().amax(-1)
+    exponent = (_ceil_log2(torch.clamp(amax / FP8_MAX, min=2.0 ** -127)) + 127).clamp(0, 254)
+    scale = torch.exp2((exponent - 127).float()).unsqueeze(-1)
+    data = (blocks / scale).clamp(-FP8_MAX, FP8_MAX)
+    data = torch.where((exponent == 0).unsqueeze(-1), torch.zeros_like(data), data)  # E8M0 cannot hold the scale
+    tensors = {"weight": data.reshape(x.shape).to(torch.float8_e4m3fn),
+               "weight_scale": to_blocked(exponent.to(torch.uint8))}
+    return tensors, {"format": "mxfp8"}
+
+
+def decode_mxfp8(tensors: dict, shape: tuple) -> torch.Tensor:
+    rows, cols = shape
+    e = from_blocked(tensors["weight_scale"].view(torch.uint8), rows, cols // MXFP8_BLOCK).float()
+    scale = torch.where(e == 0, torch.zeros_like(e), torch.exp2(e - 127))
+    q = tensors["weight"].float().reshape(rows, -1, MXFP8_BLOCK)
+    return (q * scale.unsqueeze(-1)).reshape(rows, cols)
+
+
+# ------------------------------------------------------------------- INT8
+
+def hadamard(g: int) -> torch.Tensor:
+    """ConvRot's rotation: H4^{⊗log4 g} / √g, symmetric and orthogonal (its own inverse)."""
+    if g < 4 or 4 ** round(math.log(g, 4)) != g:
+        raise ValueError(f"convrot group {g} is not a power of 4")
+    h4 = torch.tensor([[1, 1, 1, -1], [1, 1, -1, 1], [1, -1, 1, 1], [-1, 1, 1, 1]], dtype=torch.float32)
+    h = h4
+    while h.shape[0] < g:
+        h = torch.kron(h, h4)
+    return h / math.sqrt(g)
+
+
+def rotate(w: torch.Tensor, group: int) -> torch.Tensor:
+    """Each ``group`` inputs of every row times Hᵀ (= H), in float32."""
+    x = w.float().reshape(w.shape[0], -1, group)
+    return (x @ hadamard(group).T).reshape(w.shape)
+
+
+def encode_int8(w: torch.Tensor, *, per_row: bool = True, convrot: bool = True,
+                group: int = CONVROT_GROUP) -> tuple[dict, dict]:
+    x = w.float()
+    conf = {"format": "int8_tensorwise"}
+    if convrot:
+        _check(w, group, "int8 convrot")
+        x = rotate(x, group)
+        conf.update(convrot=True, convrot_groupsize=group)
+    amax = x.abs().amax(dim=1, keepdim=True) if per_row or convrot else x.abs().amax()
+    scale = torch.clamp(amax / 127, min=1e-30)
+    q = torch.clamp(torch.round(x / scale), -128, 127).to(torch.int8)
+    return {"weight": q, "weight_scale": scale.float()}, conf
+
+
+def decode_int8(tensors: dict, shape: tuple, conf: dict) -> torch.Tensor:
+    w = tensors["weight"].float() * tensors["weight_scale"].float()
+    if conf.get("convrot"):
+        w = rotate(w, int(conf.get("convrot_groupsize", CONVROT_GROUP)))
+    return w.reshape(shape)
+
+
+FORMATS = {
+    "nvfp4": lambda w: encode_nvfp4(w),
+    "mxfp8": lambda w: encode_mxfp8(w),
+    "int8": lambda w: encode_int8(w, per_row=True, convrot=True),
+    "int8-row": lambda w: encode_int8(w, per_row=True, convrot=False),
+    "int8-tensor": lambda w: encode_int8(w, per_row=False, convrot=False),
+}

@@ -1,0 +1,172 @@
+"""ComfyUI's NVFP4, MXFP8 and INT8 (ConvRot) layers against comfy-kitchen, the quantizers ComfyUI runs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qconvert import tiny
+from qconvert.checkpoint import open_checkpoint, read_safetensors_header
+from qconvert.formats import comfy_codecs as C
+from qconvert.formats.fp8_loader import FP8File
+from qconvert.models import qwen_image as qi
+from tests.cli_helpers import assert_one_line_error, run
+
+ck = pytest.importorskip("comfy_kitchen", reason="comfy-kitchen (pip install comfy-kitchen) is the oracle")
+pytestmark = pytest.mark.oracle
+
+
+def weight(rows=384, cols=1024, seed=0):
+    w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)) * 0.05
+    w[3] *= 40  # an outlier row
+    w[7, :64] = 0  # zero blocks
+    w[9, 100] = 3.0  # a lone outlier
+    return w.to(torch.bfloat16).float()
+
+
+@pytest.mark.parametrize("shape", [(384, 1024), (256, 3072), (128, 256)])
+def test_bytes_equal_comfy_kitchen(shape):
+    w = weight(*shape)
+    t, conf = C.encode_nvfp4(w)
+    g = w.abs().amax() / 2688
+    q, s = ck.quantize_nvfp4(w, g)
+    assert conf == {"format": "nvfp4"} and float(t["weight_scale_2"]) == float(g)
+    assert torch.equal(t["weight"], q) and torch.equal(t["weight_scale"].view(torch.uint8), s.view(torch.uint8))
+    assert torch.equal(C.decode_nvfp4(t, shape), ck.dequantize_nvfp4(q, g, s, torch.float32))
+    t, _ = C.encode_mxfp8(w)
+    q, e = ck.quantize_mxfp8(w)
+    assert torch.equal(t["weight"].view(torch.uint8), q.view(torch.uint8))
+    assert torch.equal(t["weight_scale"], e.view(torch.uint8))
+    assert torch.equal(C.decode_mxfp8(t, shape), ck.dequantize_mxfp8(q, e, torch.float32))
+    for per_row, reference in ((True, ck.quantize_int8_rowwise), (False, ck.quantize_int8_tensorwise)):
+        t, _ = C.encode_int8(w, per_row=per_row, convrot=False)
+        q, s = reference(w)
+        assert torch.equal(t["weight"], q) and torch.equal(t["weight_scale"], s) and t["weight_scale"].shape == s.shape
+    t, conf = C.encode_int8(w)
+    q, s = torch.ops.comfy_kitchen.quantize_int8_convrot_weight(w, 256)
+    assert conf == {"format": "int8_tensorwise", "convrot": True, "convrot_groupsize": 256}
+    assert (t["weight"] != q).float().mean() <= 1e-5 and torch.allclose(t["weight_scale"], s, rtol=1e-6)
+    deq = torch.ops.comfy_kitchen.dequantize_int8_convrot_weight(t["weight"], t["weight_scale"], 256)
+    assert torch.allclose(C.decode_int8(t, shape, conf), deq, rtol=1e-5, atol=1e-6)
+
+
+def test_hadamard_and_swizzle_equal_comfy_kitchen():
+    from comfy_kitchen.tensor.int8_utils import _build_hadamard
+
+    assert torch.equal(C.hadamard(256), _build_hadamard(256).float())
+    for rows, cols in ((300, 37), (128, 4), (5, 9)):
+        s = torch.randint(0, 255, (rows, cols), dtype=torch.uint8)
+        blocked = C.to_blocked(s)
+        assert torch.equal(blocked, ck.to_blocked(s, flatten=False))
+        assert torch.equal(C.from_blocked(blocked, rows, cols), s)
+
+
+def test_guards_never_write_nan():
+    zero = torch.zeros(128, 256)
+    t, _ = C.encode_nvfp4(zero)
+    assert not bool(t["weight"].any()) and float(t["weight_scale_2"]) == 0
+    assert torch.equal(C.decode_nvfp4(t, (128, 256)), zero)
+    tiny_block = torch.zeros(128, 256)
+    tiny_block[0, :32] = 1e-38  # amax below 448·2^-127: E8M0 cannot hold its scale
+    t, _ = C.encode_mxfp8(tiny_block)
+    data = t["weight"].view(torch.uint8)
+    assert not bool(data.any()) and torch.isfinite(C.decode_mxfp8(t, (128, 256))).all()
+    t, _ = C.encode_int8(zero)
+    assert torch.isfinite(C.decode_int8(t, (128, 256), {"convrot": True})).all()
+
+
+# ------------------------------------------------------------------ files
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("comfy")
+    model = tiny.make_tiny(root / "m")
+    out = {}
+    for fmt in ("nvfp4", "mxfp8", "int8", "int8-row", "int8-tensor"):
+        path = root / f"{fmt}.safetensors"
+        from qconvert.formats import comfy
+
+        source = open_checkpoint(model)
+        comfy.convert(source, path, comfy.make_options(fmt), quiet=True)
+        out[fmt] = path
+    return model, out
+
+
+STORAGE = {"nvfp4": torch.uint8, "mxfp8": torch.float8_e4m3fn, "int8_tensorwise": torch.int8}
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp8", "int8", "int8-row", "int8-tensor"])
+def test_files_load_as_comfyui_loads_them(files, fmt):
+    """The loader's steps (spec §8.3): parse each comfy_quant, check the storage dtype, build comfy-kitchen's
+    layout params as _load_quantized_module does, dequantize; plus qconvert's own loader for verify."""
+    from comfy_kitchen.tensor import (QuantizedTensor, TensorCoreMXFP8Layout, TensorCoreNVFP4Layout,
+                                      TensorWiseINT8Layout)
+
+    model, paths = files
+    tensors = load_file(paths[fmt])
+    source = open_checkpoint(model)
+    layers = sorted(k[: -len(".comfy_quant")] for k in tensors if k.endswith(".comfy_quant"))
+    linears = sorted({qi.describe(n).module for n in source.tensors if qi.describe(n).is_block_linear})
+    expected = linears if fmt.startswith("int8") else [m for m in linears if m != "transformer_blocks.0.img_mod.1"]
+    assert layers == expected  # comfy-quants' policy: 839 of 840 at full size, all 840 for INT8
+    ours = FP8File(paths[fmt])
+    for layer in layers:
+        conf = json.loads(tensors[f"{layer}.comfy_quant"].numpy().tobytes())
+        fmt_name = conf["format"]
+        q = tensors[f"{layer}.weight"]
+        assert q.dtype == STORAGE[fmt_name]
+        src = source.load(f"{layer}.weight").float()
+        shape = tuple(src.shape)
+        if fmt_name == "nvfp4":
+            params = TensorCoreNVFP4Layout.Params(scale=tensors[f"{layer}.weight_scale_2"], orig_dtype=torch.bfloat16,
+                                                  orig_shape=shape,
+                                                  block_scale=tensors[f"{layer}.weight_scale"].view(torch.float8_e4m3fn))
+            qt = QuantizedTensor(q, "TensorCoreNVFP4Layout", params)
+        elif fmt_name == "mxfp8":
+            params = TensorCoreMXFP8Layout.Params(scale=tensors[f"{layer}.weight_scale"].view(torch.float8_e8m0fnu),
+                                                  orig_dtype=torch.bfloat16, orig_shape=shape)
+            qt = QuantizedTensor(q, "TensorCoreMXFP8Layout", params)
+        else:
+            params = TensorWiseINT8Layout.Params(scale=tensors[f"{layer}.weight_scale"], orig_dtype=torch.bfloat16,
+                                                 orig_shape=shape, convrot=conf.get("convrot", False),
+                                                 convrot_groupsize=conf.get("convrot_groupsize", 256))
+            qt = QuantizedTensor(q, "TensorWiseINT8Layout", params)
+        theirs = qt.dequantize().float()
+        assert theirs.shape == shape and bool(torch.isfinite(theirs).all())
+        mine = ours.load(f"{layer}.weight")
+        # ComfyUI dequantizes in BF16: one BF16 rounding apart at most
+        assert torch.allclose(mine.to(torch.bfloat16).float(), theirs, rtol=2 ** -7, atol=1e-6), layer
+        assert float((mine - src).norm() / src.norm()) < (0.5 if fmt == "int8-tensor" else 0.1), layer
+    assert not any(k.endswith("input_scale") for k in tensors)
+
+
+def test_to_comfy_cli(files, tmp_path, capsys):
+    model, paths = files
+    code, out, err = run(["to-comfy", model, "--format", "nvfp4", "--dry-run", "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["bytes"] == paths["nvfp4"].stat().st_size
+    code, out, err = run(["to-comfy", model, "--format", "mxfp8", "--keep", "mod", "-o", tmp_path / "k.safetensors"],
+                         capsys)
+    assert code == 0 and "needs ComfyUI with mxfp8" in out, err
+    header = read_safetensors_header(tmp_path / "k.safetensors")
+    assert header.tensors["transformer_blocks.1.img_mod.1.weight"].dtype == "BF16"
+    small = tiny.make_tiny(tmp_path / "small", layers=1, heads=2, head_dim=32, text_dim=64)
+    code, _, err = run(["to-comfy", small, "--format", "int8", "-o", tmp_path / "x.safetensors"], capsys)
+    assert_one_line_error(code, err, "not a multiple of 256", "int8")
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_verify_reads_every_format(files, tmp_path, capsys):
+    model, paths = files
+    figures = {}
+    for fmt in ("nvfp4", "int8", "int8-tensor"):
+        code, _, err = run(["verify", paths[fmt], "--reference", model, "--report", tmp_path / fmt, "--height", 32,
+                            "--width", 32, "--steps", 2, "--no-decode"], capsys)
+        assert code == 0, err
+        figures[fmt] = json.loads((tmp_path / fmt / "report.json").read_text())
+    assert figures["int8"]["format"] == "comfy-int8_tensorwise"
+    # ConvRot spreads outliers across 256 inputs: far closer than one scale for the whole tensor
+    assert figures["int8"]["weights"]["mean_rel_rmse"] < figures["int8-tensor"]["weights"]["mean_rel_rmse"] / 10
