@@ -64,12 +64,7 @@ class ComfyOptions:
 def make_options(fmt: str, keep=()) -> ComfyOptions:
     if fmt not in FORMATS:
         raise QConvertError(f"--format {fmt}: choose {', '.join(FORMATS)} (FP8: qconvert to-fp8)")
-    groups = sorted({g.strip() for item in keep for g in item.split(",") if g.strip()})
-    unknown = [g for g in groups if g not in qi.ROLE_GROUPS]
-    if unknown:
-        raise QConvertError(f"--keep: unknown group(s) {', '.join(unknown)}; valid groups are "
-                            f"{', '.join(sorted(qi.ROLE_GROUPS))}")
-    return ComfyOptions(fmt, tuple(groups))
+    return ComfyOptions(fmt, qi.parse_role_groups(keep))
 
 
 def quantized_layers(source, options: ComfyOptions) -> list[str]:

@@ -193,11 +193,7 @@ def make_options(layout: str = "comfy", dtype: str = "e4m3fn", keep: Iterable[st
         raise QConvertError(f"unknown FP8 layout {layout!r}; choose from {', '.join(LAYOUTS)}")
     if dtype not in FP8_TYPES:
         raise QConvertError(f"unknown FP8 dtype {dtype!r}; choose from {', '.join(FP8_TYPES)}")
-    groups = sorted({g.strip() for item in keep for g in item.split(",") if g.strip()})
-    unknown = [g for g in groups if g not in qi.ROLE_GROUPS]
-    if unknown:
-        raise QConvertError(f"--keep: unknown group(s) {', '.join(unknown)}; valid groups are "
-                            f"{', '.join(sorted(qi.ROLE_GROUPS))}")
+    groups = qi.parse_role_groups(keep)
     if groups and layout != "comfy":
         raise QConvertError(f"--keep needs --format comfy: the {layout} layout stores every linear in FP8 "
                             "(old ComfyUI casts a BF16 linear in a scaled file to FP8 without a scale)")

@@ -20,7 +20,7 @@ from functools import lru_cache
 from typing import Iterable, Mapping
 
 from .. import untrusted
-from ..errors import CheckpointError
+from ..errors import CheckpointError, QConvertError
 
 ARCHITECTURE = "qwen_image"
 DIFFUSERS_CLASS = "QwenImageTransformer2DModel"
@@ -249,6 +249,16 @@ def _describe(name: str) -> TensorInfo:
     if module in _TOP_LINEARS and kind in ("weight", "bias"):
         return TensorInfo(name, _TOP_LINEARS[module] if kind == "weight" else Role.BIAS, None, module)
     raise KeyError(name)
+
+
+def parse_role_groups(items) -> tuple:
+    """``--keep`` values ("mod", "v,mlp_down", ...) as sorted ROLE_GROUPS names; an unknown name is an error."""
+    groups = sorted({g.strip() for item in items for g in item.split(",") if g.strip()})
+    unknown = [g for g in groups if g not in ROLE_GROUPS]
+    if unknown:
+        raise QConvertError(f"--keep: unknown group(s) {', '.join(unknown)}; valid groups are "
+                            f"{', '.join(sorted(ROLE_GROUPS))}")
+    return tuple(groups)
 
 
 def block_linear_modules() -> tuple:
