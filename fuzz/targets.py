@@ -435,7 +435,7 @@ def _fp8_seeds(work: Path) -> list[bytes]:
     # ComfyUI's block formats (the loader decodes them for verify): a model whose inputs allow ConvRot
     from qconvert.formats import comfy
 
-    with open_checkpoint(tiny.make_tiny(work / "wide", **SVDQ_TINY)) as src:
+    with open_checkpoint(tiny.make_tiny(work / "wide", **{**SVDQ_TINY, "heads": 2})) as src:
         for fmt in ("nvfp4", "mxfp8", "int8", "int8-tensor"):
             r = comfy.convert(src, work / f"{fmt}.safetensors", comfy.make_options(fmt), quiet=True)
             out.append(Path(r["output"]).read_bytes())

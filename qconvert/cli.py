@@ -277,13 +277,21 @@ def to_fp8_cmd(source, layout, dtype, keep, activations, calib, margin, output, 
 
 @cli.command("to-comfy")
 @click.argument("source")
-@click.option("--format", "fmt", type=click.Choice(["fp8", "nvfp4", "mxfp8", "int8", "int8-row", "int8-tensor"]),
+@click.option("--format", "fmt", type=click.Choice(["fp8", "nvfp4", "mxfp8", "int8", "int8-row", "int8-tensor",
+                                                   "mix"]),
               default="nvfp4", show_default=True,
               help="nvfp4 (RTX 50), mxfp8 (Blackwell), int8 (row-wise with ConvRot; int8-row, int8-tensor "
                    "without), fp8 (= to-fp8 --format comfy).")
 @click.option("--keep", multiple=True, metavar="GROUP[,GROUP]", help="Keep these block-linear groups in BF16.")
+@click.option("--target-size", type=float, default=None, help="mix: the file's size in GB; each linear gets the "
+              "format (BF16, FP8, MXFP8, INT8, NVFP4) that keeps the summed error least within it.")
+@click.option("--max-error", type=float, default=None, help="mix: the largest mean layer error; the smallest file "
+              "that keeps it.")
+@click.option("--calib", type=click.Path(path_type=Path), default=None,
+              help="mix: weight each layer's error by its inputs' mean squares from qconvert calibrate.")
 @converter_options
-def to_comfy_cmd(source, fmt, keep, output, dry_run, as_json, device, loras, ignore_unmatched, allow_extra, quiet):
+def to_comfy_cmd(source, fmt, keep, target_size, max_error, calib, output, dry_run, as_json, device, loras,
+                 ignore_unmatched, allow_extra, quiet):
     """ComfyUI per-layer quantized safetensors: NVFP4, MXFP8, INT8 with ConvRot (and FP8), byte for byte
     what comfy-kitchen's quantizers make, streamed tensor by tensor.
 
@@ -291,7 +299,10 @@ def to_comfy_cmd(source, fmt, keep, output, dry_run, as_json, device, loras, ign
     qconvert to-comfy ./qwen-image --format nvfp4
     qconvert to-comfy ./qwen-image --format int8 --lora lightning.safetensors
     qconvert to-comfy ./qwen-image --format mxfp8 --keep mod --dry-run --json
+    qconvert to-comfy ./qwen-image --format mix --target-size 16 --calib calib.safetensors
     """
+    if (fmt == "mix") != ((target_size is None) != (max_error is None)):
+        raise click.UsageError("--format mix takes one of --target-size GB or --max-error X (and only mix does)")
     if fmt == "fp8":
         ctx = click.get_current_context()
         ctx.invoke(to_fp8_cmd, source=source, layout="comfy", dtype="e4m3fn", keep=keep, activations="full-precision",
@@ -301,15 +312,28 @@ def to_comfy_cmd(source, fmt, keep, output, dry_run, as_json, device, loras, ign
     from .formats import comfy
 
     try:
-        options = comfy.make_options(fmt, keep)
+        options = comfy.make_options("nvfp4" if fmt == "mix" else fmt, keep)
     except QConvertError as exc:
         raise click.UsageError(str(exc)) from None
+    lines = []
     with open_source(source, loras=loras, ignore_unmatched=ignore_unmatched, allow_extra=allow_extra,
                      device=device) as src:
+        mix = None
+        if fmt == "mix":
+            from .formats.comfy_mix import mixed_options
+
+            say = (lambda m: None) if (quiet or as_json) else echo
+            options, mix, lines = mixed_options(src, target_size=target_size, max_error=max_error, calib=calib,
+                                                keep=options.keep, device=device, echo=say)
         report = comfy.convert(src, output, options, device=device, dry_run=dry_run, quiet=quiet or as_json)
+        if mix is not None:
+            report["mix"] = mix
     if as_json:
         emit_json(report)
     elif dry_run or not quiet:
+        if mix is not None:
+            echo(f"mix: {report['bytes'] / 1e9:.3f} GB, mean layer error {mix['mean_error']:.3g}; per layer:")
+            echo("\n".join(lines))
         echo(comfy.format_report(report))
 
 

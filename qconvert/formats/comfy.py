@@ -37,6 +37,7 @@ FORMATS = ("nvfp4", "mxfp8", "int8", "int8-row", "int8-tensor")
 FIRST_MODULATION = "transformer_blocks.0.img_mod.1"  # comfy-quants keeps it BF16 in every FP format
 # What each format needs of ComfyUI (spec §1: the commits that added them; comfy-kitchen for the kernels)
 MIN_COMFYUI = {
+    "fp8": "ComfyUI with comfy_quant support (newer than 0.3.64)",
     "nvfp4": "ComfyUI with nvfp4 (Jan 2026, #11635); native on RTX 50 / Blackwell, dequantized elsewhere",
     "mxfp8": "ComfyUI with mxfp8 (Mar 2026, #12907) and comfy-kitchen with MXFP8 (else KeyError 'mxfp8'); "
              "native on Blackwell with torch >= 2.10, dequantized elsewhere",
@@ -47,18 +48,32 @@ HIGH = "BF16"
 
 @dataclass(frozen=True)
 class ComfyOptions:
-    fmt: str = "nvfp4"
+    fmt: str = "nvfp4"  # one format for the policy's layers, or "mix": the formats in ``mix``
     keep: tuple = ()
+    mix: tuple = ()  # ((layer, format or "bf16"), ...) for fmt "mix" (comfy_mix.choose makes it)
 
     def kept_roles(self) -> frozenset:
         return frozenset().union(*(qi.ROLE_GROUPS[g] for g in self.keep))
 
     def to_json(self) -> dict:
-        return {"format": self.fmt, "keep": list(self.keep)}
+        out = {"format": self.fmt, "keep": list(self.keep)}
+        if self.fmt == "mix":
+            counts: dict = {}
+            for _, f in self.mix:
+                counts[f] = counts.get(f, 0) + 1
+            out["layers"] = dict(sorted(counts.items()))
+        return out
+
+    def formats(self) -> set:
+        return {f for _, f in self.mix if f != "bf16"} if self.fmt == "mix" else {self.fmt}
 
     @property
     def family(self) -> str:
-        return "int8" if self.fmt.startswith("int8") else self.fmt
+        return "+".join(sorted({_family(f) for f in self.formats()}))
+
+
+def _family(fmt: str) -> str:
+    return "int8" if fmt.startswith("int8") else fmt
 
 
 def make_options(fmt: str, keep=()) -> ComfyOptions:
@@ -67,7 +82,10 @@ def make_options(fmt: str, keep=()) -> ComfyOptions:
     return ComfyOptions(fmt, qi.parse_role_groups(keep))
 
 
-def quantized_layers(source, options: ComfyOptions) -> list[str]:
+def quantized_layers(source, options: ComfyOptions) -> dict[str, str]:
+    """Layer -> its format, for every layer stored quantized."""
+    if options.fmt == "mix":
+        return {layer: f for layer, f in options.mix if f != "bf16"}
     kept = options.kept_roles()
     out = []
     for name in source.tensors:
@@ -79,61 +97,63 @@ def quantized_layers(source, options: ComfyOptions) -> list[str]:
         if info.module == FIRST_MODULATION and options.family != "int8":
             continue
         out.append(info.module)
-    return sorted(out)
+    return {layer: options.fmt for layer in sorted(out)}
 
 
 # -------------------------------------------------------------------- plan
 
-def layer_entries(layer: str, shape: tuple, options: ComfyOptions) -> list[tuple[str, str, tuple]]:
+def layer_entries(layer: str, shape: tuple, fmt: str) -> list[tuple[str, str, tuple]]:
     """The stored (name, dtype, shape) of one quantized layer, from its weight's shape alone."""
     rows, cols = shape
-    conf = _json(options)
+    conf = _json(fmt)
     out = [(f"{layer}.comfy_quant", "U8", (len(conf),))]
     grid = lambda block: (128 * -(-rows // 128), 4 * -(-(cols // block) // 4))  # noqa: E731
-    if options.fmt == "nvfp4":
+    if fmt == "fp8":
+        out += [(f"{layer}.weight", "F8_E4M3", (rows, cols)), (f"{layer}.weight_scale", "F32", ())]
+    elif fmt == "nvfp4":
         out += [(f"{layer}.weight", "U8", (rows, cols // 2)),
                 (f"{layer}.weight_scale", "F8_E4M3", grid(codecs.NVFP4_BLOCK)),
                 (f"{layer}.weight_scale_2", "F32", ())]
-    elif options.fmt == "mxfp8":
+    elif fmt == "mxfp8":
         out += [(f"{layer}.weight", "F8_E4M3", (rows, cols)),
                 (f"{layer}.weight_scale", "U8", grid(codecs.MXFP8_BLOCK))]
     else:
-        scale = () if options.fmt == "int8-tensor" else (rows, 1)
+        scale = () if fmt == "int8-tensor" else (rows, 1)
         out += [(f"{layer}.weight", "I8", (rows, cols)), (f"{layer}.weight_scale", "F32", scale)]
     return out
 
 
-CONFIGS = {"nvfp4": {"format": "nvfp4"}, "mxfp8": {"format": "mxfp8"},
+CONFIGS = {"fp8": {"format": "float8_e4m3fn", "full_precision_matrix_mult": True},
+           "nvfp4": {"format": "nvfp4"}, "mxfp8": {"format": "mxfp8"},
            "int8": {"format": "int8_tensorwise", "convrot": True, "convrot_groupsize": codecs.CONVROT_GROUP},
            "int8-row": {"format": "int8_tensorwise"}, "int8-tensor": {"format": "int8_tensorwise"}}
 
 
-def _json(options: ComfyOptions) -> bytes:
+def _json(fmt: str) -> bytes:
     """The stock ComfyUI JSON (never the INT8-Fast node's, which has no "format" and stock ComfyUI refuses)."""
-    return json.dumps(CONFIGS[options.fmt]).encode("utf-8")
+    return json.dumps(CONFIGS[fmt]).encode("utf-8")
 
 
-def _encoder(options: ComfyOptions):
-    return codecs.FORMATS[options.fmt]
+NEEDS_MULTIPLE = {"nvfp4": codecs.NVFP4_BLOCK, "mxfp8": codecs.MXFP8_BLOCK, "int8": codecs.CONVROT_GROUP}
 
 
-def check_shapes(source, layers: list[str], options: ComfyOptions) -> None:
-    need = {"nvfp4": codecs.NVFP4_BLOCK, "mxfp8": codecs.MXFP8_BLOCK, "int8": codecs.CONVROT_GROUP}.get(options.fmt, 1)
-    for layer in layers:
+def check_shapes(source, layers: dict[str, str]) -> None:
+    for layer, fmt in layers.items():
+        need = NEEDS_MULTIPLE.get(fmt, 1)
         cols = source.tensors[f"{layer}.weight"].shape[1]
         if cols % need:
-            raise QConvertError(f"{layer}: {cols} inputs are not a multiple of {need}, which {options.fmt} needs "
-                                "(every Qwen-Image linear is; a tiny test model needs --head-dim 64 or more)")
+            raise QConvertError(f"{layer}: {cols} inputs are not a multiple of {need}, which {fmt} needs "
+                                "(every Qwen-Image linear is; a tiny test model needs --heads x --head-dim a multiple of 256)")
 
 
 def plan(source, options: ComfyOptions, *, dry_run: bool = False) -> tuple[list, dict, set]:
     layers = quantized_layers(source, options)
-    check_shapes(source, layers, options)
-    weights = {f"{layer}.weight" for layer in layers}
+    check_shapes(source, layers)
+    weights = {f"{layer}.weight": fmt for layer, fmt in layers.items()}
     entries = []
     for name, meta in source.tensors.items():
         if name in weights:
-            entries += layer_entries(name[: -len(".weight")], tuple(meta.shape), options)
+            entries += layer_entries(name[: -len(".weight")], tuple(meta.shape), weights[name])
         elif not qi.is_known(name) or qi.describe(name).role is qi.Role.MARKER:
             entries.append((name, meta.dtype, tuple(meta.shape)))
         else:
@@ -151,7 +171,6 @@ def write(source, options: ComfyOptions, target: Path, *, device="cpu", quiet: b
     entries, meta, weights = plan(source, options)
     dev = parse_device(device)
     loaded = [n for n, _, _ in entries if n in source.tensors]
-    encoder = _encoder(options)
     with atomic_output(target, expected_bytes=safetensors_size(entries, meta)) as f, \
             progress(sum(source.tensors[n].nbytes for n in loaded), f"to-comfy {target.name}", quiet=quiet) as bar, \
             contextlib.closing(prefetched(source.load, loaded)) as reader:
@@ -163,7 +182,7 @@ def write(source, options: ComfyOptions, target: Path, *, device="cpu", quiet: b
             if name in done:
                 writer.write(name, done.pop(name))
             elif name == f"{layer}.comfy_quant" and f"{layer}.weight" in weights:
-                writer.write(name, torch.frombuffer(bytearray(_json(options)), dtype=torch.uint8))
+                writer.write(name, torch.frombuffer(bytearray(_json(weights[f"{layer}.weight"])), dtype=torch.uint8))
             elif name not in source.tensors and f"{layer}.weight" in weights:
                 pending[name] = f.tell()
                 writer.write(name, torch.zeros(shape, dtype=DTYPES[dtype][1]))
@@ -171,7 +190,7 @@ def write(source, options: ComfyOptions, target: Path, *, device="cpu", quiet: b
                 _, tensor = next(reader)
                 check_finite(name, tensor)
                 if name in weights:
-                    encoded, _ = encoder(tensor.to(dev))
+                    encoded, _ = codecs.FORMATS[weights[name]](tensor.to(dev))
                     writer.write(name, encoded.pop("weight").cpu())
                     for suffix_name, value in encoded.items():
                         key = f"{layer}.{suffix_name}"
@@ -203,7 +222,7 @@ def _fill(f, offset: int, value: torch.Tensor) -> None:
 
 def default_name(source, options: ComfyOptions) -> str:
     suffix = {"nvfp4": "nvfp4", "mxfp8": "mxfp8", "int8": "int8-convrot", "int8-row": "int8-rowwise",
-              "int8-tensor": "int8-tensorwise"}[options.fmt]
+              "int8-tensor": "int8-tensorwise", "mix": "comfy-mix"}[options.fmt]
     return f"{source.name}-{suffix}.safetensors"
 
 
@@ -224,7 +243,8 @@ def convert(source, output=None, options: ComfyOptions = ComfyOptions(), *, devi
     entries, meta, weights = plan(source, options, dry_run=dry_run)
     result = {"command": "to-comfy", "output": str(target), "format": options.fmt, "keep": list(options.keep),
               "layers": len(weights), "tensor_count": len(entries), "bytes": safetensors_size(entries, meta),
-              "written": False, "needs": MIN_COMFYUI[options.family]}
+              "written": False, "needs": "; ".join(MIN_COMFYUI[f] for f in sorted({_family(x) for x in
+                                                                                    options.formats()}))}
     if dry_run:
         return result
     write(source, options, target, device=device, quiet=quiet)

@@ -172,7 +172,20 @@ def decode_int8(tensors: dict, shape: tuple, conf: dict) -> torch.Tensor:
     return w.reshape(shape)
 
 
+def encode_fp8(w: torch.Tensor) -> tuple[dict, dict]:
+    """FP8 e4m3fn as ``to-fp8`` writes it, matmul in full precision (spec comfy-quant.md §7.2)."""
+    from .fp8 import FP8_TYPES, quantize_fp8
+
+    q, scale = quantize_fp8(w, FP8_TYPES["e4m3fn"])
+    return {"weight": q, "weight_scale": scale}, {"format": "float8_e4m3fn", "full_precision_matrix_mult": True}
+
+
+def decode_fp8(tensors: dict, shape: tuple) -> torch.Tensor:
+    return (tensors["weight"].float() * tensors["weight_scale"].float()).reshape(shape)
+
+
 FORMATS = {
+    "fp8": lambda w: encode_fp8(w),
     "nvfp4": lambda w: encode_nvfp4(w),
     "mxfp8": lambda w: encode_mxfp8(w),
     "int8": lambda w: encode_int8(w, per_row=True, convrot=True),

@@ -170,3 +170,45 @@ def test_verify_reads_every_format(files, tmp_path, capsys):
     assert figures["int8"]["format"] == "comfy-int8_tensorwise"
     # ConvRot spreads outliers across 256 inputs: far closer than one scale for the whole tensor
     assert figures["int8"]["weights"]["mean_rel_rmse"] < figures["int8-tensor"]["weights"]["mean_rel_rmse"] / 10
+
+
+# -------------------------------------------------------------------- mix
+
+def test_mix_meets_budgets_and_spends_them_on_precision(files, tmp_path, capsys):
+    from qconvert.formats import comfy_mix
+
+    model, _ = files
+    results = {}
+    for gb in ("0.0055", "0.007"):
+        out = tmp_path / f"mix{gb}.safetensors"
+        code, stdout, err = run(["to-comfy", model, "--format", "mix", "--target-size", gb, "-o", out, "--json",
+                                 "-q"], capsys)
+        assert code == 0, err
+        r = json.loads(stdout)
+        assert r["written"] and out.stat().st_size == r["bytes"] <= float(gb) * 1e9
+        results[gb] = r["mix"]
+        formats = {row["format"] for row in r["mix"]["layers"].values()}
+        assert formats <= set(comfy_mix.CANDIDATES)
+    assert results["0.007"]["mean_error"] < results["0.0055"]["mean_error"]
+    code, stdout, err = run(["to-comfy", model, "--format", "mix", "--max-error", "1e-4", "--dry-run", "--json"],
+                            capsys)
+    assert code == 0, err
+    assert json.loads(stdout)["mix"]["mean_error"] <= 1e-4
+    code, _, err = run(["to-comfy", model, "--format", "mix", "--target-size", "0.001", "-o", tmp_path / "x.st"],
+                       capsys)
+    assert_one_line_error(code, err, "the smallest mix")
+    code, _, err = run(["to-comfy", model, "--format", "nvfp4", "--target-size", "1"], capsys)
+    assert code == 2 and "--format mix" in err
+
+
+def test_mix_choice_is_the_lagrangian_optimum():
+    from qconvert.formats.comfy_mix import choose
+
+    errors = {"a": {"bf16": 0.0, "fp8": 1e-4, "nvfp4": 1e-2}, "b": {"bf16": 0.0, "fp8": 1e-3, "nvfp4": 2e-3}}
+    sizes = {"a": {"bf16": 200, "fp8": 100, "nvfp4": 50}, "b": {"bf16": 200, "fp8": 100, "nvfp4": 50}}
+    # 150 bytes: a in fp8 and b in nvfp4 (error 2.1e-3) beats a in nvfp4 and b in fp8 (1.1e-2)
+    assert choose(errors, sizes, budget=150) == {"a": "fp8", "b": "nvfp4"}
+    assert choose(errors, sizes, budget=250) == {"a": "fp8", "b": "fp8"}
+    assert choose(errors, sizes, budget=400) == {"a": "bf16", "b": "bf16"}
+    assert choose(errors, sizes, max_error=1e-3) == {"a": "fp8", "b": "fp8"}  # mean 5.5e-4; b in nvfp4: 1.05e-3
+    assert choose(errors, sizes, max_error=2e-3) == {"a": "fp8", "b": "nvfp4"}
