@@ -86,5 +86,5 @@ def test_demo(tmp_path, capsys):
     assert code == 0, err
     assert "tiny model" in out and "done:" in out
     reports = sorted((tmp_path / "demo" / "reports").glob("*/report.json"))
-    # Q8_0, Q4_K_M, FP8, NVFP4, MXFP8, INT8 ConvRot, SVDQuant, baked LoRA
-    assert len(reports) == 8 and out.count("verify          ") == 8
+    # Q8_0, Q4_K_M, FP8, NVFP4, MXFP8, INT8 ConvRot, a budgeted mix, SVDQuant, baked LoRA
+    assert len(reports) == 9 and out.count("verify          ") == 9

@@ -276,4 +276,15 @@ def demo_step(model: Path, out: Path, quiet: bool, echo) -> list[Path]:
         r = convert(source, Path(out) / default_name(source, options), options, quiet=True)
         echo(f"{fmt + ' (comfy)':<16}{r['output']}  ({r['layers']} layers, {r['bytes']:,} bytes); needs {r['needs']}")
         written.append(Path(r["output"]))
+    # a size-budgeted mix: a quarter of the way from the NVFP4 file's size to the INT8 file's
+    from .comfy_mix import mixed_options
+
+    sizes = [p.stat().st_size for p in written]
+    target = (sizes[0] + (sizes[2] - sizes[0]) / 4) / 1e9
+    source = open_checkpoint(model)
+    options, mix, _ = mixed_options(source, target_size=target, echo=lambda m: None)
+    r = convert(source, Path(out) / default_name(source, options), options, quiet=True)
+    counts = ", ".join(f"{n} {f}" for f, n in options.to_json()["layers"].items())
+    echo(f"{'mix (comfy)':<16}{r['output']}  ({r['bytes']:,} bytes within {target * 1e9:,.0f}: {counts})")
+    written.append(Path(r["output"]))
     return written

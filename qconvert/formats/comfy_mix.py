@@ -25,7 +25,7 @@ import torch
 from ..errors import QConvertError
 from ..models import qwen_image as qi
 from . import comfy_codecs as codecs
-from .comfy import layer_entries
+from .comfy import FIRST_MODULATION, layer_entries
 
 CANDIDATES = ("bf16", "fp8", "mxfp8", "int8", "nvfp4")
 _DECODERS = {"fp8": codecs.decode_fp8, "nvfp4": codecs.decode_nvfp4, "mxfp8": codecs.decode_mxfp8}
@@ -142,6 +142,8 @@ def mixed_options(source, *, target_size: float | None = None, max_error: float 
     echo(f"to-comfy mix: measuring {len(layers)} linears in {len(CANDIDATES)} formats each "
          f"({'weighted by ' + str(calib) if calib else 'unweighted: pass --calib for activation-weighted errors'})")
     errors = sensitivity(source, layers, importance, device=device)
+    if FIRST_MODULATION in errors:  # comfy-quants keeps it BF16 in every FP format: the most sensitive linear
+        errors[FIRST_MODULATION] = {"bf16": 0.0}
     sizes = {m: {f: layer_bytes(tuple(source.tensors[f"{m}.weight"].shape), f) for f in errors[m]} for m in layers}
     all_bf16 = ComfyOptions("mix", tuple(keep), tuple((m, "bf16") for m in layers))
     entries, meta, _ = plan(source, all_bf16, dry_run=True)
