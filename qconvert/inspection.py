@@ -40,6 +40,10 @@ def _inspect_safetensors(path: Path) -> dict:
     fmt = "safetensors"
     if any(n.endswith(".comfy_quant") for n in tensors):
         fmt = "safetensors, ComfyUI per-layer quantized (comfy_quant)"
+        for name, (dtype, shape, nbytes) in list(tensors.items()):
+            layer = name[: -len(".weight")]
+            if name.endswith(".weight") and dtype == "U8" and f"{layer}.comfy_quant" in tensors and len(shape) == 2:
+                tensors[name] = (dtype, (shape[0], 2 * shape[1]), nbytes)  # NVFP4: two codes a byte
     elif "scaled_fp8" in tensors:
         fmt = "safetensors, legacy scaled fp8"
     elif tensors and all(d.startswith("F8_") for n, (d, _, _) in tensors.items() if n != qi.MARKER_EDIT_2511):

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from qconvert.cli import main
+
+# Linux carries a process's peak RSS across fork and exec (the child's starts at the parent's high-water
+# mark), so a command started straight from a pytest process that has grown to a GB would report that GB as
+# its own peak: libFuzzer's -rss_limit_mb trips and memory probes measure pytest.  A small Python in between
+# gives the command a fresh mark: its own child is forked from a process that never grew.
+FRESH_PEAK = [sys.executable, "-c", "import subprocess, sys; sys.exit(subprocess.run(sys.argv[1:]).returncode)"]
 
 
 def run(args, capsys):

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.cli_helpers import FRESH_PEAK
+
 from fuzz import targets
 from fuzz.run import replay
 
@@ -46,7 +48,7 @@ def test_atheris_smoke(name, tmp_path):
     """A few thousand coverage-guided inputs per harness: no finding."""
     cmd = [sys.executable, "-m", "fuzz.run", name, "--corpus", str(tmp_path / "corpus"),
            "--findings", str(tmp_path / "findings"), "-runs=3000", "-max_total_time=20"]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = subprocess.run([*FRESH_PEAK, *cmd], cwd=ROOT, capture_output=True, text=True, timeout=300)
     tail = done.stderr[-3000:]
     assert done.returncode == 0, tail
     assert "Done" in tail, tail

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from qconvert import tiny
+from tests.cli_helpers import FRESH_PEAK
 
 pytestmark = pytest.mark.slow
 
@@ -18,7 +19,8 @@ PROBE = ("import atexit, resource, sys;"
 
 
 def peak_rss_mb(args) -> float:
-    proc = subprocess.run([sys.executable, "-c", PROBE, *map(str, args)], capture_output=True, text=True)
+    proc = subprocess.run([*FRESH_PEAK, sys.executable, "-c", PROBE, *map(str, args)], capture_output=True,
+                          text=True)
     assert proc.returncode == 0, proc.stderr
     return int(re.search(r"MAXRSS (\d+)", proc.stderr).group(1)) / 1024
 
