@@ -212,3 +212,19 @@ def test_mix_choice_is_the_lagrangian_optimum():
     assert choose(errors, sizes, budget=400) == {"a": "bf16", "b": "bf16"}
     assert choose(errors, sizes, max_error=1e-3) == {"a": "fp8", "b": "fp8"}  # mean 5.5e-4; b in nvfp4: 1.05e-3
     assert choose(errors, sizes, max_error=2e-3) == {"a": "fp8", "b": "nvfp4"}
+
+
+@pytest.mark.parametrize("variant", ["edit-2511", "layered"])
+def test_variants_keep_their_markers_and_embeddings(tmp_path, variant):
+    from qconvert.formats import comfy
+
+    model = tiny.make_tiny(tmp_path / variant, layers=1, variant=variant)
+    source = open_checkpoint(model)
+    out = tmp_path / f"{variant}.safetensors"
+    comfy.convert(source, out, comfy.make_options("int8"), quiet=True)
+    tensors = load_file(out)
+    if variant == "edit-2511":  # ComfyUI recognises Edit-2511 by this tensor only
+        assert qi.MARKER_EDIT_2511 in tensors
+    else:  # Layered's extra embedding stays BF16, untouched
+        assert torch.equal(tensors[qi.ADDITION_T_EMBEDDING], source.load(qi.ADDITION_T_EMBEDDING).to(torch.bfloat16))
+    assert FP8File(out).load("transformer_blocks.0.attn.to_q.weight").shape == (256, 256)
