@@ -100,8 +100,13 @@ class FP8File:
         # so it is not validated as one (no config needed).
         self._reader = Checkpoint(self.path, "single-file", None, header.tensors, header.metadata)
         # weight key -> its dequantization: a per-tensor FP8 scale, or a decoder of a block format
-        self._scales = {key: scale for key, (_, scale) in
-                        _scaled_weights(self.path, header, self._reader, self.prefix).items()}
+        found = _scaled_weights(self.path, header, self._reader, self.prefix)
+        self._scales = {key: scale for key, (_, scale) in found.items()}
+        self._formats = sorted({fmt for fmt, _ in found.values()})
+
+    def formats(self) -> list[str]:
+        """The scaled layers' formats, sorted (``scaled float8_e4m3fn`` for the legacy layout)."""
+        return self._formats
 
     def names(self) -> list[str]:
         """Every tensor's bare name (a ``model.diffusion_model.`` prefix stripped), scales and configs included."""

@@ -71,11 +71,10 @@ def check_options(source, o: SvdqOptions) -> None:
     if source.extra:
         raise QConvertError(f"{source.path}: tensor {sorted(source.extra)[0]} is not part of Qwen-Image; "
                             "Nunchaku's loaders are strict, so an SVDQuant file cannot carry it")
-    smallest = min(config.inner_dim, config.joint_attention_dim)
     if o.rank % 16 or not 16 <= o.rank <= min(RANKS_LIMIT, config.inner_dim):
         raise QConvertError(f"--rank {o.rank}: give a multiple of 16 from 16 to {min(RANKS_LIMIT, config.inner_dim)} "
                             "(Nunchaku's low-rank tiles are 16 wide; the rank cannot exceed the layer's width)")
-    if config.inner_dim % 128 or smallest % 64:
+    if config.inner_dim % 128:
         raise QConvertError(f"{source.path}: inner dim {config.inner_dim} is not a multiple of 128 (Nunchaku's tiles)")
     if not 2 <= o.grid <= 100:
         raise QConvertError(f"--grid {o.grid}: give 2 to 100 (DeepCompressor uses 20)")

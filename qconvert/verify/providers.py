@@ -108,6 +108,10 @@ class FP8Weights:
     def names(self) -> list[str]:
         return self._file.names()
 
+    def formats(self) -> list[str]:
+        """The layer formats the file holds (``float8_e4m3fn``, ``nvfp4`` ...), sorted."""
+        return self._file.formats()
+
     def load(self, name: str) -> torch.Tensor:
         return self._file.load(name).to(torch.float32)
 

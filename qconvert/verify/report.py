@@ -63,9 +63,8 @@ def open_output(path) -> tuple[object, str]:
 
         layout = fp8_layout(p)
         if layout == "comfy":
-            from ..formats.fp8_loader import layer_formats
-
-            return FP8Weights(p), "comfy-" + "+".join(layer_formats(p)) if layer_formats(p) else "comfy"
+            weights = FP8Weights(p)  # every layer config and scale checked once, here
+            return weights, "comfy-" + "+".join(weights.formats()) if weights.formats() else "comfy"
         if layout != "none":
             return FP8Weights(p), f"fp8-{layout}"
     return open_checkpoint(p), "checkpoint"
