@@ -278,7 +278,7 @@ def imatrix_file(data: bytes) -> None:
 
 
 BASELINE_SETTINGS = {"height": 32, "width": 48, "steps": 2, "cfg": 1.0, "schedule": "lightning", "seed": 0,
-                     "embeds": "synthetic", "decode": "off", "dtype": "float32"}
+                     "embeds": "synthetic", "decode": "off", "dtype": "float32", "runtime": "native"}
 
 
 def verify_baseline(data: bytes) -> None:

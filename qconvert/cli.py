@@ -527,6 +527,9 @@ def sample_cmd(source, embeds, synthetic_embeds, height, width, steps, cfg, sche
 @click.option("--vae", type=click.Path(path_type=Path), default=None,
               help="A diffusers vae/ folder to decode both runs with (default: the reference repo's vae/).")
 @click.option("--no-decode", is_flag=True, help="Latent figures only; do not decode with the VAE.")
+@click.option("--runtime", type=click.Choice(["native", "dequantized"]), default="native", show_default=True,
+              help="ComfyUI formats: native quantizes each layer's input as its FP8/FP4/INT8 matmul does (an RTX "
+                   "40/50 GPU); dequantized runs BF16 matmuls (GPUs without them, or full-precision layers).")
 @click.option("--device", default="cpu", show_default=True, help="Where to run the model: cpu, cuda, cuda:1 ...")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
               help="Compute dtype (default float32 on the CPU, bfloat16 on CUDA).")
@@ -535,7 +538,8 @@ def sample_cmd(source, embeds, synthetic_embeds, height, width, steps, cfg, sche
 @quiet_option
 @debug_option
 def verify_cmd(output, reference, report_dir, baseline, tolerance, embeds, height, width, steps, cfg, schedule, seed,
-               max_minutes, loras, ignore_unmatched, vae, no_decode, device, dtype, cache_gb, as_json, quiet):
+               max_minutes, loras, ignore_unmatched, vae, no_decode, runtime, device, dtype, cache_gb, as_json,
+               quiet):
     """Measure an output against its source: per-layer weight error, end-to-end latents; gate on a baseline.
 
     \b
@@ -550,7 +554,7 @@ def verify_cmd(output, reference, report_dir, baseline, tolerance, embeds, heigh
     if max_minutes is not None and not max_minutes > 0:
         raise click.UsageError(f"--max-minutes {max_minutes}: give a positive number of minutes")
     options = SampleOptions(height=height, width=width, steps=steps, cfg=cfg, schedule=schedule, seed=seed,
-                            embeds=embeds, device=device, dtype=dtype, cache_gb=cache_gb)
+                            embeds=embeds, device=device, dtype=dtype, cache_gb=cache_gb, runtime=runtime)
     with open_source(reference, loras=loras, ignore_unmatched=ignore_unmatched) as ref:
         say = (lambda m: None) if (quiet or as_json) else echo
         result = run_verify(output, ref, options, report_dir, baseline=baseline, tolerance=tolerance,

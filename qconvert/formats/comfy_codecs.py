@@ -184,6 +184,39 @@ def decode_fp8(tensors: dict, shape: tuple) -> torch.Tensor:
     return (tensors["weight"].float() * tensors["weight_scale"].float()).reshape(shape)
 
 
+# ------------------------------------------- activations (ComfyUI's native matmuls)
+
+def activations(x: torch.Tensor, fmt: str, conf: dict, input_scale: torch.Tensor | None) -> torch.Tensor:
+    """The input as a native ComfyUI matmul quantizes it (spec comfy-quant.md §2.2), fake-quantized in float32.
+
+    FP8: a static scale, ``input_scale`` or 1.0 (so beyond ±448 saturates), unless the layer asks for full
+    precision; NVFP4: a dynamic per-tensor scale ``amax/2688`` and FP8 scales per 16; MXFP8: E8M0 scales per
+    32; INT8: per row, after the ConvRot rotation when the layer has one (which the weight carries too).
+    """
+    x = x.float()
+    if conf.get("full_precision_matrix_mult"):
+        return x
+    shape = x.shape
+    rows = x.reshape(-1, shape[-1])
+    if fmt in ("float8_e4m3fn", "float8_e5m2"):
+        dtype = torch.float8_e4m3fn if fmt == "float8_e4m3fn" else torch.float8_e5m2
+        s = input_scale.float() if input_scale is not None else torch.tensor(1.0)
+        top = float(torch.finfo(dtype).max)
+        return ((rows / s).clamp(-top, top).to(dtype).float() * s).reshape(shape)
+    if fmt == "nvfp4":
+        t, _ = encode_nvfp4(rows)
+        return decode_nvfp4(t, tuple(rows.shape)).reshape(shape)
+    if fmt == "mxfp8":
+        t, _ = encode_mxfp8(rows)
+        return decode_mxfp8(t, tuple(rows.shape)).reshape(shape)
+    if fmt == "int8_tensorwise":
+        params = conf.get("params") if isinstance(conf.get("params"), dict) else conf
+        group = int(params.get("convrot_groupsize", CONVROT_GROUP)) if params.get("convrot") else 0
+        t, _ = encode_int8(rows, per_row=True, convrot=bool(group), group=group or CONVROT_GROUP)
+        return decode_int8(t, tuple(rows.shape), {"convrot": bool(group), "convrot_groupsize": group}).reshape(shape)
+    return x
+
+
 FORMATS = {
     "fp8": lambda w: encode_fp8(w),
     "nvfp4": lambda w: encode_nvfp4(w),

@@ -103,6 +103,17 @@ class FP8File:
         found = _scaled_weights(self.path, header, self._reader, self.prefix)
         self._scales = {key: scale for key, (_, scale) in found.items()}
         self._formats = sorted({fmt for fmt, _ in found.values()})
+        self._configs = {}
+        if _layout(header.tensors, header.metadata) == "comfy":
+            for layer, (fmt, conf) in _comfy_layers(self.path, header.metadata, self._reader.load, header.tensors,
+                                                    list(header.tensors), self.prefix).items():
+                key = f"{self.prefix}{layer}.input_scale"
+                scale = _scalar(self.path, key, self._reader, header.tensors) if key in header.tensors else None
+                self._configs[layer] = (fmt, conf, scale)
+
+    def layer_config(self, layer: str) -> tuple | None:
+        """(format, comfy_quant object, input_scale or None) of a ComfyUI-layout layer; None otherwise."""
+        return self._configs.get(layer)
 
     def formats(self) -> list[str]:
         """The scaled layers' formats, sorted (``scaled float8_e4m3fn`` for the legacy layout)."""

@@ -33,6 +33,7 @@ class SampleOptions:
     device: str = "cpu"
     dtype: str | None = None  # default float32 on the CPU, bfloat16 on CUDA
     cache_gb: float = 0.0  # converted weights kept between steps (0: stream every block at every step)
+    runtime: str = "native"  # verify: "native" quantizes inputs as the format's matmuls do; "dequantized" not
 
     @property
     def cache_bytes(self) -> int:
@@ -63,6 +64,8 @@ def check_options(o: SampleOptions) -> None:
         raise QConvertError(f"--cfg {o.cfg}: true CFG scales run from 1 (off) to under 100")
     if not 0 <= o.cache_gb <= 1 << 20:
         raise QConvertError(f"--cache-gb {o.cache_gb}: give the GiB of converted weights to keep (0 streams)")
+    if o.runtime not in ("native", "dequantized"):
+        raise QConvertError(f"--runtime {o.runtime}: choose native or dequantized")
     if o.compute_dtype_name not in DTYPES:
         raise QConvertError(f"--dtype {o.dtype}: choose {', '.join(DTYPES)}")
 

@@ -112,6 +112,10 @@ class FP8Weights:
         """The layer formats the file holds (``float8_e4m3fn``, ``nvfp4`` ...), sorted."""
         return self._file.formats()
 
+    def provider(self, *, dtype: torch.dtype = torch.float32, device="cpu", cache_bytes: int = 0):
+        """Dequantized weights, and each ComfyUI-layout layer's input quantized as a native matmul would."""
+        return ComfyProvider(self, dtype=dtype, device=device, cache_bytes=cache_bytes)
+
     def load(self, name: str) -> torch.Tensor:
         return self._file.load(name).to(torch.float32)
 
@@ -129,3 +133,19 @@ class _Loader:
 
     def load(self, name: str) -> torch.Tensor:
         return self.state[name]
+
+
+class ComfyProvider(DenseProvider):
+    """A ComfyUI file run as ComfyUI's native matmuls run it (on a GPU that has them): weights dequantized,
+    inputs quantized per layer (``comfy_codecs.activations``); full-precision layers untouched."""
+
+    def linear(self, module: str) -> Linear:
+        from ..formats.comfy_codecs import activations
+
+        dense = super().linear(module)
+        config = self.source._file.layer_config(module)
+        if config is None:
+            return dense
+        fmt, conf, input_scale = config
+        return lambda x: dense(activations(x, fmt, conf, input_scale).to(x.dtype))
+

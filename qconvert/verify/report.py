@@ -75,9 +75,20 @@ def provider_for(source, options, **kwargs):
     weights (SVDQuant quantizes activations), else dense weights in the compute dtype."""
     device, dtype = placement(options)
     own = getattr(source, "provider", None)
-    if own is not None:
+    # SVDQuant has no dequantized runtime; ComfyUI's formats do on GPUs without their native matmuls
+    native = options.runtime == "native" or isinstance(source, SVDQUANT_TYPES)
+    if own is not None and native:
         return own(dtype=dtype, device=device, **kwargs)
     return DenseProvider(source, dtype=dtype, device=device, **kwargs)
+
+
+def _svdquant_types() -> tuple:
+    from ..svdquant.emulate import SVDQuantFile
+
+    return (SVDQuantFile,)
+
+
+SVDQUANT_TYPES = _svdquant_types()
 
 
 def model_weights(reference) -> list[str]:
@@ -88,7 +99,7 @@ def model_weights(reference) -> list[str]:
 def settings_json(o, decode: bool = False) -> dict:
     return {"height": o.height, "width": o.width, "steps": o.steps, "cfg": o.cfg, "schedule": o.schedule,
             "seed": o.seed, "embeds": str(o.embeds) if o.embeds else "synthetic",
-            "decode": "vae" if decode else "off", "dtype": o.compute_dtype_name}
+            "decode": "vae" if decode else "off", "dtype": o.compute_dtype_name, "runtime": o.runtime}
 
 
 class Deadline:

@@ -228,3 +228,25 @@ def test_variants_keep_their_markers_and_embeddings(tmp_path, variant):
     else:  # Layered's extra embedding stays BF16, untouched
         assert torch.equal(tensors[qi.ADDITION_T_EMBEDDING], source.load(qi.ADDITION_T_EMBEDDING).to(torch.bfloat16))
     assert FP8File(out).load("transformer_blocks.0.attn.to_q.weight").shape == (256, 256)
+
+
+def test_verify_runs_the_native_matmuls(tmp_path, capsys):
+    """--runtime native quantizes each layer's input as ComfyUI's FP8/FP4/INT8 matmuls do: an FP8 file without
+    input_scale or the full-precision flag (qconvert's layout before the fix) saturates at ±448 there."""
+    model = tiny.make_tiny(tmp_path / "m", layers=2)
+    files = {}
+    for mode in ("unit", "full-precision"):
+        files[mode] = tmp_path / f"{mode}.safetensors"
+        code, _, err = run(["to-fp8", model, "--activations", mode, "-o", files[mode], "-q"], capsys)
+        assert code == 0, err
+    figures = {}
+    for key, path, runtime in (("unit-native", files["unit"], "native"), ("fp-native", files["full-precision"],
+                               "native"), ("unit-dequantized", files["unit"], "dequantized")):
+        code, _, err = run(["verify", path, "--reference", model, "--report", tmp_path / key, "--height", 32,
+                            "--width", 32, "--steps", 2, "--no-decode", "--runtime", runtime], capsys)
+        assert code == 0, err
+        figures[key] = json.loads((tmp_path / key / "report.json").read_text())
+    assert figures["unit-native"]["settings"]["runtime"] == "native"
+    # the same weights: identical without activation quantization, worse with scale 1.0 on the native path
+    assert figures["fp-native"]["latents"]["rel_rmse"] == figures["unit-dequantized"]["latents"]["rel_rmse"]
+    assert figures["unit-native"]["latents"]["rel_rmse"] > 1.1 * figures["fp-native"]["latents"]["rel_rmse"]

@@ -20,7 +20,7 @@ from ..cli_helpers import assert_one_line_error, run
 SMALL = dict(layers=2, heads=2, head_dim=32, text_dim=64)
 FAST = ["--height", 32, "--width", 48, "--steps", 2]
 SETTINGS = {"height": 32, "width": 48, "steps": 2, "cfg": 1.0, "schedule": "lightning", "seed": 0,
-            "embeds": "synthetic", "decode": "off", "dtype": "float32"}
+            "embeds": "synthetic", "decode": "off", "dtype": "float32", "runtime": "native"}
 
 
 @pytest.fixture(scope="module")
