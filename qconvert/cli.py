@@ -278,10 +278,10 @@ def to_fp8_cmd(source, layout, dtype, keep, activations, calib, margin, output, 
 @cli.command("to-comfy")
 @click.argument("source")
 @click.option("--format", "fmt", type=click.Choice(["fp8", "nvfp4", "mxfp8", "int8", "int8-row", "int8-tensor",
-                                                   "mix"]),
+                                                   "convrot-w4a4", "mix"]),
               default="nvfp4", show_default=True,
               help="nvfp4 (RTX 50), mxfp8 (Blackwell), int8 (row-wise with ConvRot; int8-row, int8-tensor "
-                   "without), fp8 (= to-fp8 --format comfy).")
+                   "without), convrot-w4a4 (experimental), mix (see --target-size), fp8 (= to-fp8 --format comfy).")
 @click.option("--keep", multiple=True, metavar="GROUP[,GROUP]", help="Keep these block-linear groups in BF16.")
 @click.option("--target-size", type=float, default=None, help="mix: the file's size in GB; each linear gets the "
               "format (BF16, FP8, MXFP8, INT8, NVFP4) that keeps the summed error least within it.")

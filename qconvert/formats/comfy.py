@@ -33,7 +33,7 @@ from ..models import qwen_image as qi
 from ..pipeline import check_finite, parse_device, prefetched, progress, provenance, provenance_json
 from . import comfy_codecs as codecs
 
-FORMATS = ("nvfp4", "mxfp8", "int8", "int8-row", "int8-tensor")
+FORMATS = ("nvfp4", "mxfp8", "int8", "int8-row", "int8-tensor", "convrot-w4a4")
 FIRST_MODULATION = "transformer_blocks.0.img_mod.1"  # comfy-quants keeps it BF16 in every FP format
 # What each format needs of ComfyUI (spec §1: the commits that added them; comfy-kitchen for the kernels)
 MIN_COMFYUI = {
@@ -42,6 +42,7 @@ MIN_COMFYUI = {
     "mxfp8": "ComfyUI with mxfp8 (Mar 2026, #12907) and comfy-kitchen with MXFP8 (else KeyError 'mxfp8'); "
              "native on Blackwell with torch >= 2.10, dequantized elsewhere",
     "int8": "ComfyUI with int8_tensorwise and ConvRot (Jun 2026, #14636); INT8 matmuls from Turing (sm 7.5) on",
+    "convrot-w4a4": "ComfyUI with convrot_w4a4 (Jul 2026, #14859); experimental; INT4 matmuls from Turing on",
 }
 HIGH = "BF16"
 
@@ -117,6 +118,8 @@ def layer_entries(layer: str, shape: tuple, fmt: str) -> list[tuple[str, str, tu
     elif fmt == "mxfp8":
         out += [(f"{layer}.weight", "F8_E4M3", (rows, cols)),
                 (f"{layer}.weight_scale", "U8", grid(codecs.MXFP8_BLOCK))]
+    elif fmt == "convrot-w4a4":
+        out += [(f"{layer}.weight", "I8", (rows, cols // 2)), (f"{layer}.weight_scale", "F32", (rows,))]
     else:
         scale = () if fmt == "int8-tensor" else (rows, 1)
         out += [(f"{layer}.weight", "I8", (rows, cols)), (f"{layer}.weight_scale", "F32", scale)]
@@ -126,7 +129,8 @@ def layer_entries(layer: str, shape: tuple, fmt: str) -> list[tuple[str, str, tu
 CONFIGS = {"fp8": {"format": "float8_e4m3fn", "full_precision_matrix_mult": True},
            "nvfp4": {"format": "nvfp4"}, "mxfp8": {"format": "mxfp8"},
            "int8": {"format": "int8_tensorwise", "convrot": True, "convrot_groupsize": codecs.CONVROT_GROUP},
-           "int8-row": {"format": "int8_tensorwise"}, "int8-tensor": {"format": "int8_tensorwise"}}
+           "int8-row": {"format": "int8_tensorwise"}, "int8-tensor": {"format": "int8_tensorwise"},
+           "convrot-w4a4": {"format": "convrot_w4a4", "convrot_groupsize": codecs.CONVROT_GROUP}}
 
 
 def _json(fmt: str) -> bytes:
@@ -134,7 +138,8 @@ def _json(fmt: str) -> bytes:
     return json.dumps(CONFIGS[fmt]).encode("utf-8")
 
 
-NEEDS_MULTIPLE = {"nvfp4": codecs.NVFP4_BLOCK, "mxfp8": codecs.MXFP8_BLOCK, "int8": codecs.CONVROT_GROUP}
+NEEDS_MULTIPLE = {"nvfp4": codecs.NVFP4_BLOCK, "mxfp8": codecs.MXFP8_BLOCK, "int8": codecs.CONVROT_GROUP,
+                  "convrot-w4a4": codecs.CONVROT_GROUP}
 
 
 def check_shapes(source, layers: dict[str, str]) -> None:
@@ -222,7 +227,7 @@ def _fill(f, offset: int, value: torch.Tensor) -> None:
 
 def default_name(source, options: ComfyOptions) -> str:
     suffix = {"nvfp4": "nvfp4", "mxfp8": "mxfp8", "int8": "int8-convrot", "int8-row": "int8-rowwise",
-              "int8-tensor": "int8-tensorwise", "mix": "comfy-mix"}[options.fmt]
+              "int8-tensor": "int8-tensorwise", "convrot-w4a4": "convrot-w4a4", "mix": "comfy-mix"}[options.fmt]
     return f"{source.name}-{suffix}.safetensors"
 
 

@@ -184,6 +184,28 @@ def decode_fp8(tensors: dict, shape: tuple) -> torch.Tensor:
     return (tensors["weight"].float() * tensors["weight_scale"].float()).reshape(shape)
 
 
+# ------------------------------------------------------------ ConvRot W4A4
+
+def encode_convrot_w4a4(w: torch.Tensor, group: int = CONVROT_GROUP) -> tuple[dict, dict]:
+    """``convrot_w4a4``: the rotated weight in signed INT4 (−7..7, two's complement, the even column in
+    the low nibble), one F32 scale per row (spec comfy-quant.md §3.5).  Experimental in ComfyUI."""
+    _check(w, group, "convrot_w4a4")
+    x = rotate(w.float(), group)
+    scale = torch.clamp(x.abs().amax(dim=1), min=1e-10) / 7
+    q = torch.clamp(torch.round(x / scale[:, None]), -7, 7).to(torch.int8)
+    nib = (q.to(torch.int16) & 0xF).to(torch.uint8)
+    packed = (nib[:, 0::2] | (nib[:, 1::2] << 4)).view(torch.int8)
+    return {"weight": packed, "weight_scale": scale.float()}, {"format": "convrot_w4a4", "convrot_groupsize": group}
+
+
+def decode_convrot_w4a4(tensors: dict, shape: tuple, conf: dict) -> torch.Tensor:
+    b = tensors["weight"].view(torch.uint8)
+    nib = torch.stack([b & 0xF, b >> 4], dim=-1).reshape(b.shape[0], -1).to(torch.int16)
+    q = torch.where(nib >= 8, nib - 16, nib).float()
+    w = q * tensors["weight_scale"].float()[:, None]
+    return rotate(w, int(conf.get("convrot_groupsize", CONVROT_GROUP))).reshape(shape)
+
+
 # ------------------------------------------- activations (ComfyUI's native matmuls)
 
 def activations(x: torch.Tensor, fmt: str, conf: dict, input_scale: torch.Tensor | None) -> torch.Tensor:
@@ -209,6 +231,10 @@ def activations(x: torch.Tensor, fmt: str, conf: dict, input_scale: torch.Tensor
     if fmt == "mxfp8":
         t, _ = encode_mxfp8(rows)
         return decode_mxfp8(t, tuple(rows.shape)).reshape(shape)
+    if fmt == "convrot_w4a4":  # rotated, then INT4 per row (W4A4)
+        group = int(conf.get("convrot_groupsize", CONVROT_GROUP))
+        t, c = encode_convrot_w4a4(rows, group)
+        return decode_convrot_w4a4(t, tuple(rows.shape), c).reshape(shape)
     if fmt == "int8_tensorwise":
         params = conf.get("params") if isinstance(conf.get("params"), dict) else conf
         group = int(params.get("convrot_groupsize", CONVROT_GROUP)) if params.get("convrot") else 0
@@ -224,4 +250,5 @@ FORMATS = {
     "int8": lambda w: encode_int8(w, per_row=True, convrot=True),
     "int8-row": lambda w: encode_int8(w, per_row=True, convrot=False),
     "int8-tensor": lambda w: encode_int8(w, per_row=False, convrot=False),
+    "convrot-w4a4": lambda w: encode_convrot_w4a4(w),
 }

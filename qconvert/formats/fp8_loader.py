@@ -208,7 +208,7 @@ def _scaled_weights(path: Path, header, reader, prefix: str) -> dict[str, tuple[
     return found
 
 
-BLOCK_FORMATS = ("nvfp4", "mxfp8", "int8_tensorwise")
+BLOCK_FORMATS = ("nvfp4", "mxfp8", "int8_tensorwise", "convrot_w4a4")
 
 
 def block_decoder(path: Path, layer: str, fmt: str, conf: dict, reader, header) -> Callable:
@@ -225,8 +225,8 @@ def block_decoder(path: Path, layer: str, fmt: str, conf: dict, reader, header) 
         raise CheckpointError(f"{where}: the weight must be 2-D, not {list(w.shape)}")
     rows = w.shape[0]
     block = {"nvfp4": codecs.NVFP4_BLOCK, "mxfp8": codecs.MXFP8_BLOCK}.get(fmt)
-    cols = w.shape[1] * (2 if fmt == "nvfp4" else 1)
-    want = {"nvfp4": ("U8",), "mxfp8": ("F8_E4M3",), "int8_tensorwise": ("I8",)}[fmt]
+    cols = w.shape[1] * (2 if fmt in ("nvfp4", "convrot_w4a4") else 1)
+    want = {"nvfp4": ("U8",), "mxfp8": ("F8_E4M3",), "int8_tensorwise": ("I8",), "convrot_w4a4": ("I8",)}[fmt]
     if w.dtype not in want:
         raise CheckpointError(f"{where} says {fmt} but its weight is {w.dtype}, not {want[0]}")
     scale = meta["weight_scale"]
@@ -243,6 +243,19 @@ def block_decoder(path: Path, layer: str, fmt: str, conf: dict, reader, header) 
     if fmt == "mxfp8":
         return lambda q: codecs.decode_mxfp8({"weight": q, "weight_scale": reader.load(f"{layer}.weight_scale")},
                                              shape)
+    if fmt == "convrot_w4a4":
+        group = conf.get("convrot_groupsize", codecs.CONVROT_GROUP)
+        if type(group) is not int or not 4 <= group <= 4096 or not _power_of_4(group) or cols % group:
+            raise CheckpointError(f"{where}: convrot group {untrusted.shown(group, 20)} must be a power of 4 "
+                                  f"dividing {cols}")
+        if scale.dtype != "F32" or tuple(scale.shape) != (rows,):
+            raise CheckpointError(f"{where}: a convrot_w4a4 weight_scale must be F32 [{rows}], not {scale.dtype} "
+                                  f"{list(scale.shape)}")
+        s4 = reader.load(f"{layer}.weight_scale").float()
+        if not bool(torch.isfinite(s4).all()) or bool((s4 < 0).any()):
+            raise CheckpointError(f"{where}: weight_scale holds negative or non-finite values")
+        return lambda q: codecs.decode_convrot_w4a4({"weight": q, "weight_scale": s4}, shape,
+                                                    {"convrot_groupsize": group})
     if scale.dtype != "F32" or tuple(scale.shape) not in ((), (rows, 1)):
         raise CheckpointError(f"{where}: an int8 weight_scale must be F32 [] or [{rows}, 1], not {scale.dtype} "
                               f"{list(scale.shape)} (a 1-D per-row scale would scale columns)")

@@ -51,6 +51,12 @@ def test_bytes_equal_comfy_kitchen(shape):
     assert (t["weight"] != q).float().mean() <= 1e-5 and torch.allclose(t["weight_scale"], s, rtol=1e-6)
     deq = torch.ops.comfy_kitchen.dequantize_int8_convrot_weight(t["weight"], t["weight_scale"], 256)
     assert torch.allclose(C.decode_int8(t, shape, conf), deq, rtol=1e-5, atol=1e-6)
+    t, conf = C.encode_convrot_w4a4(w)
+    q, s = ck.quantize_convrot_w4a4_weight(w)
+    assert conf == {"format": "convrot_w4a4", "convrot_groupsize": 256}
+    assert (t["weight"] != q).float().mean() <= 1e-5 and torch.allclose(t["weight_scale"], s, rtol=1e-6)
+    assert torch.allclose(C.decode_convrot_w4a4(t, shape, conf), ck.dequantize_convrot_w4a4_weight(q, s),
+                          rtol=1e-5, atol=1e-6)
 
 
 def test_hadamard_and_swizzle_equal_comfy_kitchen():
@@ -85,7 +91,7 @@ def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("comfy")
     model = tiny.make_tiny(root / "m")
     out = {}
-    for fmt in ("nvfp4", "mxfp8", "int8", "int8-row", "int8-tensor"):
+    for fmt in ("nvfp4", "mxfp8", "int8", "int8-row", "int8-tensor", "convrot-w4a4"):
         path = root / f"{fmt}.safetensors"
         from qconvert.formats import comfy
 
@@ -95,15 +101,16 @@ def files(tmp_path_factory):
     return model, out
 
 
-STORAGE = {"nvfp4": torch.uint8, "mxfp8": torch.float8_e4m3fn, "int8_tensorwise": torch.int8}
+STORAGE = {"nvfp4": torch.uint8, "mxfp8": torch.float8_e4m3fn, "int8_tensorwise": torch.int8,
+           "convrot_w4a4": torch.int8}
 
 
-@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp8", "int8", "int8-row", "int8-tensor"])
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp8", "int8", "int8-row", "int8-tensor", "convrot-w4a4"])
 def test_files_load_as_comfyui_loads_them(files, fmt):
     """The loader's steps (spec §8.3): parse each comfy_quant, check the storage dtype, build comfy-kitchen's
     layout params as _load_quantized_module does, dequantize; plus qconvert's own loader for verify."""
-    from comfy_kitchen.tensor import (QuantizedTensor, TensorCoreMXFP8Layout, TensorCoreNVFP4Layout,
-                                      TensorWiseINT8Layout)
+    from comfy_kitchen.tensor import (QuantizedTensor, TensorCoreConvRotW4A4Layout, TensorCoreMXFP8Layout,
+                                      TensorCoreNVFP4Layout, TensorWiseINT8Layout)
 
     model, paths = files
     tensors = load_file(paths[fmt])
@@ -129,6 +136,11 @@ def test_files_load_as_comfyui_loads_them(files, fmt):
             params = TensorCoreMXFP8Layout.Params(scale=tensors[f"{layer}.weight_scale"].view(torch.float8_e8m0fnu),
                                                   orig_dtype=torch.bfloat16, orig_shape=shape)
             qt = QuantizedTensor(q, "TensorCoreMXFP8Layout", params)
+        elif fmt_name == "convrot_w4a4":
+            params = TensorCoreConvRotW4A4Layout.Params(scale=tensors[f"{layer}.weight_scale"],
+                                                        orig_dtype=torch.bfloat16, orig_shape=shape,
+                                                        convrot_groupsize=conf["convrot_groupsize"])
+            qt = QuantizedTensor(q, "TensorCoreConvRotW4A4Layout", params)
         else:
             params = TensorWiseINT8Layout.Params(scale=tensors[f"{layer}.weight_scale"], orig_dtype=torch.bfloat16,
                                                  orig_shape=shape, convrot=conf.get("convrot", False),
@@ -139,7 +151,8 @@ def test_files_load_as_comfyui_loads_them(files, fmt):
         mine = ours.load(f"{layer}.weight")
         # ComfyUI dequantizes in BF16: one BF16 rounding apart at most
         assert torch.allclose(mine.to(torch.bfloat16).float(), theirs, rtol=2 ** -7, atol=1e-6), layer
-        assert float((mine - src).norm() / src.norm()) < (0.5 if fmt == "int8-tensor" else 0.1), layer
+        bound = {"int8-tensor": 0.5, "convrot-w4a4": 0.2}.get(fmt, 0.1)
+        assert float((mine - src).norm() / src.norm()) < bound, layer
     assert not any(k.endswith("input_scale") for k in tensors)
 
 
