@@ -278,10 +278,10 @@ def test_loader_reads_prefixed_files_with_quantization_metadata(tmp_path):
 
 
 def test_loader_refuses_formats_it_cannot_dequantize(tmp_path):
-    path = tmp_path / "w4a4.safetensors"
+    path = tmp_path / "w4a8.safetensors"
     write_safetensors(path, {"a.weight": torch.zeros(4, 8, dtype=torch.int8), "a.weight_scale": torch.ones(4),
-                             "a.comfy_quant": torch.tensor(list(b'{"format": "convrot_w4a4"}'), dtype=torch.uint8)})
-    with pytest.raises(QConvertError, match="layer a uses comfy_quant format 'convrot_w4a4'"):
+                             "a.comfy_quant": torch.tensor(list(b'{"format": "asym_w4a8_int8"}'), dtype=torch.uint8)})
+    with pytest.raises(QConvertError, match="layer a uses comfy_quant format 'asym_w4a8_int8'"):
         fp8.load_dequantized(path)
     path = tmp_path / "nvfp4.safetensors"  # a block format with a scale grid that does not fit its weight
     write_safetensors(path, {"a.weight": torch.zeros(4, 8, dtype=torch.uint8), "a.weight_scale": torch.ones(()),
