@@ -244,16 +244,11 @@ def block_decoder(path: Path, layer: str, fmt: str, conf: dict, reader, header) 
         return lambda q: codecs.decode_mxfp8({"weight": q, "weight_scale": reader.load(f"{layer}.weight_scale")},
                                              shape)
     if fmt == "convrot_w4a4":
-        group = conf.get("convrot_groupsize", codecs.CONVROT_GROUP)
-        if type(group) is not int or not 4 <= group <= 4096 or not _power_of_4(group) or cols % group:
-            raise CheckpointError(f"{where}: convrot group {untrusted.shown(group, 20)} must be a power of 4 "
-                                  f"dividing {cols}")
+        group = _rotation_group(where, conf.get("convrot_groupsize", codecs.CONVROT_GROUP), cols)
         if scale.dtype != "F32" or tuple(scale.shape) != (rows,):
             raise CheckpointError(f"{where}: a convrot_w4a4 weight_scale must be F32 [{rows}], not {scale.dtype} "
                                   f"{list(scale.shape)}")
-        s4 = reader.load(f"{layer}.weight_scale").float()
-        if not bool(torch.isfinite(s4).all()) or bool((s4 < 0).any()):
-            raise CheckpointError(f"{where}: weight_scale holds negative or non-finite values")
+        s4 = _nonnegative(where, reader.load(f"{layer}.weight_scale"))
         return lambda q: codecs.decode_convrot_w4a4({"weight": q, "weight_scale": s4}, shape,
                                                     {"convrot_groupsize": group})
     if scale.dtype != "F32" or tuple(scale.shape) not in ((), (rows, 1)):
@@ -261,16 +256,28 @@ def block_decoder(path: Path, layer: str, fmt: str, conf: dict, reader, header) 
                               f"{list(scale.shape)} (a 1-D per-row scale would scale columns)")
     params = conf.get("params") if isinstance(conf.get("params"), dict) else conf
     convrot = params.get("convrot", False)
-    group = params.get("convrot_groupsize", codecs.CONVROT_GROUP)
-    if not isinstance(convrot, bool) or type(group) is not int or not 4 <= group <= 4096 \
-            or not _power_of_4(group) or cols % group:
-        raise CheckpointError(f"{where}: convrot {untrusted.shown(convrot, 20)} with group "
-                              f"{untrusted.shown(group, 20)}: the group must be a power of 4 dividing {cols}")
-    s = reader.load(f"{layer}.weight_scale").float()
-    if not bool(torch.isfinite(s).all()) or bool((s < 0).any()):
-        raise CheckpointError(f"{where}: weight_scale holds negative or non-finite values")
+    if not isinstance(convrot, bool):
+        raise CheckpointError(f"{where}: convrot must be true or false, not {untrusted.shown(convrot, 20)}")
+    # the group matters (and must fit) only when the weight was rotated
+    group = _rotation_group(where, params.get("convrot_groupsize", codecs.CONVROT_GROUP), cols) if convrot else 0
+    s = _nonnegative(where, reader.load(f"{layer}.weight_scale"))
     return lambda q: codecs.decode_int8({"weight": q, "weight_scale": s}, shape, {"convrot": convrot,
                                                                                   "convrot_groupsize": group})
+
+
+def _rotation_group(where: str, group, cols: int) -> int:
+    """A ConvRot group from a layer config: a power of 4 from 4 to 4096 dividing the inputs."""
+    if type(group) is not int or not 4 <= group <= 4096 or not _power_of_4(group) or cols % group:
+        raise CheckpointError(f"{where}: convrot group {untrusted.shown(group, 20)} must be a power of 4 "
+                              f"dividing {cols}")
+    return group
+
+
+def _nonnegative(where: str, scale: torch.Tensor) -> torch.Tensor:
+    scale = scale.float()
+    if not bool(torch.isfinite(scale).all()) or bool((scale < 0).any()):
+        raise CheckpointError(f"{where}: weight_scale holds negative or non-finite values")
+    return scale
 
 
 def _power_of_4(n: int) -> bool:

@@ -263,3 +263,13 @@ def test_verify_runs_the_native_matmuls(tmp_path, capsys):
     # the same weights: identical without activation quantization, worse with scale 1.0 on the native path
     assert figures["fp-native"]["latents"]["rel_rmse"] == figures["unit-dequantized"]["latents"]["rel_rmse"]
     assert figures["unit-native"]["latents"]["rel_rmse"] > 1.1 * figures["fp-native"]["latents"]["rel_rmse"]
+
+
+def test_unrotated_int8_needs_no_rotation_group(tmp_path):
+    """An int8 layer without ConvRot has no group to fit: 128-input layers load (they were refused)."""
+    from qconvert.formats import comfy
+
+    model = tiny.make_tiny(tmp_path / "m", layers=1, heads=2, head_dim=64, text_dim=64)
+    out = tmp_path / "row.safetensors"
+    comfy.convert(open_checkpoint(model), out, comfy.make_options("int8-row"), quiet=True)
+    assert FP8File(out).load("transformer_blocks.0.attn.to_q.weight").shape == (128, 128)
