@@ -73,7 +73,7 @@ def _inspect_svdquant(path: Path) -> dict:
     from .svdquant.emulate import SVDQuantFile
 
     f = SVDQuantFile(path)
-    header = read_safetensors_header(f.weights)
+    header = f.header
     o = f.options
     hist: Counter = Counter()
     hist_bytes: Counter = Counter()

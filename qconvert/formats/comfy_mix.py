@@ -25,7 +25,7 @@ import torch
 from ..errors import QConvertError
 from ..models import qwen_image as qi
 from . import comfy_codecs as codecs
-from .comfy import FIRST_MODULATION, layer_entries
+from .comfy import FIRST_MODULATION, NEEDS_MULTIPLE, layer_entries
 
 CANDIDATES = ("bf16", "fp8", "mxfp8", "int8", "nvfp4")
 _DECODERS = {"fp8": codecs.decode_fp8, "nvfp4": codecs.decode_nvfp4, "mxfp8": codecs.decode_mxfp8}
@@ -64,7 +64,7 @@ def sensitivity(source, layers: list[str], importance: dict | None = None, *, de
         base = float((w.pow(2).sum(0) * a).sum()) or 1.0
         row = {}
         for fmt in CANDIDATES:
-            if w.shape[1] % {"nvfp4": 16, "mxfp8": 32, "int8": 256}.get(fmt, 1):
+            if w.shape[1] % NEEDS_MULTIPLE.get(fmt, 1):
                 continue
             delta = roundtrip(w, fmt) - w
             row[fmt] = float((delta.pow(2).sum(0) * a).sum()) / base

@@ -23,7 +23,8 @@ both what the converter packs and what the emulator runs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from functools import cached_property
 
 import torch
 
@@ -54,10 +55,18 @@ class LogicalLayer:
             return quant.FP4Weight(self.codes, self.scales, self.alpha).dequantize()
         return quant.int4_dequantize(self.codes, self.scales)
 
+    @cached_property
+    def dequantized(self) -> torch.Tensor:
+        """``residual()``, computed once (``build`` sets it from the quantization it just did)."""
+        return self.residual()
+
+    def copy(self, **changes) -> "LogicalLayer":
+        """The stored fields (not the cached residual), with ``changes``."""
+        return LogicalLayer(**{f.name: getattr(self, f.name) for f in fields(self)} | changes)
+
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """What the W4A4 kernel computes (float32 here)."""
-        r = residual if residual is not None else getattr(self, "_residual", None)
-        r = self.residual() if r is None else r
+        r = self.dequantized if residual is None else residual
         x = x.float()
         xs = (x + self.shift) / self.smooth.float()
         main = quant.activations(xs, self.precision, unsigned=self.shift > 0) @ r.T.to(x.device)
@@ -132,7 +141,7 @@ def build(w: torch.Tensor, b: torch.Tensor, s: torch.Tensor, *, precision: str, 
     bias = b.float() - shift * (r_deq / sf).sum(1) if shift else b.float()
     layer = LogicalLayer(precision, codes, scales, alpha, s, (down_b.float() / sf).to(torch.bfloat16), up_b,
                          bias.to(torch.bfloat16), shift)
-    layer._residual = r_deq  # the search runs the candidate once; not stored
+    layer.dequantized = r_deq  # the search runs the candidate once, with the residual it just made
     return layer
 
 
@@ -167,6 +176,4 @@ def search(w: torch.Tensor, b: torch.Tensor, rows: torch.Tensor, xmax: torch.Ten
     layer = build(w, b, best[3], precision=precision, rank=rank, shift=shift, parts=parts, seed=seed)
     plain = build(w, b, torch.ones_like(xmax, dtype=torch.bfloat16), precision=precision, rank=0, parts=parts)
     error = output_error(layer(rows), ref)
-    result = Choice(layer, best[1], best[2], error, output_error(plain(rows), ref))
-    del layer._residual
-    return result
+    return Choice(layer, best[1], best[2], error, output_error(plain(rows), ref))

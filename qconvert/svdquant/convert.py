@@ -237,8 +237,9 @@ def quantize_block(source, index: int, stats: dict, o: SvdqOptions, device: torc
 
 
 def _to_cpu(layer: algorithm.LogicalLayer) -> algorithm.LogicalLayer:
-    fields = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in vars(layer).items()}
-    return algorithm.LogicalLayer(**fields)
+    """The layer's stored fields on the CPU; the search's cached residual stays behind."""
+    return layer.copy(**{k: v.cpu() for k, v in vars(layer).items() if isinstance(v, torch.Tensor)
+                         and k != "dequantized"})
 
 
 def write_svdquant(source, o: SvdqOptions, meta, stats, target: Path, *, device, quiet, echo) -> list:

@@ -58,8 +58,9 @@ class _Shapes:
         return self.tensors
 
 
-def _declared(path: Path) -> tuple[qi.QwenImageConfig, SvdqOptions, Path]:
-    """(config, options, weights file) from the file's own metadata or config.json, all checked."""
+def _declared(path: Path) -> tuple:
+    """(config, options, weights file, its header if already read) from the file's own metadata or
+    config.json, all checked."""
     where = str(path)
     if path.is_dir():
         data = read_json_file(path / "config.json", META_LIMITS)
@@ -72,8 +73,9 @@ def _declared(path: Path) -> tuple[qi.QwenImageConfig, SvdqOptions, Path]:
         precision = untrusted.field_str(svdq, "precision", where)
         rank = untrusted.field_int(svdq, "rank", where, low=16, high=1024)
         config = qi.QwenImageConfig.from_json(data, where)
-        return qi.validated(config, where), SvdqOptions(precision, rank, "diffusers"), path / DIFFUSERS_WEIGHTS
-    meta = read_safetensors_header(path).metadata or {}
+        return qi.validated(config, where), SvdqOptions(precision, rank, "diffusers"), path / DIFFUSERS_WEIGHTS, None
+    header = read_safetensors_header(path)
+    meta = header.metadata or {}
     try:
         config = qi.QwenImageConfig.from_json(untrusted.load_json(meta["config"].encode(), where, META_LIMITS), where)
         q = untrusted.load_json(meta["quantization_config"].encode(), where, META_LIMITS)
@@ -86,17 +88,19 @@ def _declared(path: Path) -> tuple[qi.QwenImageConfig, SvdqOptions, Path]:
     if precision is None:
         raise CheckpointError(f"{where}: weight dtype {untrusted.shown(dtype, 40)} is neither int4 nor fp4_e2m1_all")
     rank = untrusted.field_int(q, "rank", where, low=16, high=1024, default=32)
-    return qi.validated(config, where), SvdqOptions(precision, rank, "nunchaku"), path
+    return qi.validated(config, where), SvdqOptions(precision, rank, "nunchaku"), path, header
 
 
 class SVDQuantFile:
+    runs_natively_only = True  # Nunchaku has no dequantized runtime: verify always emulates the W4A4 kernels
+
     def __init__(self, path):
         self.path = Path(path)
-        self.config, self.options, self.weights = _declared(self.path)
+        self.config, self.options, self.weights, header = _declared(self.path)
         if self.options.precision not in layout.PRECISIONS:
             raise CheckpointError(f"{self.path}: precision {untrusted.shown(self.options.precision, 20)} is not "
                                   "int4 or nvfp4")
-        header = read_safetensors_header(self.weights)
+        self.header = header = header or read_safetensors_header(self.weights)
         planned = plan_entries(_Shapes(self.config), self.options)
         want = {n: (d, tuple(s)) for n, d, s in planned}
         have = {n: (m.dtype, tuple(m.shape)) for n, m in header.tensors.items()}
@@ -205,8 +209,8 @@ class SVDQuantProvider:
         runner = self.file._cache["layers"].get(key)
         if runner is None:
             layer, r = value
-            layer = algorithm.LogicalLayer(**{k: (v.to(self.device) if isinstance(v, torch.Tensor) else v)
-                                              for k, v in vars(layer).items()})
+            layer = layer.copy(**{k: v.to(self.device) for k, v in vars(layer).items()
+                                  if isinstance(v, torch.Tensor) and k != "dequantized"})
             r = r.to(self.device)
             memo: dict = {}
 

@@ -27,7 +27,6 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import read_safetensors_header
 from ..errors import QConvertError
 from ..io import SafetensorsWriter, atomic_directory, atomic_output, safetensors_size
 from ..models import qwen_image as qi
@@ -185,7 +184,7 @@ def bake_into_file(path, specs, output, *, rank: int | None = None, ignore_unmat
 
 
 def _baked_metadata(f, view, options) -> dict:
-    meta = dict(read_safetensors_header(f.weights).metadata or {})
+    meta = dict(f.header.metadata or {})
     record = {"tool": "qconvert", "format": f"svdquant-{options.layout}", "baked_into": f.path.name,
               "loras": [lora.record() for lora in view.loras], "rank": options.rank}
     if "qconvert" in meta:

@@ -76,19 +76,10 @@ def provider_for(source, options, **kwargs):
     device, dtype = placement(options)
     own = getattr(source, "provider", None)
     # SVDQuant has no dequantized runtime; ComfyUI's formats do on GPUs without their native matmuls
-    native = options.runtime == "native" or isinstance(source, SVDQUANT_TYPES)
+    native = options.runtime == "native" or getattr(source, "runs_natively_only", False)
     if own is not None and native:
         return own(dtype=dtype, device=device, **kwargs)
     return DenseProvider(source, dtype=dtype, device=device, **kwargs)
-
-
-def _svdquant_types() -> tuple:
-    from ..svdquant.emulate import SVDQuantFile
-
-    return (SVDQuantFile,)
-
-
-SVDQUANT_TYPES = _svdquant_types()
 
 
 def model_weights(reference) -> list[str]:
