@@ -98,7 +98,15 @@ def quantized_layers(source, options: ComfyOptions) -> dict[str, str]:
         if info.module == FIRST_MODULATION and options.family != "int8":
             continue
         out.append(info.module)
-    return {layer: options.fmt for layer in sorted(out)}
+    return {layer: fitting(options.fmt, source.tensors[f"{layer}.weight"].shape) for layer in sorted(out)}
+
+
+def fitting(fmt: str, shape) -> str:
+    """ConvRot INT8 on a layer whose inputs its rotation group does not divide: row-wise INT8 without the
+    rotation, the closest stock layout (NVFP4 and MXFP8 pad instead; ``convrot-w4a4`` has no fallback)."""
+    if fmt == "int8" and shape[1] % NEEDS_MULTIPLE["int8"]:
+        return "int8-row"
+    return fmt
 
 
 # -------------------------------------------------------------------- plan
@@ -108,16 +116,20 @@ def layer_entries(layer: str, shape: tuple, fmt: str) -> list[tuple[str, str, tu
     rows, cols = shape
     conf = _json(fmt)
     out = [(f"{layer}.comfy_quant", "U8", (len(conf),))]
-    grid = lambda block: (128 * -(-rows // 128), 4 * -(-(cols // block) // 4))  # noqa: E731
+
+    def padded(block):  # NVFP4 and MXFP8 store the zero-padded weight (spec §3.2)
+        r, c = codecs.padded_shape(shape, block)
+        return r, c, (128 * -(-r // 128), 4 * -(-(c // block) // 4))
+
     if fmt == "fp8":
         out += [(f"{layer}.weight", "F8_E4M3", (rows, cols)), (f"{layer}.weight_scale", "F32", ())]
     elif fmt == "nvfp4":
-        out += [(f"{layer}.weight", "U8", (rows, cols // 2)),
-                (f"{layer}.weight_scale", "F8_E4M3", grid(codecs.NVFP4_BLOCK)),
+        r, c, grid = padded(codecs.NVFP4_BLOCK)
+        out += [(f"{layer}.weight", "U8", (r, c // 2)), (f"{layer}.weight_scale", "F8_E4M3", grid),
                 (f"{layer}.weight_scale_2", "F32", ())]
     elif fmt == "mxfp8":
-        out += [(f"{layer}.weight", "F8_E4M3", (rows, cols)),
-                (f"{layer}.weight_scale", "U8", grid(codecs.MXFP8_BLOCK))]
+        r, c, grid = padded(codecs.MXFP8_BLOCK)
+        out += [(f"{layer}.weight", "F8_E4M3", (r, c)), (f"{layer}.weight_scale", "U8", grid)]
     elif fmt == "convrot-w4a4":
         out += [(f"{layer}.weight", "I8", (rows, cols // 2)), (f"{layer}.weight_scale", "F32", (rows,))]
     else:
@@ -138,8 +150,8 @@ def _json(fmt: str) -> bytes:
     return json.dumps(CONFIGS[fmt]).encode("utf-8")
 
 
-NEEDS_MULTIPLE = {"nvfp4": codecs.NVFP4_BLOCK, "mxfp8": codecs.MXFP8_BLOCK, "int8": codecs.CONVROT_GROUP,
-                  "convrot-w4a4": codecs.CONVROT_GROUP}
+# Rotated formats need their group to divide a layer's inputs; NVFP4 and MXFP8 pad instead.
+NEEDS_MULTIPLE = {"int8": codecs.CONVROT_GROUP, "convrot-w4a4": codecs.CONVROT_GROUP}
 
 
 def check_shapes(source, layers: dict[str, str]) -> None:
@@ -148,7 +160,8 @@ def check_shapes(source, layers: dict[str, str]) -> None:
         cols = source.tensors[f"{layer}.weight"].shape[1]
         if cols % need:
             raise QConvertError(f"{layer}: {cols} inputs are not a multiple of {need}, which {fmt} needs "
-                                "(every Qwen-Image linear is; a tiny test model needs --heads x --head-dim a multiple of 256)")
+                                "(every Qwen-Image linear is; choose int8, which falls back to row-wise "
+                                "INT8 there, or a tiny model with --heads x --head-dim a multiple of 256)")
 
 
 def plan(source, options: ComfyOptions, *, dry_run: bool = False) -> tuple[list, dict, set]:
@@ -246,8 +259,10 @@ def convert(source, output=None, options: ComfyOptions = ComfyOptions(), *, devi
             dry_run: bool = False, quiet: bool = False) -> dict:
     target = output_path(source, options, output)
     entries, meta, weights = plan(source, options, dry_run=dry_run)
+    unrotated = sorted(w[: -len(".weight")] for w, f in weights.items() if f == "int8-row" and options.fmt == "int8")
     result = {"command": "to-comfy", "output": str(target), "format": options.fmt, "keep": list(options.keep),
-              "layers": len(weights), "tensor_count": len(entries), "bytes": safetensors_size(entries, meta),
+              "layers": len(weights), "unrotated": unrotated, "tensor_count": len(entries),
+              "bytes": safetensors_size(entries, meta),
               "written": False, "needs": "; ".join(MIN_COMFYUI[f] for f in sorted({_family(x) for x in
                                                                                     options.formats()}))}
     if dry_run:
@@ -262,6 +277,9 @@ def convert(source, output=None, options: ComfyOptions = ComfyOptions(), *, devi
 def format_report(r: dict) -> str:
     lines = [f"{r['format']}: {r['layers']} linears quantized, {r['tensor_count']} tensors, {r['bytes']:,} bytes "
              f"({r['bytes'] / 1e9:.2f} GB)" + (f"; kept in BF16: {', '.join(r['keep'])}" if r["keep"] else "")]
+    if r.get("unrotated"):
+        lines.append(f"  row-wise INT8 without ConvRot for {len(r['unrotated'])} linears whose inputs 256 does not "
+                     f"divide (e.g. {r['unrotated'][0]})")
     if not r["written"]:
         return "\n".join(lines + ["dry run: nothing written"])
     return "\n".join(lines + [f"wrote {r['output']}",

@@ -15,9 +15,11 @@ Byte parity with comfy-kitchen 0.2.40 is tested (f32 math in its op order).
   256 inputs that spreads outliers (no seed; ComfyUI rebuilds it).
 
 Guards (spec §7.5): an all-zero weight gives zeros, never NaN; MXFP8 blocks
-too small for E8M0 (amax ≤ 448·2^-127) are written as zero blocks.  Shapes
-must be aligned (16 for NVFP4, 32 for MXFP8, the rotation group for
-ConvRot); every Qwen-Image linear is.
+too small for E8M0 (amax ≤ 448·2^-127) are written as zero blocks.  NVFP4 and
+MXFP8 pad an unaligned weight with zeros in both dimensions (to 16 or 32), as
+comfy-kitchen does; the stored weight is the padded one and ComfyUI crops to
+its module's ``(out, in)``, so every ``decode_*`` takes that logical shape.
+ConvRot needs its group to divide the inputs (every Qwen-Image linear does).
 """
 
 from __future__ import annotations
@@ -38,6 +40,22 @@ _E2M1_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
 def _check(w: torch.Tensor, block: int, what: str) -> None:
     if w.dim() != 2 or w.shape[1] % block:
         raise ValueError(f"{what}: a [{', '.join(map(str, w.shape))}] weight; inputs must be a multiple of {block}")
+
+
+def padded_shape(shape: tuple, block: int) -> tuple:
+    """comfy-kitchen's ``pad_16x``/``pad_32x``: both dimensions up to multiples of ``block``."""
+    return tuple(-(-int(n) // block) * block for n in shape)
+
+
+def _padded(x: torch.Tensor, block: int) -> torch.Tensor:
+    if x.dim() != 2:
+        raise ValueError(f"a {x.dim()}-D weight; ComfyUI's block formats are 2-D")
+    shape = padded_shape(x.shape, block)
+    if shape == tuple(x.shape):
+        return x
+    out = x.new_zeros(shape)
+    out[: x.shape[0], : x.shape[1]] = x
+    return out
 
 
 # ----------------------------------------------------------- the swizzle
@@ -77,8 +95,7 @@ def e2m1_value(codes: torch.Tensor) -> torch.Tensor:
 
 
 def encode_nvfp4(w: torch.Tensor) -> tuple[dict, dict]:
-    _check(w, NVFP4_BLOCK, "nvfp4")
-    x = w.float()
+    x = _padded(w.float(), NVFP4_BLOCK)
     g = x.abs().amax() / (FP8_MAX * E2M1_MAX)
     g_safe = torch.clamp(g, min=2.0 ** -126)  # an all-zero weight: zeros, not 0/0
     blocks = x.reshape(x.shape[0], -1, NVFP4_BLOCK)
@@ -93,13 +110,14 @@ def encode_nvfp4(w: torch.Tensor) -> tuple[dict, dict]:
 
 
 def decode_nvfp4(tensors: dict, shape: tuple) -> torch.Tensor:
+    """The ``shape`` weight (the stored one cropped, when it was padded)."""
     packed = tensors["weight"]
     codes = torch.stack([packed >> 4, packed & 0xF], dim=-1).reshape(packed.shape[0], -1)
-    rows, cols = shape
+    rows, cols = codes.shape
     s = from_blocked(tensors["weight_scale"].view(torch.uint8), rows, cols // NVFP4_BLOCK)
     scale = s.view(torch.float8_e4m3fn).float() * tensors["weight_scale_2"].float()
-    values = e2m1_value(codes[:rows, :cols]).reshape(rows, -1, NVFP4_BLOCK)
-    return (values * scale.unsqueeze(-1)).reshape(rows, cols)
+    values = e2m1_value(codes).reshape(rows, -1, NVFP4_BLOCK)
+    return (values * scale.unsqueeze(-1)).reshape(rows, cols)[: shape[0], : shape[1]]
 
 
 # ------------------------------------------------------------------ MXFP8
@@ -111,8 +129,7 @@ def _ceil_log2(v: torch.Tensor) -> torch.Tensor:
 
 
 def encode_mxfp8(w: torch.Tensor) -> tuple[dict, dict]:
-    _check(w, MXFP8_BLOCK, "mxfp8")
-    x = w.float()
+    x = _padded(w.float(), MXFP8_BLOCK)
     blocks = x.reshape(x.shape[0], -1, MXFP8_BLOCK)
     amax = blocks.abs().amax(-1)
     exponent = (_ceil_log2(torch.clamp(amax / FP8_MAX, min=2.0 ** -127)) + 127).clamp(0, 254)
@@ -125,11 +142,12 @@ def encode_mxfp8(w: torch.Tensor) -> tuple[dict, dict]:
 
 
 def decode_mxfp8(tensors: dict, shape: tuple) -> torch.Tensor:
-    rows, cols = shape
+    """The ``shape`` weight (the stored one cropped, when it was padded)."""
+    rows, cols = tensors["weight"].shape
     e = from_blocked(tensors["weight_scale"].view(torch.uint8), rows, cols // MXFP8_BLOCK).float()
     scale = torch.where(e == 0, torch.zeros_like(e), torch.exp2(e - 127))
     q = tensors["weight"].float().reshape(rows, -1, MXFP8_BLOCK)
-    return (q * scale.unsqueeze(-1)).reshape(rows, cols)
+    return (q * scale.unsqueeze(-1)).reshape(rows, cols)[: shape[0], : shape[1]]
 
 
 # ------------------------------------------------------------------- INT8

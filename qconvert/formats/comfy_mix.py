@@ -25,7 +25,7 @@ import torch
 from ..errors import QConvertError
 from ..models import qwen_image as qi
 from . import comfy_codecs as codecs
-from .comfy import FIRST_MODULATION, NEEDS_MULTIPLE, layer_entries
+from .comfy import FIRST_MODULATION, fitting, layer_entries
 
 CANDIDATES = ("bf16", "fp8", "mxfp8", "int8", "nvfp4")
 _DECODERS = {"fp8": codecs.decode_fp8, "nvfp4": codecs.decode_nvfp4, "mxfp8": codecs.decode_mxfp8}
@@ -63,9 +63,7 @@ def sensitivity(source, layers: list[str], importance: dict | None = None, *, de
         a = importance[layer].to(device).float() if importance else torch.ones(w.shape[1], device=device)
         base = float((w.pow(2).sum(0) * a).sum()) or 1.0
         row = {}
-        for fmt in CANDIDATES:
-            if w.shape[1] % NEEDS_MULTIPLE.get(fmt, 1):
-                continue
+        for fmt in (fitting(f, w.shape) for f in CANDIDATES):
             delta = roundtrip(w, fmt) - w
             row[fmt] = float((delta.pow(2).sum(0) * a).sum()) / base
         table[layer] = row

@@ -190,10 +190,12 @@ def _scaled_weights(path: Path, header, reader, prefix: str) -> dict[str, tuple[
     layout = _layout({k: header.tensors[k] for k in keys}, header.metadata)
     found = {}
     if layout == "comfy":
+        logical = _logical_shapes(header.tensors, prefix)
         for layer, (fmt, conf) in _comfy_layers(path, header.metadata, reader.load, header.tensors, keys,
                                                 prefix).items():
             if fmt in BLOCK_FORMATS:
-                decode = block_decoder(path, prefix + layer, fmt, conf, reader, header.tensors)
+                decode = block_decoder(path, prefix + layer, fmt, conf, reader, header.tensors,
+                                       logical.get(f"{layer}.weight"))
                 found[f"{prefix}{layer}.weight"] = (fmt, decode)
             else:
                 found[f"{prefix}{layer}.weight"] = (fmt, _comfy_scale(path, prefix + layer, fmt, reader,
@@ -211,9 +213,23 @@ def _scaled_weights(path: Path, header, reader, prefix: str) -> dict[str, tuple[
 BLOCK_FORMATS = ("nvfp4", "mxfp8", "int8_tensorwise", "convrot_w4a4")
 
 
-def block_decoder(path: Path, layer: str, fmt: str, conf: dict, reader, header) -> Callable:
+def _logical_shapes(tensors: Mapping, prefix: str) -> dict[str, tuple]:
+    """Each Qwen-Image weight's ``(out, in)``, as ComfyUI's modules declare them, from the config the never
+    quantized tensors imply; {} when they imply none (then a stored weight is taken as unpadded)."""
+    shapes = {k[len(prefix):]: tuple(m.shape) for k, m in tensors.items() if k.startswith(prefix)}
+    try:
+        return qi.expected_shapes(qi.config_from_shapes(shapes))
+    except CheckpointError:
+        return {}
+
+
+def block_decoder(path: Path, layer: str, fmt: str, conf: dict, reader, header,
+                  logical: tuple | None = None) -> Callable:
     """A checked layer of ComfyUI's NVFP4, MXFP8 or INT8 format: a function of its stored weight giving the
-    float32 weight ComfyUI dequantizes (spec comfy-quant.md §5).  Shapes, dtypes and scales are checked here."""
+    float32 weight ComfyUI dequantizes (spec comfy-quant.md §5).  Shapes, dtypes and scales are checked here.
+
+    ``logical`` is the module's ``(out, in)``: NVFP4 and MXFP8 store an unaligned weight zero-padded to
+    their block in both dimensions, and ComfyUI crops it to the module's shape."""
     from . import comfy_codecs as codecs
 
     where = f"{path}: layer {untrusted.shown(layer)}"
@@ -236,6 +252,12 @@ def block_decoder(path: Path, layer: str, fmt: str, conf: dict, reader, header) 
             raise CheckpointError(f"{where}: weight_scale is {scale.dtype} {list(scale.shape)}; a {fmt} weight of "
                                   f"{rows}x{cols} needs an 8-bit {list(grid)} block grid")
     shape = (rows, cols)
+    if block is not None and logical is not None:
+        if codecs.padded_shape(logical, block) != shape:
+            raise CheckpointError(f"{where}: a {fmt} weight of {rows}x{cols} does not hold the module's "
+                                  f"{logical[0]}x{logical[1]} (padded to {block}, it would be "
+                                  f"{'x'.join(map(str, codecs.padded_shape(logical, block)))})")
+        shape = tuple(logical)
     if fmt == "nvfp4":
         g = _scalar(path, f"{layer}.weight_scale_2", reader, header)
         return lambda q: codecs.decode_nvfp4({"weight": q, "weight_scale": reader.load(f"{layer}.weight_scale"),

@@ -21,9 +21,9 @@ pytestmark = pytest.mark.oracle
 
 def weight(rows=384, cols=1024, seed=0):
     w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)) * 0.05
-    w[3] *= 40  # an outlier row
-    w[7, :64] = 0  # zero blocks
-    w[9, 100] = 3.0  # a lone outlier
+    w[3 % rows] *= 40  # an outlier row
+    w[7 % rows, :64] = 0  # zero blocks
+    w[9 % rows, 100 % cols] = 3.0  # a lone outlier
     return w.to(torch.bfloat16).float()
 
 
@@ -57,6 +57,26 @@ def test_bytes_equal_comfy_kitchen(shape):
     assert (t["weight"] != q).float().mean() <= 1e-5 and torch.allclose(t["weight_scale"], s, rtol=1e-6)
     assert torch.allclose(C.decode_convrot_w4a4(t, shape, conf), ck.dequantize_convrot_w4a4_weight(q, s),
                           rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(300, 112), (36, 144), (17, 40), (5, 3)])
+def test_unaligned_weights_pad_as_comfy_kitchen_pads(shape):
+    """NVFP4 and MXFP8 zero-pad both dimensions (to 16, 32) when either is unaligned; decoding crops."""
+    w = weight(*shape, seed=1)
+    t, _ = C.encode_nvfp4(w)
+    g = w.abs().amax() / 2688
+    q, s = ck.quantize_nvfp4(w, g, pad_16x=True)
+    assert torch.equal(t["weight"], q) and torch.equal(t["weight_scale"].view(torch.uint8), s.view(torch.uint8))
+    from comfy_kitchen.tensor import QuantizedTensor, TensorCoreMXFP8Layout, TensorCoreNVFP4Layout
+
+    params = TensorCoreNVFP4Layout.Params(scale=g, orig_dtype=torch.float32, orig_shape=shape, block_scale=s)
+    assert torch.equal(C.decode_nvfp4(t, shape), QuantizedTensor(q, "TensorCoreNVFP4Layout", params).dequantize())
+    t, _ = C.encode_mxfp8(w)
+    q, e = ck.quantize_mxfp8(w, pad_32x=True)
+    assert torch.equal(t["weight"].view(torch.uint8), q.view(torch.uint8))
+    assert torch.equal(t["weight_scale"], e.view(torch.uint8))
+    params = TensorCoreMXFP8Layout.Params(scale=e, orig_dtype=torch.float32, orig_shape=shape)
+    assert torch.equal(C.decode_mxfp8(t, shape), QuantizedTensor(q, "TensorCoreMXFP8Layout", params).dequantize())
 
 
 def test_hadamard_and_swizzle_equal_comfy_kitchen():
@@ -167,9 +187,11 @@ def test_to_comfy_cli(files, tmp_path, capsys):
     header = read_safetensors_header(tmp_path / "k.safetensors")
     assert header.tensors["transformer_blocks.1.img_mod.1.weight"].dtype == "BF16"
     small = tiny.make_tiny(tmp_path / "small", layers=1, heads=2, head_dim=32, text_dim=64)
-    code, _, err = run(["to-comfy", small, "--format", "int8", "-o", tmp_path / "x.safetensors"], capsys)
-    assert_one_line_error(code, err, "not a multiple of 256", "int8")
-    assert not (tmp_path / "x.safetensors").exists()
+    code, out, err = run(["to-comfy", small, "--format", "int8", "-o", tmp_path / "x.safetensors"], capsys)
+    assert code == 0 and "row-wise INT8 without ConvRot for 12 linears" in out, err
+    code, _, err = run(["to-comfy", small, "--format", "convrot-w4a4", "-o", tmp_path / "y.safetensors"], capsys)
+    assert_one_line_error(code, err, "not a multiple of 256", "convrot-w4a4")
+    assert not (tmp_path / "y.safetensors").exists()
 
 
 def test_verify_reads_every_format(files, tmp_path, capsys):
@@ -273,3 +295,55 @@ def test_unrotated_int8_needs_no_rotation_group(tmp_path):
     out = tmp_path / "row.safetensors"
     comfy.convert(open_checkpoint(model), out, comfy.make_options("int8-row"), quiet=True)
     assert FP8File(out).load("transformer_blocks.0.attn.to_q.weight").shape == (128, 128)
+
+
+def test_unaligned_model_round_trips_through_comfyui(tmp_path, capsys):
+    """A model of width 36 (neither 16 nor 32 divides it): NVFP4 and MXFP8 store padded weights that
+    comfy-kitchen's layouts, given the module's (out, in) as ComfyUI gives them, crop to what our loader reads;
+    INT8 falls back to row-wise without ConvRot; dry-run sizes are exact; verify runs each file."""
+    from comfy_kitchen.tensor import QuantizedTensor, TensorCoreMXFP8Layout, TensorCoreNVFP4Layout
+
+    from qconvert.formats import comfy
+
+    from dataclasses import replace
+
+    # make-tiny keeps head dims to multiples of 16; ComfyUI's padding needs a width that is not
+    config = replace(tiny.tiny_config(1, 1, 32, 40), attention_head_dim=36, axes_dims_rope=qi.default_axes_dims(36))
+    shapes = qi.expected_shapes(config)
+    model = tiny._write_diffusers(tmp_path / "m", config, {n: tiny.trained_like(n, s, 0).to(torch.bfloat16)
+                                                          for n, s in shapes.items()}, 1)
+    source = open_checkpoint(model)
+    for fmt in ("nvfp4", "mxfp8", "int8"):
+        out = tmp_path / f"{fmt}.safetensors"
+        planned = comfy.convert(source, out, comfy.make_options(fmt), dry_run=True)["bytes"]
+        r = comfy.convert(source, out, comfy.make_options(fmt), quiet=True)
+        assert out.stat().st_size == planned
+        tensors, ours = load_file(out), FP8File(out)
+        layer = "transformer_blocks.0.img_mlp.net.2"  # 36 x 144
+        shape = (36, 144)
+        if fmt == "nvfp4":
+            assert tensors[f"{layer}.weight"].shape == (48, 72)
+            params = TensorCoreNVFP4Layout.Params(scale=tensors[f"{layer}.weight_scale_2"], orig_dtype=torch.float32,
+                                                  orig_shape=shape,
+                                                  block_scale=tensors[f"{layer}.weight_scale"].view(torch.float8_e4m3fn))
+            theirs = QuantizedTensor(tensors[f"{layer}.weight"], "TensorCoreNVFP4Layout", params).dequantize()
+        elif fmt == "mxfp8":
+            assert tensors[f"{layer}.weight"].shape == (64, 160)
+            params = TensorCoreMXFP8Layout.Params(scale=tensors[f"{layer}.weight_scale"].view(torch.float8_e8m0fnu),
+                                                  orig_dtype=torch.float32, orig_shape=shape)
+            theirs = QuantizedTensor(tensors[f"{layer}.weight"], "TensorCoreMXFP8Layout", params).dequantize()
+        else:
+            assert len(r["unrotated"]) == r["layers"]
+            assert json.loads(tensors[f"{layer}.comfy_quant"].numpy().tobytes()) == {"format": "int8_tensorwise"}
+            theirs = tensors[f"{layer}.weight"].float() * tensors[f"{layer}.weight_scale"]
+        assert torch.equal(ours.load(f"{layer}.weight"), theirs.float())
+        src = source.load(f"{layer}.weight").float()
+        assert float((theirs - src).norm() / src.norm()) < 0.15
+        code, _, err = run(["verify", out, "--reference", model, "--report", tmp_path / fmt, "--height", 32,
+                            "--width", 32, "--steps", 1, "--no-decode"], capsys)
+        assert code == 0, err
+    code, out, err = run(["to-comfy", model, "--format", "mix", "--max-error", "1e-3", "--dry-run", "--json"],
+                         capsys)
+    assert code == 0, err
+    candidates = {f for row in json.loads(out)["mix"]["layers"].values() for f in row["candidates"]}
+    assert "int8-row" in candidates and "int8" not in candidates  # no rotation group fits width 36
