@@ -158,7 +158,7 @@ def demo_cmd(out, quiet):
 @click.argument("source")
 @click.option("--level", required=True, metavar="LEVEL",
               help="BF16, F16, Q8_0, Q6_K, Q5_K_M, Q5_K_S, Q5_1, Q5_0, Q4_K_M, Q4_K_S, Q4_1, Q4_0, Q3_K_M, "
-                   "Q3_K_S, Q2_K, or all (every level, reading the source once).")
+                   "Q3_K_S, Q2_K, all, or a list (Q8_0,Q4_K_M): several levels read the source once.")
 @click.option("--policy", type=click.Choice(["city96", "quantstack", "uniform"]), default="city96",
               show_default=True,
               help="Per-tensor types: city96's published files, QuantStack's (blocks 0/last at Q5_K), "
@@ -285,8 +285,8 @@ def to_fp8_cmd(source, layout, dtype, keep, activations, calib, margin, output, 
 @click.option("--keep", multiple=True, metavar="GROUP[,GROUP]", help="Keep these block-linear groups in BF16.")
 @click.option("--target-size", type=float, default=None, help="mix: the file's size in GB; each linear gets the "
               "format (BF16, FP8, MXFP8, INT8, NVFP4) that keeps the summed error least within it.")
-@click.option("--max-error", type=float, default=None, help="mix: the largest mean layer error; the smallest file "
-              "that keeps it.")
+@click.option("--max-error", type=float, default=None, help="mix: the largest relative output error of all "
+              "linears together (the mean layer error); the smallest file that keeps it.")
 @click.option("--calib", type=click.Path(path_type=Path), default=None,
               help="mix: weight each layer's error by its inputs' mean squares from qconvert calibrate.")
 @converter_options
@@ -439,8 +439,9 @@ def _bake_into_svdquant(source, loras, rank, output, dry_run, as_json, ignore_un
              f"{report['bytes']:,} bytes)")
 
 
-# sample, verify and calibrate live in cli_model.py; importing it registers them on ``cli``.
-from . import cli_model  # noqa: E402,F401
+# sample, verify and calibrate live in cli_model.py, recipe and publish in cli_release.py; importing
+# them registers them on ``cli``.
+from . import cli_model, cli_release  # noqa: E402,F401
 
 
 def _printable(exc: BaseException) -> str:

@@ -74,6 +74,12 @@ def check_level(level: str) -> str:
 
 
 def expand_levels(level: str) -> list[str]:
+    """``all``, one level, or a comma-separated list (each read once: ``Q8_0,Q4_K_M``)."""
+    if "," in level:
+        levels = [check_level(part.strip()) for part in level.split(",")]
+        if ALL in levels or len(set(levels)) != len(levels):
+            raise QConvertError(f"--level {level}: list distinct levels, without {ALL}")
+        return levels
     level = check_level(level)
     return list(LEVELS) if level == ALL else [level]
 

@@ -40,7 +40,7 @@ from ...models import qwen_image as qi
 from ...pipeline import TensorPlan, parse_device, prefetched, progress, provenance, type_counts
 from . import quants
 from .reader import GGML_MAX_DIMS, GGML_MAX_NAME
-from .policy import FILE_TYPE, assign_types, tensor_nbytes
+from .policy import FILE_TYPE, LEVELS, assign_types, tensor_nbytes
 
 ARCHITECTURE = qi.ARCHITECTURE  # "qwen_image": ComfyUI-GGUF's IMG_ARCH_LIST entry
 METADATA_PREFIX = "qconvert."
@@ -269,7 +269,7 @@ def output_paths(model_name: str, levels: Sequence[str], output: Path | None) ->
             raise QConvertError(f"{output}: the output of one level is a .gguf file (or an existing folder)")
         return [output]
     if output.suffix.lower() == ".gguf":
-        raise QConvertError(f"{output}: --level all writes {len(levels)} files; give a folder with -o")
+        raise QConvertError(f"{output}: {len(levels)} levels write {len(levels)} files; give a folder with -o")
     return [output / n for n in names]
 
 
@@ -277,7 +277,8 @@ def report_json(plans: Sequence[GGUFPlan], paths: Sequence[Path], *, written: bo
     files = [{**plan.to_json(), "output": str(path), "written": written} for plan, path in zip(plans, paths)]
     if len(files) == 1:
         return files[0]
-    return {"level": "all", "policy": plans[0].policy, "bytes": sum(p.bytes for p in plans), "written": written,
+    levels = [p.level for p in plans]
+    return {"level": "all" if levels == list(LEVELS) else ",".join(levels), "policy": plans[0].policy, "bytes": sum(p.bytes for p in plans), "written": written,
             "files": files}
 
 

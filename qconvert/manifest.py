@@ -1,0 +1,115 @@
+"""``manifest.json``: what a release folder holds, and whether each file is still what was built.
+
+One entry per output: file, bytes, sha256, converter, format and options,
+LoRAs, the source's fingerprint, qconvert's version, the verify figures, and
+``key``: a digest of everything that decides the file's bytes.  The manifest
+is rewritten atomically after every output, so a crash loses at most the
+outputs in progress.  It carries a digest of its own content: a hand edit is
+noticed, said, and every entry is then trusted only as far as its file's size
+and sha256 confirm it (which ``check`` always does anyway).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+from . import untrusted
+from .errors import CheckpointError, QConvertError
+from .io import atomic_output
+
+NAME = "manifest.json"
+SCHEMA = 1
+MAX_BYTES = 16 << 20
+LIMITS = untrusted.Limits(objects=200_000, items=2_000_000)
+ENTRY_FIELDS = {"file": str, "bytes": int, "sha256": str, "converter": str, "format": str, "key": str,
+                "options": dict, "loras": list, "source": dict, "qconvert_version": str}
+
+
+def canonical(obj) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def digest(manifest: dict) -> str:
+    return hashlib.sha256(canonical({k: v for k, v in manifest.items() if k != "digest"}).encode()).hexdigest()
+
+
+def write(folder: Path, manifest: dict) -> None:
+    body = {k: v for k, v in manifest.items() if k != "digest"}
+    body["digest"] = digest(body)
+    text = json.dumps(body, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    with atomic_output(Path(folder) / NAME) as f:
+        f.write(text.encode("utf-8"))
+
+
+def read(folder: Path, *, say: Callable[[str], None] = lambda m: None, required: bool = False) -> dict | None:
+    """The folder's manifest with only well-formed entries; None when there is none (an error if required)."""
+    path = Path(folder) / NAME
+    if not path.exists():
+        if required:
+            raise QConvertError(f"{path}: no manifest; build the release with qconvert recipe run first")
+        return None
+    size = path.stat().st_size
+    if size > MAX_BYTES:
+        raise QConvertError(f"{path}: {size:,} bytes is too large for a manifest (at most {MAX_BYTES:,}); "
+                            "move it away to rebuild from scratch")
+    try:
+        data = untrusted.load_json(path.read_bytes(), str(path), LIMITS)
+    except CheckpointError as exc:
+        raise QConvertError(f"{exc}; move it away to rebuild from scratch") from None
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA or not isinstance(data.get("outputs"), dict):
+        raise QConvertError(f"{path}: not a qconvert manifest (schema {SCHEMA}); move it away to rebuild")
+    if data.get("digest") != digest(data):
+        say(f"{path} was edited by hand (its digest does not match); every entry is checked against its file")
+    outputs = {}
+    for name, entry in data["outputs"].items():
+        problem = entry_problem(entry)
+        if problem:
+            say(f"{path}: entry {untrusted.shown(name, 64)} is malformed ({problem}); it will be rebuilt")
+            continue
+        outputs[name] = entry
+    data["outputs"] = outputs
+    return data
+
+
+def entry_problem(entry) -> str | None:
+    if not isinstance(entry, dict):
+        return "not an object"
+    for key, kind in ENTRY_FIELDS.items():
+        value = entry.get(key)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            return f"{key} is not a {kind.__name__}"
+    if entry["bytes"] < 0 or len(entry["sha256"]) != 64:
+        return "bytes or sha256 out of range"
+    name = entry["file"]
+    if not name or "/" in name or "\\" in name or name in (".", "..") or name.startswith("."):
+        return "file is not a plain file name"
+    return None
+
+
+def file_sha256(path: Path, progress: Callable[[int], None] | None = None) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(16 << 20):
+            h.update(chunk)
+            if progress:
+                progress(len(chunk))
+    return h.hexdigest()
+
+
+def check(folder: Path, entry: dict, key: str, progress: Callable[[int], None] | None = None) -> str | None:
+    """Why an output must be rebuilt (None: its file is exactly what the entry and the recipe say)."""
+    if entry.get("key") != key:
+        return "its recipe entry, the source or qconvert changed"
+    path = Path(folder) / entry["file"]
+    if not path.is_file():
+        return f"{entry['file']} is missing"
+    size = os.path.getsize(path)
+    if size != entry["bytes"]:
+        return f"{entry['file']} changed on disk ({size:,} bytes, the manifest says {entry['bytes']:,})"
+    if file_sha256(path, progress) != entry["sha256"]:
+        return f"{entry['file']} changed on disk (its sha256 differs from the manifest's)"
+    return None
