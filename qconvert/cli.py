@@ -285,8 +285,8 @@ def to_fp8_cmd(source, layout, dtype, keep, activations, calib, margin, output, 
 @click.option("--keep", multiple=True, metavar="GROUP[,GROUP]", help="Keep these block-linear groups in BF16.")
 @click.option("--target-size", type=float, default=None, help="mix: the file's size in GB; each linear gets the "
               "format (BF16, FP8, MXFP8, INT8, NVFP4) that keeps the summed error least within it.")
-@click.option("--max-error", type=float, default=None, help="mix: the largest relative output error of all "
-              "linears together (the mean layer error); the smallest file that keeps it.")
+@click.option("--max-error", type=float, default=None, help="mix: the largest mean layer error; the smallest file "
+              "that keeps it.")
 @click.option("--calib", type=click.Path(path_type=Path), default=None,
               help="mix: weight each layer's error by its inputs' mean squares from qconvert calibrate.")
 @converter_options

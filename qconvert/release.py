@@ -135,14 +135,14 @@ def option_args(options) -> list[str]:
     return args
 
 
-def build_argv(job: Job, target: Path, loras: list[str], *, quiet: bool) -> list[str]:
+def build_argv(job: Job, target: Path, loras: list[str], *, quiet: bool, device: str | None = None) -> list[str]:
     options = [(k, v) for k, v in job.outputs[0].options if k != "level"]
     argv = [job.converter, job.source, *option_args(options)]
     if job.converter == "to-gguf":
         argv += ["--level", ",".join(o.level for o in job.outputs)]
     for spec in loras:
         argv += ["--lora", spec]
-    argv += ["-o", str(target), "--device", job.device]
+    argv += ["-o", str(target), "--device", device or job.device]
     return argv + (["-q"] if quiet else [])
 
 
@@ -351,7 +351,8 @@ def make_plan(recipe: Recipe, *, source: str | None, out: Path, only: str | None
 
 
 def planned_sizes(jobs) -> dict:
-    """Exact bytes of each output from its converter's own dry run (a mix is chosen only when built)."""
+    """Exact bytes of each output from its converter's own dry run (planned on the CPU, LoRAs from the Hub left
+    out: baking one does not change a size).  A mix is chosen only when built: its target is its bound."""
     sizes = {}
     for job in jobs:
         options = dict(job.outputs[0].options)
@@ -359,12 +360,18 @@ def planned_sizes(jobs) -> dict:
             sizes[job.outputs[0].name] = None
             continue
         target = Path(".") if job.converter == "to-gguf" else Path(job.outputs[0].file)
-        argv = build_argv(job, target, lora_paths(job.outputs[0].loras, fetch=False), quiet=True)
+        argv = build_argv(job, target, lora_paths(job.outputs[0].loras, fetch=False), quiet=True, device="cpu")
         report = json.loads(invoke(argv + ["--dry-run", "--json"]))
         files = report.get("files", [report])
         for o, f in zip(job.outputs, files):
             sizes[o.name] = int(f["bytes"])
     return sizes
+
+
+def bound_bytes(o: Output) -> int:
+    """A mix's --target-size in bytes (0 for --max-error, whose size is unknown until chosen)."""
+    target = dict(o.options).get("target-size")
+    return int(float(target) * 1e9) if target is not None else 0
 
 
 def format_plan(plan: Plan) -> list[str]:
@@ -377,9 +384,11 @@ def format_plan(plan: Plan) -> list[str]:
         size = plan.planned_bytes.get(o.name)
         job = by_job[o.name]
         shared = f"; reads the source once with {len(job.outputs) - 1} other level(s)" if len(job.outputs) > 1 else ""
-        shown = f"{size:,} bytes" if size is not None else "size chosen when built"
+        bound = bound_bytes(o)
+        shown = f"{size:,} bytes" if size is not None else (
+            f"at most {bound:,} bytes, chosen when built" if bound else "size chosen when built")
         lines.append(f"  build  {o.name:<24} {o.file}  ({o.converter}, {shown}; {reason}{shared})")
-    total = sum(v for v in plan.planned_bytes.values() if v)
+    total = sum(plan.planned_bytes.get(o.name) or bound_bytes(o) for o, _ in plan.todo)
     lines.append(f"  {len(plan.todo)} to build ({total / 1e9:.2f} GB planned), {len(plan.kept)} kept")
     return lines
 
@@ -390,7 +399,8 @@ def run(plan: Plan, *, executor: str = "local", address: str | None = None, quie
     from .pipeline import progress
 
     plan.out.mkdir(parents=True, exist_ok=True)
-    check_disk_space(plan.out / manifest.NAME, sum(v for v in plan.planned_bytes.values() if v))
+    check_disk_space(plan.out / manifest.NAME, sum(plan.planned_bytes.get(o.name) or bound_bytes(o)
+                                                   for o, _ in plan.todo))
     record = new_manifest(plan)
     manifest.write(plan.out, record)  # kept entries only: a rebuilt output is absent until rebuilt
     # the overall bar (and its ETA) in planned bytes; a mix, whose size is chosen as it is built, counts 0
