@@ -5,7 +5,8 @@
     python -m fuzz.run fp8 --replay 500           # no atheris: seeds plus 500 seeded mutations
     python -m fuzz.run gguf fuzz/findings/gguf-crash-…   # run one saved input again
 
-Targets: safetensors, folder, gguf, lora, fp8, sampler-inputs, verify-baseline, imatrix, vae-config, svdquant
+Targets: safetensors, folder, gguf, lora, fp8, sampler-inputs, verify-baseline, imatrix, vae-config, svdquant,
+recipe, manifest
 (see ``fuzz/targets.py``).
 The corpus starts from files qconvert writes (``fuzz/corpus/NAME``, made on
 first use).  A finding is any exception other than ``QConvertError``, an

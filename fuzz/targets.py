@@ -337,6 +337,33 @@ def svdquant_file(data: bytes) -> None:
         format_summary(inspect_path(path))
 
 
+def recipe_file(data: bytes) -> None:
+    """A recipe given to ``recipe run``: parsed and checked against every converter's options."""
+    from qconvert import recipes
+
+    path = _file("recipe.toml", data)
+    with expected_errors():
+        r = recipes.load(path)
+        assert r.outputs and len({o.name for o in r.outputs}) == len(r.outputs)
+        for o in r.outputs:
+            assert "/" not in o.file and not o.file.startswith(".")
+
+
+def manifest_file(data: bytes) -> None:
+    """A release folder's manifest.json (recipe run resumes from it, publish writes the card from it)."""
+    from qconvert import hub, manifest
+
+    folder = scratch() / "release"
+    folder.mkdir(exist_ok=True)
+    (folder / manifest.NAME).write_bytes(data)
+    with expected_errors():
+        m = manifest.read(folder, required=True)
+        for entry in m["outputs"].values():
+            manifest.check(folder, entry, entry["key"])
+        if m["outputs"]:
+            hub.render_card(m, "owner/name")
+
+
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "safetensors": safetensors_file,
     "folder": folder,
@@ -348,6 +375,8 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "imatrix": imatrix_file,
     "vae-config": vae_config,
     "svdquant": svdquant_file,
+    "recipe": recipe_file,
+    "manifest": manifest_file,
 }
 
 
@@ -399,11 +428,33 @@ def seeds(name: str) -> list[bytes]:
             convert(open_checkpoint(model), target, options, quiet=True)
             out.append(target.read_bytes())
         return out
+    if name == "recipe":
+        return [p.read_bytes() for p in sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.toml"))]
+    if name == "manifest":
+        return [_manifest_seed(work)]
     if name == "vae-config":
         import json
 
         return [json.dumps(tiny.TINY_VAE, indent=2).encode()]
     raise KeyError(name)
+
+
+def _manifest_seed(work: Path) -> bytes:
+    """The manifest of a small release of the tiny model (two GGUF levels, verified)."""
+    from qconvert import tiny
+    from qconvert.cli import main
+
+    model = tiny.make_tiny(work / "model", layers=1, heads=2, head_dim=32, text_dim=32)  # runnable: verify
+    recipe = work / "r.toml"
+    recipe.write_text(f"""[recipe]\nname = "seed"\nsource = "{model}"\n[card]\nbase_model = "Qwen/Qwen-Image"\n
+[verify]\nheight = 32\nwidth = 32\nsteps = 1\ndecode = false\n
+[[output]]\nconverter = "to-gguf"\nlevels = ["Q8_0", "Q4_0"]\nfile = "m-{{level}}.gguf"\n""")
+    try:
+        main(["recipe", "run", str(recipe), "--out", str(work / "release"), "-q"])
+    except SystemExit as exc:
+        if exc.code:
+            raise RuntimeError(f"the manifest seed's recipe run failed ({exc.code})") from None
+    return (work / "release" / "manifest.json").read_bytes()
 
 
 def _gguf_seeds(work: Path) -> list[bytes]:

@@ -138,7 +138,7 @@ def render_card(m: dict, repo: str | None = None) -> str:
     out += ["", "The text encoder (Qwen2.5-VL 7B) goes in `ComfyUI/models/text_encoders/` and the VAE in "
             "`ComfyUI/models/vae/`, as for the original model.", ""]
     out += _library_usage(outputs, order, repo, base)
-    settings = next((outputs[n]["verify"]["settings"] for n in order if outputs[n].get("verify")), None)
+    settings = next((outputs[n]["verify"].get("settings") for n in order if outputs[n].get("verify")), None)
     if settings:
         shown = ", ".join(f"{k} {settings[k]}" for k in ("height", "width", "steps", "schedule", "seed", "runtime")
                           if k in settings)
@@ -146,7 +146,7 @@ def render_card(m: dict, repo: str | None = None) -> str:
                 "run, this file's run, and their difference.", ""]
         for name in order:
             e = outputs[name]
-            pictures = (e.get("verify") or {}).get("pictures") or []
+            pictures = (e.get("verify") or {}).get("pictures") or [] if e.get("report") else []
             want = [p for p in ("reference-pixels.png", "output-pixels.png", "pixel-difference.png") if p in pictures] \
                 or [p for p in ("reference.png", "output.png", "difference.png") if p in pictures]
             if want:

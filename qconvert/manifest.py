@@ -62,6 +62,9 @@ def read(folder: Path, *, say: Callable[[str], None] = lambda m: None, required:
         raise QConvertError(f"{exc}; move it away to rebuild from scratch") from None
     if not isinstance(data, dict) or data.get("schema") != SCHEMA or not isinstance(data.get("outputs"), dict):
         raise QConvertError(f"{path}: not a qconvert manifest (schema {SCHEMA}); move it away to rebuild")
+    problem = top_problem(data)
+    if problem:
+        raise QConvertError(f"{path}: {problem}; move it away to rebuild")
     if data.get("digest") != digest(data):
         say(f"{path} was edited by hand (its digest does not match); every entry is checked against its file")
     outputs = {}
@@ -75,6 +78,33 @@ def read(folder: Path, *, say: Callable[[str], None] = lambda m: None, required:
     return data
 
 
+def _strings(value) -> bool:
+    return isinstance(value, list) and all(isinstance(x, str) for x in value)
+
+
+def top_problem(data: dict) -> str | None:
+    """What the card and the resume read outside the entries, typed (a hand edit may break any of it)."""
+    recipe, source = data.get("recipe"), data.get("source")
+    if not isinstance(recipe, dict) or not all(isinstance(recipe.get(k), str) for k in ("name", "file")):
+        return "recipe must hold a name and a file"
+    if not isinstance(recipe.get("description", ""), str):
+        return "recipe description must be text"
+    if not isinstance(data.get("qconvert_version"), str):
+        return "qconvert_version must be text"
+    if not isinstance(source, dict) or not isinstance(source.get("id"), str):
+        return "source must hold an id"
+    if not _strings(data.get("order", [])):
+        return "order must be a list of output names"
+    for table in ("card", "hub"):
+        value = data.get(table, {})
+        if not isinstance(value, dict):
+            return f"{table} must be an object"
+        for key, v in value.items():
+            if not (isinstance(v, str) or _strings(v) or (key == "private" and isinstance(v, bool))):
+                return f"{table}.{untrusted.shown(key, 40)} must be text or a list of text"
+    return None
+
+
 def entry_problem(entry) -> str | None:
     if not isinstance(entry, dict):
         return "not an object"
@@ -84,10 +114,35 @@ def entry_problem(entry) -> str | None:
             return f"{key} is not a {kind.__name__}"
     if entry["bytes"] < 0 or len(entry["sha256"]) != 64:
         return "bytes or sha256 out of range"
-    name = entry["file"]
-    if not name or "/" in name or "\\" in name or name in (".", "..") or name.startswith("."):
+    if not _plain_name(entry["file"]):
         return "file is not a plain file name"
+    if not all(isinstance(x, dict) and isinstance(x.get("spec"), str) and isinstance(x.get("sha256"), str)
+               for x in entry["loras"]):
+        return "loras must be {spec, sha256} objects"
+    if not all(isinstance(v, (str, int, float, bool)) or _strings(v) for v in entry["options"].values()):
+        return "options must be values or lists of text"
+    report = entry.get("report")
+    if report is not None and not (isinstance(report, str) and report.startswith("reports/")
+                                   and _plain_name(report[len("reports/"):])):
+        return "report must be reports/NAME"
+    verify = entry.get("verify")
+    if verify is not None:
+        if not isinstance(verify, dict) or not isinstance(verify.get("settings", {}), dict):
+            return "verify must be an object"
+        for part in ("latents", "pixels", "weights"):
+            figures = verify.get(part, {})
+            if not isinstance(figures, dict) or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) for v in figures.values()):
+                return f"verify.{part} must hold numbers"
+        pictures = verify.get("pictures", [])
+        if not _strings(pictures) or not all(_plain_name(p) for p in pictures):
+            return "verify.pictures must be file names"
     return None
+
+
+def _plain_name(name: str) -> bool:
+    return bool(name) and len(name) <= 255 and "/" not in name and "\\" not in name and not name.startswith(".") \
+        and name.isprintable()
 
 
 def file_sha256(path: Path, progress: Callable[[int], None] | None = None) -> str:

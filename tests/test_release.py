@@ -1,0 +1,351 @@
+"""Releases: recipes and their errors, recipe run (manifest, resume, a killed run, Ray), publish and its card."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from qconvert import manifest, recipes, tiny
+from tests.cli_helpers import assert_one_line_error, run
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = sorted((ROOT / "recipes").glob("*.toml"))
+
+
+def write_recipe(path: Path, source, outputs: str, *, verify: str = 'height = 32\nwidth = 32\nsteps = 1\n'
+                 'decode = false\n', extra: str = "") -> Path:
+    path.write_text(f'[recipe]\nname = "tiny-release"\nsource = "{source}"\ndescription = "A tiny release."\n\n'
+                    f'[card]\nbase_model = "Qwen/Qwen-Image"\n{extra}\n[verify]\n{verify}\n{outputs}')
+    return path
+
+
+OUTPUTS = '''
+[[output]]
+converter = "to-gguf"
+levels = ["Q8_0", "Q4_K_M"]
+file = "tiny-{level}.gguf"
+
+[[output]]
+name = "fp8"
+converter = "to-fp8"
+file = "tiny-fp8.safetensors"
+
+[[output]]
+name = "int8"
+converter = "to-comfy"
+format = "int8"
+file = "tiny-int8.safetensors"
+'''
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return tiny.make_tiny(tmp_path_factory.mktemp("release") / "m", layers=2)
+
+
+# ------------------------------------------------------------------ recipes
+
+BAD = [
+    ('converter = "to-png"', "converter 'to-png'", 14),
+    ('converter = "to-gguf"\nlevel = "Q9_K"', "unknown GGUF level 'Q9_K'", 15),
+    ('converter = "to-fp8"\nname = "a"\nwidth = 3', "to-fp8 has no option 'width'", 16),
+    ('converter = "to-fp8"\nname = "a"\nactivations = "fast"', "activations", 16),
+    ('converter = "to-comfy"\nname = "a"\nformat = "nvfp4"\nverify = { steps = "four" }', "verify steps", 17),
+    ('converter = "to-fp8"\nname = "a"\nfile = "../x.safetensors"', "a plain file name", 16),
+    ('converter = "to-fp8"\nname = "a"\nfile = "x.gguf"', "a to-fp8 output ends in .safetensors", 16),
+    ('converter = "to-gguf"\nlevels = ["Q8_0"]\nfile = "x.gguf"', "file must contain {level}", 16),
+    ('converter = "to-svdquant"\nname = "a"\nlayout = "diffusers"', "not available in recipes", 16),
+]
+
+
+@pytest.mark.parametrize("body, message, line", BAD)
+def test_bad_recipes_are_one_error_naming_file_line_and_key(tmp_path, capsys, body, message, line):
+    text = f'[recipe]\nname = "r"\nsource = "x"\n\n[verify]\nsteps = 1\n\n[[output]]\nconverter = "to-fp8"\n' \
+           f'name = "ok"\nfile = "ok.safetensors"\n\n[[output]]\n{body}\n'
+    if "file =" not in body:
+        text += 'file = "out.safetensors"\n'
+    path = tmp_path / "r.toml"
+    path.write_text(text)
+    code, _, err = run(["recipe", "run", path, "--out", tmp_path / "out"], capsys)
+    assert_one_line_error(code, err, f"{path}:{line}:", message)
+    assert not (tmp_path / "out").exists()
+
+
+def test_recipe_structure_errors(tmp_path, capsys):
+    cases = {
+        "[recipe]\nname = 'r'\nsource = 'x'\n": "no outputs",
+        "[recipe]\nname = 'r'\nsource = 'x'\n[colour]\nx = 1\n[[output]]\n": ":4: unknown table [colour]",
+        "[recipe]\nname = 'r'\nsource = 'x'\n[verify]\nheight = 32\nsteep = 3\n": ":6: [verify] has no key 'steep'",
+        "[recipe]\nname = 'r'\nsource = 'x'\n[[output\n": "not valid TOML",
+        "[recipe]\nname = 'r'\nsource = 'x'\n[hub]\nrepo = 'no-slash'\n": ":5: [hub] repo must be OWNER/NAME",
+        ("[recipe]\nname = 'r'\nsource = 'x'\n[[output]]\nconverter = 'to-fp8'\nname = 'a'\nfile = 'a.safetensors'\n"
+         "[[output]]\nconverter = 'to-fp8'\nname = 'a'\nfile = 'b.safetensors'\n"):
+            ":10: output name 'a' is used twice (also on line 6)",
+    }
+    for i, (text, message) in enumerate(cases.items()):
+        path = tmp_path / f"r{i}.toml"
+        path.write_text(text)
+        code, _, err = run(["recipe", "run", path, "--dry-run"], capsys)
+        assert_one_line_error(code, err, str(path), message)
+
+
+@pytest.mark.parametrize("recipe", SHIPPED, ids=[p.stem for p in SHIPPED])
+def test_every_shipped_recipe_plans_on_the_full_size_layout(recipe, full_size_sparse, tmp_path, capsys):
+    """Each shipped recipe parses and dry-runs against the real 60-block headers: exact sizes, nothing written."""
+    r = recipes.load(recipe)
+    assert r.outputs and r.card.get("base_model")
+    code, out, err = run(["recipe", "run", recipe, "--source", full_size_sparse, "--out", tmp_path / "rel",
+                          "--dry-run", "--json"], capsys)
+    assert code == 0, err
+    plan = json.loads(out)
+    assert [p["name"] for p in plan["planned"]] == [o.name for o in r.outputs]
+    for p, o in zip(plan["planned"], r.outputs):
+        mix = dict(o.options).get("format") == "mix"
+        assert (p["bytes"] is None) == mix and (mix or p["bytes"] > 1e9)
+    assert not (tmp_path / "rel").exists()
+    if recipe.stem == "qwen-image-gguf":  # city96's names and sizes (spec gguf.md §8: Q2_K is published)
+        assert len(r.outputs) == 14 and r.outputs[-1].file == "qwen-image-Q2_K.gguf"
+
+
+# ---------------------------------------------------------------- recipe run
+
+def test_run_writes_verified_outputs_and_a_manifest_then_resumes(model, tmp_path, capsys):
+    recipe = write_recipe(tmp_path / "r.toml", model, OUTPUTS)
+    out = tmp_path / "rel"
+    code, stdout, err = run(["recipe", "run", recipe, "--out", out, "--json"], capsys)
+    assert code == 0, err
+    result = json.loads(stdout)
+    assert result["built"] == ["Q8_0", "Q4_K_M", "fp8", "int8"] and result["kept"] == []
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["digest"] == manifest.digest(m) and m["order"] == ["Q8_0", "Q4_K_M", "fp8", "int8"]
+    assert m["source"]["fingerprint"].startswith("sha256-sampled:")
+    for name, entry in m["outputs"].items():
+        path = out / entry["file"]
+        assert entry["bytes"] == path.stat().st_size and entry["sha256"] == manifest.file_sha256(path)
+        assert entry["qconvert_version"] == m["qconvert_version"]
+        assert entry["source"]["fingerprint"] == m["source"]["fingerprint"]
+        assert entry["verify"]["latents"]["psnr_db"] > 20 and (out / entry["report"] / "report.json").is_file()
+        assert entry["verify"]["settings"]["height"] == 32
+    assert m["outputs"]["Q4_K_M"]["format"] == "gguf" and m["outputs"]["Q4_K_M"]["options"]["level"] == "Q4_K_M"
+    assert m["outputs"]["int8"]["format"] == "comfy-int8" and m["outputs"]["fp8"]["format"] == "fp8-comfy"
+    # the files are exactly what the converters make on their own
+    code, _, err = run(["to-gguf", model, "--level", "Q4_K_M", "-o", tmp_path / "alone.gguf", "-q"], capsys)
+    assert code == 0 and (tmp_path / "alone.gguf").read_bytes() == (out / "tiny-Q4_K_M.gguf").read_bytes()
+    assert not list(out.glob(".staging-*")) and not list(out.glob(".*.partial"))
+
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()}
+    code, stdout, err = run(["recipe", "run", recipe, "--out", out, "--json"], capsys)
+    assert code == 0 and json.loads(stdout)["built"] == [] and len(json.loads(stdout)["kept"]) == 4, err
+    assert all(p.stat().st_mtime_ns == mtimes[p.name] for p in out.iterdir() if p.name != "manifest.json"
+               and p.is_file())
+
+    # a file changed on disk (same size): found by sha256, rebuilt alone, and said
+    data = bytearray((out / "tiny-fp8.safetensors").read_bytes())
+    data[-1] ^= 1
+    (out / "tiny-fp8.safetensors").write_bytes(bytes(data))
+    code, stdout, err = run(["recipe", "run", recipe, "--out", out], capsys)
+    assert code == 0, err
+    assert "build  fp8" in stdout and "sha256 differs" in stdout and stdout.count("  build  ") == 1
+    assert manifest.file_sha256(out / "tiny-fp8.safetensors") == m["outputs"]["fp8"]["sha256"]
+
+    # a hand-edited manifest is noticed; an entry that no longer matches its file is redone
+    edited = json.loads((out / "manifest.json").read_text())
+    edited["outputs"]["int8"]["bytes"] += 1
+    (out / "manifest.json").write_text(json.dumps(edited))
+    code, stdout, err = run(["recipe", "run", recipe, "--out", out], capsys)
+    assert code == 0 and "edited by hand" in err and "build  int8" in stdout, err
+    assert stdout.count("  build  ") == 1
+
+    # a changed recipe entry rebuilds that output only; --only narrows a run and keeps the others' entries
+    recipe.write_text(recipe.read_text().replace('format = "int8"', 'format = "int8-row"'))
+    code, stdout, err = run(["recipe", "run", recipe, "--out", out, "--only", "fp8", "--json"], capsys)
+    assert code == 0 and json.loads(stdout)["built"] == [] and json.loads(stdout)["kept"] == ["fp8"], err
+    assert set(json.loads((out / "manifest.json").read_text())["outputs"]) == {"Q8_0", "Q4_K_M", "fp8", "int8"}
+    code, stdout, err = run(["recipe", "run", recipe, "--out", out, "--json"], capsys)
+    assert code == 0 and json.loads(stdout)["built"] == ["int8"], err
+
+
+def test_a_killed_run_redoes_only_the_output_in_progress(model, tmp_path):
+    """SIGKILL while the second output is being built: the rerun keeps the first and builds the second."""
+    outputs = '''
+[[output]]
+name = "fp8"
+converter = "to-fp8"
+file = "tiny-fp8.safetensors"
+
+[[output]]
+name = "svdq"
+converter = "to-svdquant"
+precision = "int4"
+rank = 16
+file = "tiny-svdq.safetensors"
+'''
+    model = tiny.make_tiny(tmp_path / "m", layers=2, heads=1, head_dim=128, text_dim=64)
+    recipe = write_recipe(tmp_path / "r.toml", model, outputs)
+    out = tmp_path / "rel"
+    cmd = [sys.executable, "-m", "qconvert", "recipe", "run", str(recipe), "--out", str(out), "-q"]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not (out / ".staging-svdq").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read()
+    m = json.loads((out / "manifest.json").read_text())
+    assert set(m["outputs"]) == {"fp8"} and not (out / "tiny-svdq.safetensors").exists()
+    result = subprocess.run(cmd[:-1] + ["--json"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["kept"] == ["fp8"] and summary["built"] == ["svdq"]
+    assert not list(out.glob(".staging-*"))
+
+
+def test_bad_run_options(model, tmp_path, capsys):
+    recipe = write_recipe(tmp_path / "r.toml", model, OUTPUTS)
+    code, _, err = run(["recipe", "run", recipe, "--only", "Q2_K"], capsys)
+    assert_one_line_error(code, err, "--only Q2_K: no such output")
+    code, _, err = run(["recipe", "run", recipe, "--address", "localhost:1"], capsys)
+    assert code == 2 and "--address is for --executor ray" in err
+    pytest.importorskip("ray")
+    start = time.monotonic()
+    code, _, err = run(["recipe", "run", recipe, "--out", tmp_path / "x", "--executor", "ray", "--address",
+                        "127.0.0.1:9"], capsys)
+    assert_one_line_error(code, err, "Ray at 127.0.0.1:9 does not answer")
+    assert time.monotonic() - start < 60
+
+
+@pytest.mark.ray
+def test_ray_executor_matches_the_local_one_byte_for_byte(model, tmp_path, capsys):
+    pytest.importorskip("ray", reason="Ray is the ray extra (pip install .[ray])")
+    recipe = write_recipe(tmp_path / "r.toml", model, OUTPUTS)
+    code, _, err = run(["recipe", "run", recipe, "--out", tmp_path / "local", "-q"], capsys)
+    assert code == 0, err
+    code, _, err = run(["recipe", "run", recipe, "--out", tmp_path / "ray", "--executor", "ray", "-q"], capsys)
+    assert code == 0, err
+    local = json.loads((tmp_path / "local" / "manifest.json").read_text())
+    remote = json.loads((tmp_path / "ray" / "manifest.json").read_text())
+    assert local == remote
+    for entry in local["outputs"].values():
+        assert (tmp_path / "local" / entry["file"]).read_bytes() == (tmp_path / "ray" / entry["file"]).read_bytes()
+
+
+# ------------------------------------------------------------------- publish
+
+@pytest.fixture(scope="module")
+def release(model, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("published")
+    recipe = write_recipe(folder / "r.toml", model, OUTPUTS, extra='[hub]\nrepo = "someone/tiny-release"\n')
+    from qconvert.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["recipe", "run", str(recipe), "--out", str(folder / "rel"), "-q"])
+    assert exc.value.code == 0
+    return folder / "rel"
+
+
+def test_card_metadata_and_body(release, capsys):
+    from huggingface_hub import ModelCard
+
+    code, out, err = run(["publish", release, "--dry-run", "--json"], capsys)
+    assert code == 0, err
+    plan = json.loads(out)
+    assert plan["repo"] == "someone/tiny-release" and not plan["create_pr"]
+    card = ModelCard(plan["card"])  # the Hub's own parser reads the YAML
+    data = card.data.to_dict()
+    assert data["base_model"] == "Qwen/Qwen-Image" and data["base_model_relation"] == "quantized"
+    assert data["pipeline_tag"] == "text-to-image" and data["license"] == "apache-2.0"
+    assert {"gguf", "comfyui", "diffusion-single-file", "fp8"} <= set(data["tags"])
+    assert "library_name" not in data  # not all GGUF: the diffusion-single-file tag says it
+    body = plan["card"]
+    for entry in json.loads((release / "manifest.json").read_text())["outputs"].values():
+        assert f"`{entry['file']}`" in body and f"{entry['report']}/reference.png" in body
+    assert "Unet Loader (GGUF)" in body and "Load Diffusion Model" in body and "from_single_file" in body
+    paths = [op["path"] for op in plan["operations"]]
+    assert paths[:2] == ["README.md", "manifest.json"] and "tiny-Q8_0.gguf" in paths
+    assert "reports/fp8/report.json" in paths
+    assert not (release / "README.md").exists()  # a dry run writes nothing
+
+
+def test_edit_cards_say_image_to_image(full_size_sparse, tmp_path):
+    from qconvert import hub
+
+    m = {"card": {"base_model": "Qwen/Qwen-Image-Edit-2509"}, "source": {"id": "x"}, "qconvert_version": "0",
+         "recipe": {"name": "r", "file": "r.toml"},
+         "outputs": {"Q4_0": {"file": "e-Q4_0.gguf", "format": "gguf", "bytes": 1, "options": {"level": "Q4_0"},
+                              "loras": []}}}
+    meta = hub.card_metadata(m)
+    assert meta["pipeline_tag"] == "image-to-image" and meta["library_name"] == "gguf"
+    m["outputs"]["Q4_0"]["loras"] = [{"spec": "hf://lightx2v/Qwen-Image-Lightning/L-4steps.safetensors",
+                                      "sha256": "0" * 64}]
+    meta = hub.card_metadata(m)
+    assert meta["base_model"] == ["Qwen/Qwen-Image-Edit-2509", "lightx2v/Qwen-Image-Lightning"]
+    assert "lightning" in meta["tags"]
+
+
+def test_publish_needs_a_token_and_never_shows_it(release, monkeypatch, capsys):
+    import huggingface_hub
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    code, _, err = run(["publish", release], capsys)
+    assert_one_line_error(code, err, "no Hugging Face token")
+    assert not (release / "README.md").exists()
+
+    secret = "hf_SECRETtoken1234567890"
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: secret)
+    calls = []
+
+    class FakeApi:
+        def __init__(self, token=None):
+            calls.append(("init", token))
+
+        def create_repo(self, repo_id, **kw):
+            calls.append(("create_repo", repo_id, kw))
+
+        def upload_folder(self, **kw):
+            calls.append(("upload_folder", kw))
+            return type("Info", (), {"commit_url": "https://huggingface.co/someone/x/commit/abc"})()
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    code, out, err = run(["publish", release, "--private", "--create-pr"], capsys)
+    assert code == 0, err
+    assert secret not in out + err
+    assert calls[0] == ("init", secret)
+    assert calls[1] == ("create_repo", "someone/tiny-release", {"private": True, "exist_ok": True,
+                                                                "repo_type": "model"})
+    upload = calls[2][1]
+    assert upload["repo_id"] == "someone/tiny-release" and upload["create_pr"] is True
+    assert upload["folder_path"] == str(release) and "README.md" in upload["allow_patterns"]
+    assert "tiny-Q4_K_M.gguf" in upload["allow_patterns"] and "r.toml" not in upload["allow_patterns"]
+    assert (release / "README.md").read_text().startswith("---\nbase_model:")
+    assert secret not in (release / "README.md").read_text() + (release / "manifest.json").read_text()
+
+    def failing(self, **kw):
+        raise RuntimeError(f"401 Unauthorized for token {secret}")
+
+    monkeypatch.setattr(FakeApi, "upload_folder", failing)
+    code, out, err = run(["publish", release, "--repo", "someone/other", "-q"], capsys)
+    assert_one_line_error(code, err, "upload to someone/other failed")
+    assert secret not in out + err
+
+
+def test_publish_refuses_a_release_whose_files_changed(release, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    import huggingface_hub
+
+    copy = tmp_path / "rel"
+    shutil.copytree(release, copy)
+    (copy / "tiny-Q8_0.gguf").write_bytes(b"not the file")
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_x")
+    code, _, err = run(["publish", copy, "--repo", "a/b", "-q"], capsys)
+    assert_one_line_error(code, err, "output Q8_0", "changed on disk")
+    code, _, err = run(["publish", tmp_path, "--repo", "a/b"], capsys)
+    assert_one_line_error(code, err, "no manifest")
