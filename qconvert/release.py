@@ -46,17 +46,21 @@ class Job:
     cpus: int = 1
     gpus: int = 0
     memory: int = 0  # bytes Ray reserves for the task
+    verify_only: bool = False  # the file is kept; only its verify settings changed
 
     @property
     def converter(self) -> str:
         return self.outputs[0].converter
 
 
-def plan_jobs(recipe: Recipe, outputs, source: str, header=None) -> list[Job]:
-    """GGUF outputs with equal everything-but-level share a job; the rest one job each, in recipe order."""
+def plan_jobs(recipe: Recipe, outputs, source: str, header=None, reverify=()) -> list[Job]:
+    """GGUF outputs with equal everything-but-level share a job; the rest one job each, in recipe order.
+    Outputs in ``reverify`` are checked again without being rebuilt."""
     groups: dict = {}
     for o in outputs:
-        if o.converter == "to-gguf":
+        if o.name in reverify:
+            key = ("verify", o.name)
+        elif o.converter == "to-gguf":
             key = ("to-gguf", canonical([(k, v) for k, v in o.options if k != "level"]), o.loras,
                    canonical(o.verify))
         else:
@@ -66,7 +70,7 @@ def plan_jobs(recipe: Recipe, outputs, source: str, header=None) -> list[Job]:
     jobs = []
     for members in groups.values():
         job = Job(members[0].name, tuple(members), source, device, recipe.build.get("cpus", 1),
-                  1 if device.startswith("cuda") else 0)
+                  1 if device.startswith("cuda") else 0, verify_only=members[0].name in reverify)
         jobs.append(Job(**{**job.__dict__, "memory": memory_estimate(job, header)}))
     return jobs
 
@@ -176,21 +180,8 @@ def invoke(argv: list[str]) -> str:
 def run_job(job: Job, out_dir: str, quiet: bool = True) -> dict:
     """Build the job's files, move them into place, hash and verify each.  What a Ray task runs."""
     out = Path(out_dir)
-    staging = out / f".staging-{job.id}"
-    shutil.rmtree(staging, ignore_errors=True)  # a killed run's leftovers
-    staging.mkdir(parents=True)
     loras = lora_paths(job.outputs[0].loras, fetch=True)
-    try:
-        target = staging if job.converter == "to-gguf" else staging / job.outputs[0].file
-        invoke(build_argv(job, target, loras, quiet=quiet))
-        built = {}
-        for o in job.outputs:
-            made = _made_file(staging, o) if job.converter == "to-gguf" else target
-            os.replace(made, out / o.file)
-            built[o.name] = out / o.file
-        _fsync_dir(out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    built = {o.name: out / o.file for o in job.outputs} if job.verify_only else _build(job, out, loras, quiet)
     results = {}
     for o in job.outputs:
         path = built[o.name]
@@ -203,6 +194,24 @@ def run_job(job: Job, out_dir: str, quiet: bool = True) -> dict:
             entry["report"] = f"reports/{o.name}"
         results[o.name] = entry
     return results
+
+
+def _build(job: Job, out: Path, loras: list[str], quiet: bool) -> dict:
+    staging = out / f".staging-{job.id}"
+    shutil.rmtree(staging, ignore_errors=True)  # a killed run's leftovers
+    staging.mkdir(parents=True)
+    try:
+        target = staging if job.converter == "to-gguf" else staging / job.outputs[0].file
+        invoke(build_argv(job, target, loras, quiet=quiet))
+        built = {}
+        for o in job.outputs:
+            made = _made_file(staging, o) if job.converter == "to-gguf" else target
+            os.replace(made, out / o.file)
+            built[o.name] = out / o.file
+        _fsync_dir(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return built
 
 
 def _made_file(staging: Path, output: Output) -> Path:
@@ -312,6 +321,10 @@ class Plan:
     previous: dict | None
 
 
+def verify_key(o: Output) -> str:
+    return manifest.digest({"verify": o.verify_settings(), "qconvert": __version__})
+
+
 def output_key(o: Output, fingerprint: str, lora_hashes: list) -> str:
     return manifest.digest({"spec": o.spec(), "source": fingerprint, "loras": lora_hashes,
                             "qconvert": __version__})
@@ -328,7 +341,7 @@ def make_plan(recipe: Recipe, *, source: str | None, out: Path, only: str | None
         header = {n: t for n, t in ckpt.tensors.items()}
     previous = manifest.read(out, say=say)
     entries = (previous or {}).get("outputs", {})
-    keys, todo, kept = {}, [], []
+    keys, todo, kept, reverify = {}, [], [], {}
     for o in outputs:
         local = [_split_strength(s)[0] for s in o.loras if not s.startswith(HF_PREFIX)]
         for p in local:
@@ -341,13 +354,16 @@ def make_plan(recipe: Recipe, *, source: str | None, out: Path, only: str | None
             reason = "new" if not (out / o.file).exists() else f"{o.file} has no manifest entry"
         else:
             reason = manifest.check(out, entry, keys[o.name], progress)
+        if reason is None and entry.get("verify_key") != verify_key(o):
+            reverify[o.name] = entry["bytes"]
+            reason = "verify settings changed (verified again, not rebuilt)"
         if reason is None:
             kept.append(o)
         else:
             todo.append((o, reason))
-    jobs = plan_jobs(recipe, [o for o, _ in todo], source, header)
-    return Plan(recipe, source, out, outputs, todo, kept, jobs, fingerprint, keys,
-                planned_sizes(jobs), previous)
+    jobs = plan_jobs(recipe, [o for o, _ in todo], source, header, reverify)
+    sizes = planned_sizes([j for j in jobs if not j.verify_only])
+    return Plan(recipe, source, out, outputs, todo, kept, jobs, fingerprint, keys, {**sizes, **reverify}, previous)
 
 
 def planned_sizes(jobs) -> dict:
@@ -445,7 +461,8 @@ def entry_for(plan: Plan, o: Output, result: dict) -> dict:
     entry = {"file": o.file, "bytes": result["bytes"], "sha256": result["sha256"], "converter": o.converter,
              "format": format_name(o), "options": dict(o.options), "key": plan.keys[o.name],
              "loras": [{"spec": s, "sha256": h} for s, h in zip(o.loras, result.get("lora_sha256", []))],
-             "source": {"id": plan.source, "fingerprint": plan.fingerprint}, "qconvert_version": __version__}
+             "source": {"id": plan.source, "fingerprint": plan.fingerprint}, "qconvert_version": __version__,
+             "verify_key": verify_key(o)}
     if "verify" in result:
         entry["verify"] = result["verify"]
         entry["report"] = result["report"]

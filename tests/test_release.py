@@ -171,6 +171,16 @@ def test_run_writes_verified_outputs_and_a_manifest_then_resumes(model, tmp_path
     code, stdout, err = run(["recipe", "run", recipe, "--out", out, "--json"], capsys)
     assert code == 0 and json.loads(stdout)["built"] == ["int8"], err
 
+    # new verify settings: every output verified again, none rebuilt
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()}
+    recipe.write_text(recipe.read_text().replace("height = 32", "height = 48"))
+    code, stdout, err = run(["recipe", "run", recipe, "--out", out], capsys)
+    assert code == 0 and stdout.count("verified again, not rebuilt") == 4, stdout + err
+    m = json.loads((out / "manifest.json").read_text())
+    assert all(e["verify"]["settings"]["height"] == 48 for e in m["outputs"].values())
+    assert all(p.stat().st_mtime_ns == mtimes[p.name] for p in out.iterdir() if p.name != "manifest.json"
+               and p.is_file())
+
 
 def test_a_killed_run_redoes_only_the_output_in_progress(model, tmp_path):
     """SIGKILL while the second output is being built: the rerun keeps the first and builds the second."""

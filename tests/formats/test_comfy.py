@@ -225,6 +225,20 @@ def test_mix_meets_budgets_and_spends_them_on_precision(files, tmp_path, capsys)
         formats = {row["format"] for row in r["mix"]["layers"].values()}
         assert formats <= set(comfy_mix.CANDIDATES)
     assert results["0.007"]["mean_error"] < results["0.0055"]["mean_error"]
+    # against the uniform files around it: smaller than INT8 (the nearest larger), closer to the source in
+    # every measured sense than NVFP4 (the nearest smaller), as the dequantized weights say
+    source = open_checkpoint(model)
+    linears = comfy_mix.block_linears(source)
+
+    def weight_error(path):
+        f = FP8File(path)
+        return sum(float((f.load(f"{m}.weight") - source.load(f"{m}.weight").float()).norm()
+                         / source.load(f"{m}.weight").float().norm()) for m in linears) / len(linears)
+
+    _, paths = files
+    mix = tmp_path / "mix0.0055.safetensors"
+    assert paths["nvfp4"].stat().st_size < mix.stat().st_size < paths["int8"].stat().st_size
+    assert weight_error(mix) < 0.9 * weight_error(paths["nvfp4"])
     code, stdout, err = run(["to-comfy", model, "--format", "mix", "--max-error", "1e-4", "--dry-run", "--json"],
                             capsys)
     assert code == 0, err

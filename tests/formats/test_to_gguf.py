@@ -355,7 +355,7 @@ def test_help_lists_every_level_and_policy(capsys):
     code, out, _ = run(["to-gguf", "--help"], capsys)
     assert code == 0
     text = " ".join(out.split())
-    assert ", ".join(policy.LEVELS) + ", or all" in text
+    assert ", ".join(policy.LEVELS) + ", all, or a list" in text
     assert "[city96|quantstack|uniform]" in text and tuple(policy.POLICIES) == ("city96", "quantstack", "uniform")
 
 
@@ -426,3 +426,14 @@ def test_demo_step(tiny_model, tmp_path):
     assert all(p.is_file() for p in paths)
     text = "\n".join(lines)
     assert "Unet Loader (GGUF)" in text and "GGUFQuantizationConfig" in text
+
+
+def test_a_list_of_levels_reads_the_source_once(small_model, tmp_path, capsys):
+    code, js, err = run(["to-gguf", small_model, "--level", "q8_0,Q4_K_M", "-o", tmp_path, "--dry-run", "--json"],
+                        capsys)
+    assert code == 0, err
+    plan = json.loads(js)
+    assert plan["level"] == "Q8_0,Q4_K_M" and [f["level"] for f in plan["files"]] == ["Q8_0", "Q4_K_M"]
+    for bad in ("Q8_0,Q8_0", "Q8_0,all", "Q8_0,Q9"):
+        code, _, err = run(["to-gguf", small_model, "--level", bad, "-o", tmp_path, "--dry-run"], capsys)
+        assert code == 2 and "level" in err, err
