@@ -359,3 +359,39 @@ def test_publish_refuses_a_release_whose_files_changed(release, tmp_path, monkey
     assert_one_line_error(code, err, "output Q8_0", "changed on disk")
     code, _, err = run(["publish", tmp_path, "--repo", "a/b"], capsys)
     assert_one_line_error(code, err, "no manifest")
+
+
+def test_huggingface_hub_uploads_exactly_the_release(release, tmp_path, monkeypatch, capsys):
+    """huggingface_hub's own upload_folder (its pattern matching, its operations) up to the network: the
+    commit it would send holds the card, the manifest, every output and the reports, nothing else."""
+    import shutil
+
+    import huggingface_hub
+    import huggingface_hub._upload_pipeline as pipeline
+
+    copy = tmp_path / "rel"
+    shutil.copytree(release, copy)
+    (copy / "notes.txt").write_text("not part of the release")
+    secret = "hf_SECRETtoken0987654321"
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: secret)
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, *a, **k: None)
+    sent = {}
+    # the Hub checks a README's YAML on its server before the upload: the card is what it would be sent
+    monkeypatch.setattr(huggingface_hub.HfApi, "_validate_yaml",
+                        lambda self, content, **kw: sent.setdefault("card", content))
+
+    def pipelined_upload(api, **kw):
+        sent.update(kw, api_token=api.token)
+        return "https://huggingface.co/someone/tiny-release/commit/0"
+
+    monkeypatch.setattr(pipeline, "pipelined_upload", pipelined_upload)
+    code, out, err = run(["publish", copy], capsys)
+    assert code == 0, err
+    assert secret not in out + err and secret in (sent["token"], sent["api_token"])
+    assert sent["repo_id"] == "someone/tiny-release"
+    paths = sorted(op.path_in_repo for op in sent["add_operations"])
+    m = json.loads((copy / "manifest.json").read_text())
+    reports = sorted(f"{e['report']}/{p.name}" for e in m["outputs"].values() for p in (copy / e["report"]).iterdir())
+    assert paths == sorted(["README.md", "manifest.json", *(e["file"] for e in m["outputs"].values()), *reports])
+    assert not sent["delete_operations"]
+    assert sent["card"] == (copy / "README.md").read_text() and sent["card"].startswith("---\nbase_model:")
