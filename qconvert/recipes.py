@@ -203,7 +203,7 @@ def _outputs(where, raw, index: int, verify_defaults: dict) -> list[Output]:
     if not isinstance(raw, dict):
         raise where.error("each [[output]] must be a table", None, **at)
     converter = raw.get("converter")
-    if converter not in CONVERTERS:
+    if not isinstance(converter, str) or converter not in CONVERTERS:
         raise where.error(f"converter {converter!r}: choose {', '.join(CONVERTERS)}", "converter", **at)
     file_template = raw.get("file")
     if not isinstance(file_template, str):

@@ -150,9 +150,11 @@ def build_argv(job: Job, target: Path, loras: list[str], *, quiet: bool, device:
     return argv + (["-q"] if quiet else [])
 
 
-def verify_argv(output: Output, path: Path, report: Path, source: str, loras: list[str], device: str) -> list:
+def verify_argv(output: Output, path: Path, report: Path, source: str, loras: list[str], device: str,
+                *, quiet: bool = True) -> list:
     settings = output.verify_settings()
-    argv = ["verify", str(path), "--reference", source, "--report", str(report), "--device", device, "-q"]
+    argv = ["verify", str(path), "--reference", source, "--report", str(report), "--device", device]
+    argv += ["-q"] if quiet else []
     for key, value in sorted(settings.items()):
         if key == "enabled":
             continue
@@ -189,7 +191,7 @@ def run_job(job: Job, out_dir: str, quiet: bool = True) -> dict:
                  "lora_sha256": [manifest.file_sha256(Path(_split_strength(s)[0])) for s in loras]}
         if o.verify_settings().get("enabled", True):
             report = out / "reports" / o.name
-            invoke(verify_argv(o, path, report, job.source, loras, job.device))
+            invoke(verify_argv(o, path, report, job.source, loras, job.device, quiet=quiet))
             entry["verify"] = figures(report / "report.json")
             entry["report"] = f"reports/{o.name}"
         results[o.name] = entry

@@ -54,6 +54,7 @@ def model(tmp_path_factory):
 
 BAD = [
     ('converter = "to-png"', "converter 'to-png'", 14),
+    ('converter = ["to-fp8"]', "converter ['to-fp8']", 14),  # found by the recipe fuzzer
     ('converter = "to-gguf"\nlevel = "Q9_K"', "unknown GGUF level 'Q9_K'", 15),
     ('converter = "to-fp8"\nname = "a"\nwidth = 3', "to-fp8 has no option 'width'", 16),
     ('converter = "to-fp8"\nname = "a"\nactivations = "fast"', "activations", 16),
