@@ -46,7 +46,7 @@ def recipe_run_cmd(recipe, source, out, only, executor, address, dry_run, as_jso
     r = recipes.load(recipe)
     out = out or Path(r.name)
     say = (lambda m: None) if (quiet or as_json) else (lambda m: click.echo(m, err=True))
-    plan = release.make_plan(r, source=source, out=out, only=only, say=say)
+    plan = release.make_plan(r, source=source, out=out, only=only, say=say, quiet=quiet or as_json)
     if dry_run:
         if as_json:
             emit_json(release.summary(plan, None))

@@ -58,7 +58,7 @@ def atomic_output(target: str | os.PathLike, *, expected_bytes: int | None = Non
             os.fsync(f.fileno())
         os.chmod(tmp_path, 0o644)
         os.replace(tmp_path, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
@@ -91,13 +91,13 @@ def atomic_directory(target: str | os.PathLike, *, expected_bytes: int | None = 
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(folder, os.O_RDONLY)
         try:

@@ -158,7 +158,7 @@ def file_sha256(path: Path, progress: Callable[[int], None] | None = None) -> st
 def check(folder: Path, entry: dict, key: str, progress: Callable[[int], None] | None = None) -> str | None:
     """Why an output must be rebuilt (None: its file is exactly what the entry and the recipe say)."""
     if entry.get("key") != key:
-        return "its recipe entry, the source or qconvert changed"
+        return "its recipe entry, the source, a LoRA file or qconvert changed"
     path = Path(folder) / entry["file"]
     if not path.is_file():
         return f"{entry['file']} is missing"

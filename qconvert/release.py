@@ -18,6 +18,7 @@ recorded size and sha256 is kept; anything else is rebuilt, and the reason said.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -30,7 +31,8 @@ from typing import Callable
 
 from . import __version__, manifest
 from .errors import QConvertError
-from .io import _fsync_dir
+from .io import fsync_dir
+from .lora import parse_spec
 from .recipes import Output, Recipe, canonical
 
 HF_PREFIX = "hf://"
@@ -53,7 +55,7 @@ class Job:
         return self.outputs[0].converter
 
 
-def plan_jobs(recipe: Recipe, outputs, source: str, header=None, reverify=()) -> list[Job]:
+def plan_jobs(recipe: Recipe, outputs, source: str, header, reverify=()) -> list[Job]:
     """GGUF outputs with equal everything-but-level share a job; the rest one job each, in recipe order.
     Outputs in ``reverify`` are checked again without being rebuilt."""
     groups: dict = {}
@@ -71,15 +73,13 @@ def plan_jobs(recipe: Recipe, outputs, source: str, header=None, reverify=()) ->
     for members in groups.values():
         job = Job(members[0].name, tuple(members), source, device, recipe.build.get("cpus", 1),
                   1 if device.startswith("cuda") else 0, verify_only=members[0].name in reverify)
-        jobs.append(Job(**{**job.__dict__, "memory": memory_estimate(job, header)}))
+        jobs.append(dataclasses.replace(job, memory=memory_estimate(job, header)))
     return jobs
 
 
 def memory_estimate(job: Job, header) -> int:
     """Peak bytes of the job, from the source's header: converters hold one tensor (GGUF: and one encoding
     per level), SVDQuant and verify one block, all in float32; plus the interpreter and torch."""
-    if header is None:
-        return 4 * GIB
     largest = max((t.numel for t in header.values()), default=0) * 4
     block = sum(t.numel for n, t in header.items() if n.startswith("transformer_blocks.0.")) * 4
     build = {"to-gguf": largest * (2 + len(job.outputs)), "to-svdquant": 3 * block}.get(job.converter,
@@ -100,8 +100,8 @@ def lora_paths(loras, *, fetch: bool) -> list[str]:
             continue
         if not fetch:
             continue
-        ref, strength = _split_strength(spec[len(HF_PREFIX):])
-        parts = ref.split("/")
+        lora = parse_spec(spec[len(HF_PREFIX):])
+        parts = lora.path.as_posix().split("/")
         if len(parts) < 3:
             raise QConvertError(f"LoRA {spec}: write hf://OWNER/REPO/PATH/IN/REPO.safetensors[:STRENGTH]")
         from huggingface_hub import hf_hub_download
@@ -111,19 +111,8 @@ def lora_paths(loras, *, fetch: bool) -> list[str]:
         except Exception as exc:  # network, missing file, gated repo: one line, no token
             raise QConvertError(f"LoRA {spec}: cannot download it ({type(exc).__name__}: "
                                 f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
-        out.append(path + (f":{strength}" if strength is not None else ""))
+        out.append(f"{path}:{lora.strength}")
     return out
-
-
-def _split_strength(text: str):
-    head, sep, tail = text.rpartition(":")
-    if sep:
-        try:
-            float(tail)
-            return head, tail
-        except ValueError:
-            pass
-    return text, None
 
 
 def option_args(options) -> list[str]:
@@ -184,11 +173,11 @@ def run_job(job: Job, out_dir: str, quiet: bool = True) -> dict:
     out = Path(out_dir)
     loras = lora_paths(job.outputs[0].loras, fetch=True)
     built = {o.name: out / o.file for o in job.outputs} if job.verify_only else _build(job, out, loras, quiet)
+    lora_hashes = [manifest.file_sha256(parse_spec(s).path) for s in loras]
     results = {}
     for o in job.outputs:
         path = built[o.name]
-        entry = {"bytes": path.stat().st_size, "sha256": manifest.file_sha256(path),
-                 "lora_sha256": [manifest.file_sha256(Path(_split_strength(s)[0])) for s in loras]}
+        entry = {"bytes": path.stat().st_size, "sha256": manifest.file_sha256(path), "lora_sha256": lora_hashes}
         if o.verify_settings().get("enabled", True):
             report = out / "reports" / o.name
             invoke(verify_argv(o, path, report, job.source, loras, job.device, quiet=quiet))
@@ -210,7 +199,7 @@ def _build(job: Job, out: Path, loras: list[str], quiet: bool) -> dict:
             made = _made_file(staging, o) if job.converter == "to-gguf" else target
             os.replace(made, out / o.file)
             built[o.name] = out / o.file
-        _fsync_dir(out)
+        fsync_dir(out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return built
@@ -333,8 +322,9 @@ def output_key(o: Output, fingerprint: str, lora_hashes: list) -> str:
 
 
 def make_plan(recipe: Recipe, *, source: str | None, out: Path, only: str | None, say: Callable,
-              progress: Callable | None = None) -> Plan:
+              quiet: bool = True) -> Plan:
     from .checkpoint import open_checkpoint
+    from .pipeline import progress
 
     source = source or recipe.source
     outputs = recipe.select(only)
@@ -344,28 +334,34 @@ def make_plan(recipe: Recipe, *, source: str | None, out: Path, only: str | None
     previous = manifest.read(out, say=say)
     entries = (previous or {}).get("outputs", {})
     keys, todo, kept, reverify = {}, [], [], {}
-    for o in outputs:
-        local = [_split_strength(s)[0] for s in o.loras if not s.startswith(HF_PREFIX)]
-        for p in local:
-            if not Path(p).is_file():
-                raise QConvertError(f"{recipe.path}: output {o.name}: LoRA {p} does not exist")
-        hashes = [manifest.file_sha256(Path(p)) for p in local]
-        keys[o.name] = output_key(o, fingerprint, hashes)
-        entry = entries.get(o.name)
-        if entry is None:
-            reason = "new" if not (out / o.file).exists() else f"{o.file} has no manifest entry"
-        else:
-            reason = manifest.check(out, entry, keys[o.name], progress)
-        if reason is None and entry.get("verify_key") != verify_key(o):
-            reverify[o.name] = entry["bytes"]
-            reason = "verify settings changed (verified again, not rebuilt)"
-        if reason is None:
-            kept.append(o)
-        else:
-            todo.append((o, reason))
+    # every recorded file is hashed again (a file changed on disk may keep its size): a bar for the minutes
+    recorded = sum(entries[o.name]["bytes"] for o in outputs if o.name in entries)
+    with progress(recorded, "checking recorded files", quiet=quiet) as bar:
+        for o in outputs:
+            reason = _status(o, entries.get(o.name), out, recipe, fingerprint, keys, bar.update)
+            if reason is None and entries[o.name].get("verify_key") != verify_key(o):
+                reverify[o.name] = entries[o.name]["bytes"]
+                reason = "verify settings changed (verified again, not rebuilt)"
+            if reason is None:
+                kept.append(o)
+            else:
+                todo.append((o, reason))
     jobs = plan_jobs(recipe, [o for o, _ in todo], source, header, reverify)
     sizes = planned_sizes([j for j in jobs if not j.verify_only])
     return Plan(recipe, source, out, outputs, todo, kept, jobs, fingerprint, keys, {**sizes, **reverify}, previous)
+
+
+def _status(o: Output, entry: dict | None, out: Path, recipe: Recipe, fingerprint: str, keys: dict,
+            progress: Callable) -> str | None:
+    """Why ``o`` must be built (None: its recorded file still stands); its key goes into ``keys``."""
+    local = [parse_spec(s).path for s in o.loras if not s.startswith(HF_PREFIX)]
+    for p in local:
+        if not p.is_file():
+            raise QConvertError(f"{recipe.path}: output {o.name}: LoRA {p} does not exist")
+    keys[o.name] = output_key(o, fingerprint, [manifest.file_sha256(p) for p in local])
+    if entry is None:
+        return "new" if not (out / o.file).exists() else f"{o.file} has no manifest entry"
+    return manifest.check(out, entry, keys[o.name], progress)
 
 
 def planned_sizes(jobs) -> dict:

@@ -396,3 +396,26 @@ def test_huggingface_hub_uploads_exactly_the_release(release, tmp_path, monkeypa
     assert paths == sorted(["README.md", "manifest.json", *(e["file"] for e in m["outputs"].values()), *reports])
     assert not sent["delete_operations"]
     assert sent["card"] == (copy / "README.md").read_text() and sent["card"].startswith("---\nbase_model:")
+
+
+def test_a_changed_lora_file_rebuilds_its_outputs(model, tmp_path, capsys):
+    lora = tiny.make_tiny_lora(tmp_path / "style.safetensors", model)
+    outputs = f'''
+[[output]]
+name = "fp8-style"
+converter = "to-fp8"
+lora = ["{lora}:0.5"]
+file = "tiny-fp8-style.safetensors"
+'''
+    recipe = write_recipe(tmp_path / "r.toml", model, outputs)
+    out = tmp_path / "rel"
+    code, _, err = run(["recipe", "run", recipe, "--out", out, "-q"], capsys)
+    assert code == 0, err
+    entry = json.loads((out / "manifest.json").read_text())["outputs"]["fp8-style"]
+    assert entry["loras"] == [{"spec": f"{lora}:0.5", "sha256": manifest.file_sha256(lora)}]
+    code, _, err = run(["to-fp8", model, "--lora", f"{lora}:0.5", "-o", tmp_path / "alone.safetensors", "-q"],
+                       capsys)
+    assert code == 0 and (tmp_path / "alone.safetensors").read_bytes() == (out / entry["file"]).read_bytes()
+    tiny.make_tiny_lora(lora, model, seed=1)
+    code, stdout, err = run(["recipe", "run", recipe, "--out", out], capsys)
+    assert code == 0 and "build  fp8-style" in stdout and "a LoRA file" in stdout, stdout + err
