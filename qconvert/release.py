@@ -84,6 +84,8 @@ def memory_estimate(job: Job, header) -> int:
     block = sum(t.numel for n, t in header.items() if n.startswith("transformer_blocks.0.")) * 4
     build = {"to-gguf": largest * (2 + len(job.outputs)), "to-svdquant": 3 * block}.get(job.converter,
                                                                                         4 * largest)
+    if dict(job.outputs[0].options).get("format") == "mix":  # a weight and its five round trips at once
+        build = 8 * largest
     check = 2 * block if any(o.verify_settings().get("enabled", True) for o in job.outputs) else 0
     return int(max(build, check) + 2 * GIB)
 
