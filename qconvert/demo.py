@@ -65,4 +65,4 @@ def _db(psnr) -> str:
 # Each converter module offers demo_step(model, out, quiet, echo) -> written paths;
 # they are imported only when the demo runs, to keep every command's start-up fast.
 _STEPS = ("qconvert.formats.gguf.writer", "qconvert.formats.fp8", "qconvert.formats.comfy", "qconvert.svdquant.convert",
-          "qconvert.bake")
+          "qconvert.bake", "qconvert.release")

@@ -128,7 +128,7 @@ def render_card(m: dict, repo: str | None = None) -> str:
                                 else lora["spec"]).name for lora in e.get("loras", []))
         level = e.get("options", {}).get("level") if e["format"] == "gguf" else None
         shown_fmt = e["format"] + (f" {level}" if level else "") + (f" + {loras}" if loras else "")
-        out.append(f"| `{e['file']}` | {shown_fmt} | {e['bytes'] / 1e9:.2f} GB | "
+        out.append(f"| `{e['file']}` | {shown_fmt} | {_size(e['bytes'])} | "
                    f"{'%.2f dB' % lat if lat is not None else '—'} | {'%.2f dB' % px if px is not None else '—'} | "
                    f"{guide(e['format'])[2]} |")
     out += ["", "## ComfyUI", "", "| Format | Put the file in | Load it with |", "|---|---|---|"]
@@ -157,6 +157,10 @@ def render_card(m: dict, repo: str | None = None) -> str:
             "`manifest.json` lists every file's sha256, options, source fingerprint and measured figures.", "",
             "Since this is a quantized model, all licensing terms of the original model remain in effect.", ""]
     return "\n".join(out)
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
 def _library_usage(outputs: dict, order: list, repo: str | None, base: str) -> list[str]:

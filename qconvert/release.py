@@ -487,3 +487,45 @@ def summary(plan: Plan, record: dict | None) -> dict:
                         for o, r in plan.todo],
             "outputs": (record or {}).get("outputs", {})}
 
+
+
+DEMO_RECIPE = """[recipe]
+name = "tiny-release"
+source = "{model}"
+description = "qconvert demo: a release of the tiny model, built, verified and described."
+
+[card]
+base_model = "Qwen/Qwen-Image"
+
+[verify]
+height = 64
+width = 64
+steps = 2
+
+[[output]]
+converter = "to-gguf"
+levels = ["Q8_0", "Q4_K_M"]
+file = "tiny-qwen-image-{{level}}.gguf"
+
+[[output]]
+name = "int8-convrot"
+converter = "to-comfy"
+format = "int8"
+file = "tiny-qwen-image-int8-convrot.safetensors"
+"""
+
+
+def demo_step(model: Path, out: Path, quiet: bool, echo: Callable[[str], None]) -> list[Path]:
+    """``qconvert demo``: a three-file release of the tiny model, its manifest and its model card."""
+    from . import hub, recipes
+
+    folder = Path(out) / "release"
+    path = Path(out) / "tiny-release.toml"
+    path.write_text(DEMO_RECIPE.format(model=Path(model).as_posix()))
+    plan = make_plan(recipes.load(path), source=None, out=folder, only=None, say=lambda m: None)
+    record = run(plan, quiet=True, say=lambda m: None)
+    hub.write_card(folder, hub.render_card(record, "you/tiny-release"))
+    echo(f"{'release':<16}{folder}/  ({len(record['outputs'])} files verified, manifest.json, README.md: the model "
+         f"card); qconvert recipe run {path} --out {folder} resumes it, qconvert publish {folder} --repo "
+         "OWNER/NAME uploads it")
+    return [folder]

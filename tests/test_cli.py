@@ -88,3 +88,7 @@ def test_demo(tmp_path, capsys):
     reports = sorted((tmp_path / "demo" / "reports").glob("*/report.json"))
     # Q8_0, Q4_K_M, FP8, NVFP4, MXFP8, INT8 ConvRot, a budgeted mix, SVDQuant, baked LoRA
     assert len(reports) == 9 and out.count("verify          ") == 9
+    release = tmp_path / "demo" / "release"  # a small release: built, verified, recorded, described
+    manifest = json.loads((release / "manifest.json").read_text())
+    assert len(manifest["outputs"]) == 3 and all(e.get("verify") for e in manifest["outputs"].values())
+    assert (release / "README.md").read_text().startswith("---\nbase_model:") and "release " in out
