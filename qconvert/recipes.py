@@ -36,8 +36,9 @@ A mistake is one line naming the file, the line and the key.
     verify = { steps = 4, schedule = "lightning" }
 
 Output options are the converter's long options without ``--`` (``keep``,
-``activations``, ``precision`` ...).  Relative paths in options and LoRAs are
-taken from the current folder, as on the command line.
+``activations``, ``precision`` ...).  Relative paths in options, LoRAs and the
+source are taken from the current folder, as on the command line, and made
+absolute (a Ray task runs in another folder, maybe on another machine).
 """
 
 from __future__ import annotations
@@ -284,6 +285,8 @@ def _options(where, converter: str, raw: dict, **at) -> list:
                     p.type.convert(str(v), p, None)
                 except click.BadParameter as exc:
                     raise where.error(f"{key}: {exc.message}", key, **at) from None
+                if isinstance(p.type, click.Path):  # Ray tasks run elsewhere: no folder of ours to be relative to
+                    v = str(Path(str(v)).expanduser().absolute())
                 converted.append(v)
             converted = converted if p.multiple else converted[0]
         if (converter, option) in NOT_IN_RECIPES and converted == NOT_IN_RECIPES[converter, option]:

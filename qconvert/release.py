@@ -98,7 +98,8 @@ def lora_paths(loras, *, fetch: bool) -> list[str]:
     out = []
     for spec in loras:
         if not spec.startswith(HF_PREFIX):
-            out.append(spec)
+            lora = parse_spec(spec)
+            out.append(f"{lora.path.expanduser().absolute()}:{lora.strength}")
             continue
         if not fetch:
             continue
@@ -329,6 +330,8 @@ def make_plan(recipe: Recipe, *, source: str | None, out: Path, only: str | None
     from .pipeline import progress
 
     source = source or recipe.source
+    if Path(source).expanduser().exists():  # a path: absolute, for Ray tasks running in other folders
+        source = str(Path(source).expanduser().absolute())
     outputs = recipe.select(only)
     with open_checkpoint(source) as ckpt:
         fingerprint = ckpt.provenance()["source_fingerprint"]

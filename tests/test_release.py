@@ -233,9 +233,11 @@ def test_bad_run_options(model, tmp_path, capsys):
 
 
 @pytest.mark.ray
-def test_ray_executor_matches_the_local_one_byte_for_byte(model, tmp_path, capsys):
+def test_ray_executor_matches_the_local_one_byte_for_byte(model, tmp_path, capsys, monkeypatch):
+    """Same files, same manifest; a relative source works although Ray's workers run in another folder."""
     pytest.importorskip("ray", reason="Ray is the ray extra (pip install .[ray])")
-    recipe = write_recipe(tmp_path / "r.toml", model, OUTPUTS)
+    monkeypatch.chdir(Path(model).parent)
+    recipe = write_recipe(tmp_path / "r.toml", Path(model).name, OUTPUTS)
     code, _, err = run(["recipe", "run", recipe, "--out", tmp_path / "local", "-q"], capsys)
     assert code == 0, err
     code, _, err = run(["recipe", "run", recipe, "--out", tmp_path / "ray", "--executor", "ray", "-q"], capsys)
@@ -243,6 +245,7 @@ def test_ray_executor_matches_the_local_one_byte_for_byte(model, tmp_path, capsy
     local = json.loads((tmp_path / "local" / "manifest.json").read_text())
     remote = json.loads((tmp_path / "ray" / "manifest.json").read_text())
     assert local == remote
+    assert Path(local["source"]["id"]).is_absolute()  # tasks on other machines run in other folders
     for entry in local["outputs"].values():
         assert (tmp_path / "local" / entry["file"]).read_bytes() == (tmp_path / "ray" / entry["file"]).read_bytes()
 
