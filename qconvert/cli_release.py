@@ -56,7 +56,7 @@ def recipe_run_cmd(recipe, source, out, only, executor, address, dry_run, as_jso
         return
     if not (quiet or as_json):
         echo("\n".join(release.format_plan(plan)))
-    record = release.run(plan, executor=executor, address=address, quiet=quiet or as_json, say=say)
+    record = release.run(plan, kind=executor, address=address, quiet=quiet or as_json, say=say)
     if as_json:
         emit_json(release.summary(plan, record))
     elif not quiet:

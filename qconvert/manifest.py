@@ -67,6 +67,16 @@ def read(folder: Path, *, say: Callable[[str], None] = lambda m: None, required:
         raise QConvertError(f"{path}: {problem}; move it away to rebuild")
     if data.get("digest") != digest(data):
         say(f"{path} was edited by hand (its digest does not match); every entry is checked against its file")
+    calibrations = data.get("calibrations", {})
+    if not isinstance(calibrations, dict):
+        raise QConvertError(f"{path}: calibrations must be an object; move it away to rebuild")
+    data["calibrations"] = {}
+    for file, entry in calibrations.items():
+        problem = calibration_problem(file, entry)
+        if problem:
+            say(f"{path}: calibration {untrusted.shown(file, 80)} is malformed ({problem}); it will be made again")
+            continue
+        data["calibrations"][file] = entry
     outputs = {}
     for name, entry in data["outputs"].items():
         problem = entry_problem(entry)
@@ -102,6 +112,19 @@ def top_problem(data: dict) -> str | None:
         for key, v in value.items():
             if not (isinstance(v, str) or _strings(v) or (key == "private" and isinstance(v, bool))):
                 return f"{table}.{untrusted.shown(key, 40)} must be text or a list of text"
+    return None
+
+
+def calibration_problem(file: str, entry) -> str | None:
+    if not (file.startswith("calibration/") and _plain_name(file[len("calibration/"):])):
+        return "not calibration/NAME"
+    if not isinstance(entry, dict) or entry.get("file") != file:
+        return "not an object naming its file"
+    for key, kind in (("key", str), ("sha256", str), ("bytes", int), ("loras", list), ("options", dict)):
+        if not isinstance(entry.get(key), kind) or isinstance(entry.get(key), bool):
+            return f"{key} is not a {kind.__name__}"
+    if not _strings(entry["loras"]) or len(entry["sha256"]) != 64 or entry["bytes"] < 0:
+        return "loras, sha256 or bytes out of range"
     return None
 
 

@@ -23,6 +23,9 @@ A mistake is one line naming the file, the line and the key.
     [verify]                              # verify's options, for every output
     height = 512
 
+    [calibrate]                           # optional: calibrate's options; one run per distinct LoRA set,
+    synthetic = 8                         # read by the outputs that say calib (imatrix) = "recipe"
+
     [[output]]
     converter = "to-gguf"
     levels = ["Q8_0", "Q4_K_M"]           # one output per level, named by level
@@ -68,6 +71,10 @@ VERIFY_OPTIONS = {"enabled": bool, "height": int, "width": int, "steps": int, "c
                   "seed": int, "runtime": str, "decode": bool, "max_minutes": float, "dtype": str, "cache_gb": float}
 VERIFY_CHOICES = {"schedule": ("qwen", "lightning"), "runtime": ("native", "dequantized"),
                   "dtype": ("float32", "bfloat16", "float16")}
+# The option of each converter that takes a calibration file; "recipe" there means the recipe's own
+# [calibrate] run (one per distinct LoRA set, shared by the outputs that ask for it)
+CALIBRATION_OPTION = {"to-svdquant": "calib", "to-comfy": "calib", "to-fp8": "calib", "to-gguf": "imatrix"}
+FROM_RECIPE = "recipe"
 TABLES = {"recipe": {"name", "source", "description"},
           "card": {"base_model", "license", "pipeline_tag", "title", "language", "tags", "quantized_by"},
           "hub": {"repo", "private"},
@@ -99,6 +106,11 @@ class Output:
     def level(self) -> str | None:
         return dict(self.options).get("level")
 
+    @property
+    def calibrated(self) -> bool:
+        """Whether the output reads the recipe's [calibrate] statistics."""
+        return dict(self.options).get(CALIBRATION_OPTION[self.converter]) == FROM_RECIPE
+
     def spec(self) -> dict:
         """What determines the output's bytes (with the source and qconvert's version): its manifest key."""
         return {"converter": self.converter, "file": self.file, "options": dict(self.options),
@@ -119,6 +131,7 @@ class Recipe:
     build: dict = field(default_factory=dict)
     description: str = ""
     sha256: str = ""
+    calibrate: tuple = ()  # ((calibrate option, value), ...) of the [calibrate] table; () when there is none
 
     @property
     def device(self) -> str:
@@ -161,7 +174,7 @@ def load(path: str | Path) -> Recipe:
 def parse(data: dict, path: Path, text: str = "", sha256: str = "") -> Recipe:
     where = _Locator(path, text)
     for key, value in data.items():
-        if key == "output":
+        if key in ("output", "calibrate"):
             continue
         if key not in TABLES:
             raise where.error(f"unknown table [{key}] (a recipe has {', '.join(sorted({*TABLES, 'output'}))})", key)
@@ -180,6 +193,13 @@ def parse(data: dict, path: Path, text: str = "", sha256: str = "") -> Recipe:
     hub = _hub(where, data.get("hub", {}))
     build = _build(where, data.get("build", {}))
     verify_defaults = _verify(where, data.get("verify", {}), table="verify")
+    calibrate = data.get("calibrate")
+    if calibrate is not None and not isinstance(calibrate, dict):
+        raise where.error("calibrate must be a table ([calibrate])", "calibrate")
+    calibration = tuple(_options(where, "calibrate", calibrate, table="calibrate")) if calibrate is not None else ()
+    if calibrate is not None and not any(k in ("synthetic", "embeds") for k, _ in calibration):
+        raise where.error("[calibrate] needs synthetic = N or embeds = [...] (the prompts to calibrate on)",
+                          None, table="calibrate")
     raw_outputs = data.get("output")
     if not isinstance(raw_outputs, list) or not raw_outputs:
         raise where.error("no outputs: add [[output]] tables", None)
@@ -187,7 +207,7 @@ def parse(data: dict, path: Path, text: str = "", sha256: str = "") -> Recipe:
         raise where.error(f"{len(raw_outputs)} [[output]] tables; at most {MAX_OUTPUTS}", None)
     outputs: list[Output] = []
     for index, raw in enumerate(raw_outputs):
-        outputs += _outputs(where, raw, index, verify_defaults)
+        outputs += _outputs(where, raw, index, verify_defaults, calibrate is not None)
     seen: dict = {}
     for o in outputs:
         for kind, value in (("name", o.name), ("file", o.file)):
@@ -196,10 +216,10 @@ def parse(data: dict, path: Path, text: str = "", sha256: str = "") -> Recipe:
                                   f"{seen[kind, value]}); each output needs its own")
             seen[kind, value] = o.line
     return Recipe(path, name, source, tuple(outputs), card, hub, build,
-                  _string(where, recipe, "description", "recipe") or "", sha256)
+                  _string(where, recipe, "description", "recipe") or "", sha256, calibration)
 
 
-def _outputs(where, raw, index: int, verify_defaults: dict) -> list[Output]:
+def _outputs(where, raw, index: int, verify_defaults: dict, has_calibrate: bool) -> list[Output]:
     at = dict(index=index)
     if not isinstance(raw, dict):
         raise where.error("each [[output]] must be a table", None, **at)
@@ -216,6 +236,10 @@ def _outputs(where, raw, index: int, verify_defaults: dict) -> list[Output]:
         raise where.error("lora must be a list of \"FILE[:STRENGTH]\" strings", "lora", **at)
     verify = {**verify_defaults, **_verify(where, raw.get("verify", {}), index=index)}
     options = _options(where, converter, {k: v for k, v in raw.items() if k not in OUTPUT_KEYS}, **at)
+    wants = CALIBRATION_OPTION[converter]
+    if dict(options).get(wants) == FROM_RECIPE and not has_calibrate:
+        raise where.error(f'{wants} = "{FROM_RECIPE}" needs a [calibrate] table (the prompts to calibrate on)',
+                          wants, **at)
     levels = raw.get("levels")
     if levels is not None:
         if converter != "to-gguf":
@@ -267,8 +291,9 @@ def _options(where, converter: str, raw: dict, **at) -> list:
         option = key.replace("_", "-")
         p = params.get(option)
         if p is None:
-            raise where.error(f"{converter} has no option {key!r} (it takes {', '.join(sorted(params))}, "
-                              "and name, file, lora, verify)", key, **at)
+            extra = "" if converter == "calibrate" else ", and name, file, lora, verify"
+            raise where.error(f"{converter} has no option {key!r} (it takes {', '.join(sorted(params))}{extra})",
+                              key, **at)
         if p.is_flag:
             if not isinstance(value, bool):
                 raise where.error(f"{key} is a flag: true or false", key, **at)
@@ -281,6 +306,9 @@ def _options(where, converter: str, raw: dict, **at) -> list:
             for v in values:
                 if isinstance(v, (dict, list)) or isinstance(v, bool):
                     raise where.error(f"{key}: {v!r} is not a value {converter} --{option} takes", key, **at)
+                if v == FROM_RECIPE and option == CALIBRATION_OPTION.get(converter):
+                    converted.append(v)  # the recipe's own calibration, resolved when the jobs are made
+                    continue
                 try:
                     p.type.convert(str(v), p, None)
                 except click.BadParameter as exc:

@@ -17,285 +17,22 @@ recorded size and sha256 is kept; anything else is rebuilt, and the reason said.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
 import json
-import os
-import shutil
-import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from . import __version__, manifest
 from .errors import QConvertError
-from .io import fsync_dir
+from .executors import executor
+from .jobs import (HF_PREFIX, Job, build_argv, calibrate_argv, calibration_job, invoke, lora_paths, plan_jobs,
+                   run_calibration, run_job)
 from .lora import parse_spec
-from .recipes import Output, Recipe, canonical
+from .recipes import Output, Recipe
 
-HF_PREFIX = "hf://"
-GIB = 1 << 30
-
-
-@dataclass(frozen=True)
-class Job:
-    id: str
-    outputs: tuple  # Output, ...
-    source: str
-    device: str = "cpu"
-    cpus: int = 1
-    gpus: int = 0
-    memory: int = 0  # bytes Ray reserves for the task
-    verify_only: bool = False  # the file is kept; only its verify settings changed
-
-    @property
-    def converter(self) -> str:
-        return self.outputs[0].converter
-
-
-def plan_jobs(recipe: Recipe, outputs, source: str, header, reverify=()) -> list[Job]:
-    """GGUF outputs with equal everything-but-level share a job; the rest one job each, in recipe order.
-    Outputs in ``reverify`` are checked again without being rebuilt."""
-    groups: dict = {}
-    for o in outputs:
-        if o.name in reverify:
-            key = ("verify", o.name)
-        elif o.converter == "to-gguf":
-            key = ("to-gguf", canonical([(k, v) for k, v in o.options if k != "level"]), o.loras,
-                   canonical(o.verify))
-        else:
-            key = ("one", o.name)
-        groups.setdefault(key, []).append(o)
-    device = recipe.device
-    jobs = []
-    for members in groups.values():
-        job = Job(members[0].name, tuple(members), source, device, recipe.build.get("cpus", 1),
-                  1 if device.startswith("cuda") else 0, verify_only=members[0].name in reverify)
-        jobs.append(dataclasses.replace(job, memory=memory_estimate(job, header)))
-    return jobs
-
-
-def memory_estimate(job: Job, header) -> int:
-    """Peak bytes of the job, from the source's header: converters hold one tensor (GGUF: and one encoding
-    per level), SVDQuant and verify one block, all in float32; plus the interpreter and torch."""
-    largest = max((t.numel for t in header.values()), default=0) * 4
-    block = sum(t.numel for n, t in header.items() if n.startswith("transformer_blocks.0.")) * 4
-    build = {"to-gguf": largest * (2 + len(job.outputs)), "to-svdquant": 3 * block}.get(job.converter,
-                                                                                        4 * largest)
-    if dict(job.outputs[0].options).get("format") == "mix":  # a weight and its five round trips at once
-        build = 8 * largest
-    check = 2 * block if any(o.verify_settings().get("enabled", True) for o in job.outputs) else 0
-    return int(max(build, check) + 2 * GIB)
-
-
-# ------------------------------------------------------------ command lines
-
-def lora_paths(loras, *, fetch: bool) -> list[str]:
-    """``FILE[:STRENGTH]`` as given; ``hf://OWNER/REPO/PATH[:STRENGTH]`` downloaded into the Hub cache
-    (``fetch``) or left out (plans: a baked LoRA does not change a file's size)."""
-    out = []
-    for spec in loras:
-        if not spec.startswith(HF_PREFIX):
-            lora = parse_spec(spec)
-            out.append(f"{lora.path.expanduser().absolute()}:{lora.strength}")
-            continue
-        if not fetch:
-            continue
-        lora = parse_spec(spec[len(HF_PREFIX):])
-        parts = lora.path.as_posix().split("/")
-        if len(parts) < 3:
-            raise QConvertError(f"LoRA {spec}: write hf://OWNER/REPO/PATH/IN/REPO.safetensors[:STRENGTH]")
-        from huggingface_hub import hf_hub_download
-
-        try:
-            path = hf_hub_download("/".join(parts[:2]), "/".join(parts[2:]))
-        except Exception as exc:  # network, missing file, gated repo: one line, no token
-            raise QConvertError(f"LoRA {spec}: cannot download it ({type(exc).__name__}: "
-                                f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
-        out.append(f"{path}:{lora.strength}")
-    return out
-
-
-def option_args(options) -> list[str]:
-    args = []
-    for key, value in options:
-        if isinstance(value, bool):
-            args += [f"--{key}"] if value else []
-        elif isinstance(value, list):
-            for v in value:
-                args += [f"--{key}", str(v)]
-        else:
-            args += [f"--{key}", str(value)]
-    return args
-
-
-def build_argv(job: Job, target: Path, loras: list[str], *, quiet: bool, device: str | None = None) -> list[str]:
-    options = [(k, v) for k, v in job.outputs[0].options if k != "level"]
-    argv = [job.converter, job.source, *option_args(options)]
-    if job.converter == "to-gguf":
-        argv += ["--level", ",".join(o.level for o in job.outputs)]
-    for spec in loras:
-        argv += ["--lora", spec]
-    argv += ["-o", str(target), "--device", device or job.device]
-    return argv + (["-q"] if quiet else [])
-
-
-def verify_argv(output: Output, path: Path, report: Path, source: str, loras: list[str], device: str,
-                *, quiet: bool = True) -> list:
-    settings = output.verify_settings()
-    argv = ["verify", str(path), "--reference", source, "--report", str(report), "--device", device]
-    argv += ["-q"] if quiet else []
-    for key, value in sorted(settings.items()):
-        if key == "enabled":
-            continue
-        if key == "decode":
-            argv += [] if value else ["--no-decode"]
-            continue
-        argv += [f"--{key.replace('_', '-')}", str(value)]
-    for spec in loras:
-        argv += ["--lora", spec]
-    return argv
-
-
-def invoke(argv: list[str]) -> str:
-    """Run one qconvert command in this process; its stdout is returned (chatter stays off ours)."""
-    from .cli import cli
-
-    captured = io.StringIO()
-    with contextlib.redirect_stdout(captured):
-        cli.main(args=argv, prog_name="qconvert", standalone_mode=False)
-    return captured.getvalue()
-
-
-# ------------------------------------------------------------------ the job
-
-def run_job(job: Job, out_dir: str, quiet: bool = True) -> dict:
-    """Build the job's files, move them into place, hash and verify each.  What a Ray task runs."""
-    out = Path(out_dir)
-    loras = lora_paths(job.outputs[0].loras, fetch=True)
-    built = {o.name: out / o.file for o in job.outputs} if job.verify_only else _build(job, out, loras, quiet)
-    lora_hashes = [manifest.file_sha256(parse_spec(s).path) for s in loras]
-    results = {}
-    for o in job.outputs:
-        path = built[o.name]
-        entry = {"bytes": path.stat().st_size, "sha256": manifest.file_sha256(path), "lora_sha256": lora_hashes}
-        if o.verify_settings().get("enabled", True):
-            report = out / "reports" / o.name
-            invoke(verify_argv(o, path, report, job.source, loras, job.device, quiet=quiet))
-            entry["verify"] = figures(report / "report.json")
-            entry["report"] = f"reports/{o.name}"
-        results[o.name] = entry
-    return results
-
-
-def _build(job: Job, out: Path, loras: list[str], quiet: bool) -> dict:
-    staging = out / f".staging-{job.id}"
-    shutil.rmtree(staging, ignore_errors=True)  # a killed run's leftovers
-    staging.mkdir(parents=True)
-    try:
-        target = staging if job.converter == "to-gguf" else staging / job.outputs[0].file
-        invoke(build_argv(job, target, loras, quiet=quiet))
-        built = {}
-        for o in job.outputs:
-            made = _made_file(staging, o) if job.converter == "to-gguf" else target
-            os.replace(made, out / o.file)
-            built[o.name] = out / o.file
-        fsync_dir(out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return built
-
-
-def _made_file(staging: Path, output: Output) -> Path:
-    found = [p for p in staging.iterdir() if p.name.endswith(f"-{output.level}.gguf")]
-    if len(found) != 1:  # pragma: no cover - to-gguf names every level's file MODEL-LEVEL.gguf
-        raise RuntimeError(f"to-gguf left {[p.name for p in staging.iterdir()]} for level {output.level}")
-    return found[0]
-
-
-def figures(report_json: Path) -> dict:
-    """The figures a model card shows, from verify's report."""
-    r = json.loads(report_json.read_text())
-    out = {"settings": r.get("settings", {})}
-    for part, keys in (("latents", ("psnr_db", "ssim", "rel_rmse")), ("pixels", ("psnr_db", "ssim", "lpips")),
-                       ("weights", ("mean_rel_rmse", "worst_rel_rmse"))):
-        values = r.get(part) or {}
-        out[part] = {k: values.get(k) for k in keys if values.get(k) is not None}
-    out["pictures"] = sorted(p.name for p in report_json.parent.glob("*.png"))
-    return out
-
-
-# --------------------------------------------------------------- executors
-
-def run_local(jobs, out_dir: Path, done: Callable, *, quiet: bool) -> None:
-    for job in jobs:
-        done(job, run_job(job, str(out_dir), quiet))
-
-
-def run_ray(jobs, out_dir: Path, done: Callable, *, address: str | None, quiet: bool) -> None:
-    try:
-        import ray
-    except ImportError:
-        raise QConvertError("--executor ray needs Ray: pip install 'qconvert[ray]'") from None
-    if address:
-        _check_reachable(address)
-    try:
-        ray.init(address=address or None, ignore_reinit_error=True, include_dashboard=False,
-                 log_to_driver=not quiet, logging_level="ERROR")
-    except Exception as exc:  # ConnectionError, RuntimeError, ValueError for a bad address
-        raise QConvertError(f"Ray at {address or '(local)'} does not answer: {type(exc).__name__}: "
-                            f"{str(exc).splitlines()[0][:200] if str(exc) else ''}") from None
-    try:
-        _fits_cluster(ray, jobs)
-        task = ray.remote(max_retries=0)(run_job)
-        pending = {task.options(num_cpus=j.cpus, num_gpus=j.gpus, memory=j.memory).remote(j, str(out_dir), True): j
-                   for j in jobs}
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            job = pending.pop(ready[0])
-            try:
-                result = ray.get(ready[0])
-            except ray.exceptions.RayTaskError as exc:
-                cause = exc.cause if isinstance(getattr(exc, "cause", None), BaseException) else exc
-                for ref in pending:
-                    ray.cancel(ref, force=True)
-                if isinstance(cause, QConvertError):
-                    raise QConvertError(f"output {job.id} (on Ray): {cause}") from None
-                raise QConvertError(f"output {job.id} failed on Ray: {type(cause).__name__}: "
-                                    f"{str(cause).splitlines()[0][:300] if str(cause) else ''}") from None
-            done(job, result)
-    finally:
-        if not address:
-            ray.shutdown()
-
-
-def _check_reachable(address: str) -> None:
-    """A dead address makes ray.init retry for minutes: try the port first (5 s)."""
-    if address == "auto":
-        return
-    hostport = address.split("://", 1)[-1]
-    host, _, port = hostport.rpartition(":")
-    if not host or not port.isdigit():
-        raise QConvertError(f"--address {address}: give HOST:PORT (or ray://HOST:PORT, or auto)")
-    try:
-        with socket.create_connection((host, int(port)), timeout=5):
-            pass
-    except OSError as exc:
-        raise QConvertError(f"Ray at {address} does not answer ({exc.strerror or exc}); start the cluster "
-                            "(ray start --head) or check the address") from None
-
-
-def _fits_cluster(ray, jobs) -> None:
-    """A task no node can hold would wait forever: say so before submitting anything."""
-    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
-    for job in jobs:
-        if not any(r.get("CPU", 0) >= job.cpus and r.get("GPU", 0) >= job.gpus and r.get("memory", 0) >= job.memory
-                   for r in nodes):
-            raise QConvertError(f"output {job.id} needs {job.cpus} CPU, {job.gpus} GPU and "
-                                f"{job.memory / GIB:.1f} GiB of memory on one node; no node of the Ray cluster "
-                                "has that (lower [build] cpus, or add a larger node)")
+CALIBRATION_DIR = "calibration"
 
 
 # -------------------------------------------------------------------- run
@@ -313,15 +50,23 @@ class Plan:
     keys: dict
     planned_bytes: dict  # name -> bytes or None (a mix: chosen when built)
     previous: dict | None
+    calibrations: dict = field(default_factory=dict)  # file -> {"key", "loras", "outputs"}: what is needed
+    calibration_todo: list = field(default_factory=list)  # CalibrationJob, ...
+    approximate: set = field(default_factory=set)  # names planned before their calibration exists
 
 
 def verify_key(o: Output) -> str:
     return manifest.digest({"verify": o.verify_settings(), "qconvert": __version__})
 
 
-def output_key(o: Output, fingerprint: str, lora_hashes: list) -> str:
+def output_key(o: Output, fingerprint: str, lora_hashes: list, calibration: str | None) -> str:
     return manifest.digest({"spec": o.spec(), "source": fingerprint, "loras": lora_hashes,
-                            "qconvert": __version__})
+                            "calibration": calibration, "qconvert": __version__})
+
+
+def calibration_key(recipe: Recipe, loras: tuple, lora_hashes: list, fingerprint: str) -> str:
+    return manifest.digest({"calibrate": list(recipe.calibrate), "loras": list(loras), "lora_sha256": lora_hashes,
+                            "source": fingerprint, "qconvert": __version__})
 
 
 def make_plan(recipe: Recipe, *, source: str | None, out: Path, only: str | None, say: Callable,
@@ -338,12 +83,22 @@ def make_plan(recipe: Recipe, *, source: str | None, out: Path, only: str | None
         header = {n: t for n, t in ckpt.tensors.items()}
     previous = manifest.read(out, say=say)
     entries = (previous or {}).get("outputs", {})
+    lora_hashes = {o.name: _local_lora_hashes(o, recipe) for o in outputs}
+    needed = _calibrations(recipe, outputs, lora_hashes, fingerprint)
+    by_output = {name: file for file, info in needed.items() for name in info["outputs"]}
     keys, todo, kept, reverify = {}, [], [], {}
+    recorded_calibrations = (previous or {}).get("calibrations", {})
     # every recorded file is hashed again (a file changed on disk may keep its size): a bar for the minutes
     recorded = sum(entries[o.name]["bytes"] for o in outputs if o.name in entries)
     with progress(recorded, "checking recorded files", quiet=quiet) as bar:
+        calibration_todo = [calibration_job(recipe, file, tuple(info["loras"]), source, header)
+                            for file, info in needed.items()
+                            if file not in recorded_calibrations
+                            or manifest.check(out, recorded_calibrations[file], info["key"]) is not None]
         for o in outputs:
-            reason = _status(o, entries.get(o.name), out, recipe, fingerprint, keys, bar.update)
+            calibration = needed[by_output[o.name]]["key"] if o.name in by_output else None
+            keys[o.name] = output_key(o, fingerprint, lora_hashes[o.name], calibration)
+            reason = _status(o, entries.get(o.name), out, keys[o.name], bar.update)
             if reason is None and entries[o.name].get("verify_key") != verify_key(o):
                 reverify[o.name] = entries[o.name]["bytes"]
                 reason = "verify settings changed (verified again, not rebuilt)"
@@ -351,36 +106,69 @@ def make_plan(recipe: Recipe, *, source: str | None, out: Path, only: str | None
                 kept.append(o)
             else:
                 todo.append((o, reason))
-    jobs = plan_jobs(recipe, [o for o, _ in todo], source, header, reverify)
+    for job in calibration_todo:  # calibrate's own checks of its options together, before any work
+        try:
+            planned = dataclasses.replace(job, device="cpu")
+            invoke(calibrate_argv(planned, Path(job.file), lora_paths(job.loras, fetch=False), quiet=True)
+                   + ["--dry-run"])
+        except QConvertError as exc:
+            raise QConvertError(f"{job.label}: {exc}") from None
+    paths = {name: str(Path(out).absolute() / file) for name, file in by_output.items()}
+    jobs = plan_jobs(recipe, [o for o, _ in todo], source, header, reverify, paths)
     sizes = planned_sizes([j for j in jobs if not j.verify_only])
-    return Plan(recipe, source, out, outputs, todo, kept, jobs, fingerprint, keys, {**sizes, **reverify}, previous)
+    # planned without their statistics, these sizes miss the calibration's provenance (some bytes of metadata)
+    approximate = {o.name for j in jobs if j.calibration and not Path(j.calibration).is_file() for o in j.outputs}
+    return Plan(recipe, source, out, outputs, todo, kept, jobs, fingerprint, keys, {**sizes, **reverify}, previous,
+                needed, calibration_todo, approximate)
 
 
-def _status(o: Output, entry: dict | None, out: Path, recipe: Recipe, fingerprint: str, keys: dict,
-            progress: Callable) -> str | None:
-    """Why ``o`` must be built (None: its recorded file still stands); its key goes into ``keys``."""
+def _local_lora_hashes(o: Output, recipe: Recipe) -> list[str]:
     local = [parse_spec(s).path for s in o.loras if not s.startswith(HF_PREFIX)]
     for p in local:
         if not p.is_file():
             raise QConvertError(f"{recipe.path}: output {o.name}: LoRA {p} does not exist")
-    keys[o.name] = output_key(o, fingerprint, [manifest.file_sha256(p) for p in local])
+    return [manifest.file_sha256(p) for p in local]
+
+
+def _calibrations(recipe: Recipe, outputs, lora_hashes: dict, fingerprint: str) -> dict:
+    """The recipe calibrations the outputs need: one per distinct LoRA set, named by its key."""
+    needed: dict = {}
+    for o in outputs:
+        if o.calibrated:
+            key = calibration_key(recipe, o.loras, lora_hashes[o.name], fingerprint)
+            file = f"{CALIBRATION_DIR}/calib-{key[:16]}.safetensors"
+            needed.setdefault(file, {"key": key, "loras": list(o.loras), "outputs": []})["outputs"].append(o.name)
+    return needed
+
+
+def _status(o: Output, entry: dict | None, out: Path, key: str, progress: Callable) -> str | None:
+    """Why ``o`` must be built (None: its recorded file still stands)."""
     if entry is None:
         return "new" if not (out / o.file).exists() else f"{o.file} has no manifest entry"
-    return manifest.check(out, entry, keys[o.name], progress)
+    return manifest.check(out, entry, key, progress)
 
 
 def planned_sizes(jobs) -> dict:
     """Exact bytes of each output from its converter's own dry run (planned on the CPU, LoRAs from the Hub left
-    out: baking one does not change a size).  A mix is chosen only when built: its target is its bound."""
+    out: baking one does not change a size; a calibration not made yet left out too).  A mix is chosen only
+    when built (its target is its bound), and so is what needs a calibration to plan (calibrated FP8)."""
     sizes = {}
     for job in jobs:
         options = dict(job.outputs[0].options)
         if job.converter == "to-comfy" and options.get("format") == "mix":
             sizes[job.outputs[0].name] = None
             continue
+        if job.calibration and not Path(job.calibration).is_file():
+            job = dataclasses.replace(job, calibration=None)
         target = Path(".") if job.converter == "to-gguf" else Path(job.outputs[0].file)
         argv = build_argv(job, target, lora_paths(job.outputs[0].loras, fetch=False), quiet=True, device="cpu")
-        report = json.loads(invoke(argv + ["--dry-run", "--json"]))
+        try:
+            report = json.loads(invoke(argv + ["--dry-run", "--json"]))
+        except QConvertError as exc:
+            if job.outputs[0].calibrated and job.calibration is None:  # calibrated FP8 plans with its statistics
+                sizes.update({o.name: None for o in job.outputs})
+                continue
+            raise QConvertError(f"{job.label}: {exc}") from None
         files = report.get("files", [report])
         for o, f in zip(job.outputs, files):
             sizes[o.name] = int(f["bytes"])
@@ -396,6 +184,11 @@ def bound_bytes(o: Output) -> int:
 def format_plan(plan: Plan) -> list[str]:
     lines = [f"recipe {plan.recipe.name} ({plan.recipe.path}): {len(plan.outputs)} outputs from {plan.source}, "
              f"into {plan.out}"]
+    redo = {j.file for j in plan.calibration_todo}
+    for file, info in plan.calibrations.items():
+        loras = f"; LoRAs {', '.join(info['loras'])}" if info["loras"] else ""
+        verb = "calibrate" if file in redo else "keep"
+        lines.append(f"  {verb:<6} {file}  (read by {', '.join(info['outputs'])}{loras})")
     for o in plan.kept:
         lines.append(f"  keep   {o.name:<24} {o.file}  (unchanged since the manifest)")
     by_job = {o.name: job for job in plan.jobs for o in job.outputs}
@@ -404,7 +197,8 @@ def format_plan(plan: Plan) -> list[str]:
         job = by_job[o.name]
         shared = f"; reads the source once with {len(job.outputs) - 1} other level(s)" if len(job.outputs) > 1 else ""
         bound = bound_bytes(o)
-        shown = f"{size:,} bytes" if size is not None else (
+        about = "about " if o.name in plan.approximate else ""
+        shown = f"{about}{size:,} bytes" if size is not None else (
             f"at most {bound:,} bytes, chosen when built" if bound else "size chosen when built")
         lines.append(f"  build  {o.name:<24} {o.file}  ({o.converter}, {shown}; {reason}{shared})")
     total = sum(plan.planned_bytes.get(o.name) or bound_bytes(o) for o, _ in plan.todo)
@@ -412,7 +206,7 @@ def format_plan(plan: Plan) -> list[str]:
     return lines
 
 
-def run(plan: Plan, *, executor: str = "local", address: str | None = None, quiet: bool = False,
+def run(plan: Plan, *, kind: str = "local", address: str | None = None, quiet: bool = False,
         say: Callable = print) -> dict:
     from .io import check_disk_space
     from .pipeline import progress
@@ -439,10 +233,19 @@ def run(plan: Plan, *, executor: str = "local", address: str | None = None, quie
                 say(f"[{count[0]}/{len(plan.outputs)}] {o.name}: {o.file} ({results[o.name]['bytes']:,} bytes"
                     f"{psnr}) after {time.monotonic() - started:.0f} s")
 
-        if executor == "ray":
-            run_ray(plan.jobs, plan.out, done, address=address, quiet=quiet)
-        else:
-            run_local(plan.jobs, plan.out, done, quiet=quiet)
+        def calibrated(job, result: dict) -> None:
+            record["calibrations"][job.file] = {"file": job.file, "key": plan.calibrations[job.file]["key"],
+                                                **result, "loras": list(job.loras), "options": dict(job.options)}
+            manifest.write(plan.out, record)
+            say(f"calibrated {job.file} ({result['bytes']:,} bytes) after {time.monotonic() - started:.0f} s")
+
+        with executor(kind, address=address, quiet=quiet) as ex:
+            if plan.calibration_todo:  # a wave of its own: the outputs after it read these files
+                ex.run([(run_calibration, job) for job in plan.calibration_todo], plan.out, calibrated)
+                waiting = [j for j in plan.jobs if j.calibration and not j.verify_only]
+                plan.planned_bytes.update(planned_sizes(waiting))  # exact now that the statistics exist
+                plan.approximate.clear()
+            ex.run([(run_job, job) for job in plan.jobs], plan.out, done)
     return record
 
 
@@ -457,7 +260,24 @@ def new_manifest(plan: Plan) -> dict:
                        "description": plan.recipe.description},
             "source": {"id": plan.source, "fingerprint": plan.fingerprint},
             "card": plan.recipe.card, "hub": plan.recipe.hub,
-            "order": [o.name for o in plan.recipe.outputs], "outputs": kept}
+            "order": [o.name for o in plan.recipe.outputs], "outputs": kept,
+            "calibrations": _kept_calibrations(plan)}
+
+
+def _kept_calibrations(plan: Plan) -> dict:
+    """Recorded calibrations, but those being made again and those no output of the recipe reads any more."""
+    redo = {j.file for j in plan.calibration_todo}
+    wanted = _all_calibrations(plan)
+    return {f: e for f, e in (plan.previous or {}).get("calibrations", {}).items() if f not in redo and f in wanted}
+
+
+def _all_calibrations(plan: Plan) -> set:
+    """Every calibration file the whole recipe reads (with --only, the unselected outputs' too)."""
+    if not plan.recipe.calibrate:
+        return set()
+    everything = _calibrations(plan.recipe, plan.recipe.outputs, {o.name: _local_lora_hashes(o, plan.recipe)
+                                                                  for o in plan.recipe.outputs}, plan.fingerprint)
+    return set(everything)
 
 
 def entry_for(plan: Plan, o: Output, result: dict) -> dict:

@@ -237,14 +237,15 @@ def test_ray_executor_matches_the_local_one_byte_for_byte(model, tmp_path, capsy
     """Same files, same manifest; a relative source works although Ray's workers run in another folder."""
     pytest.importorskip("ray", reason="Ray is the ray extra (pip install .[ray])")
     monkeypatch.chdir(Path(model).parent)
-    recipe = write_recipe(tmp_path / "r.toml", Path(model).name, OUTPUTS)
+    calibrated = CALIBRATED.split("[[output]]")[:2]  # the [calibrate] table and one output reading it
+    recipe = write_recipe(tmp_path / "r.toml", Path(model).name, OUTPUTS + "[[output]]".join(calibrated))
     code, _, err = run(["recipe", "run", recipe, "--out", tmp_path / "local", "-q"], capsys)
     assert code == 0, err
     code, _, err = run(["recipe", "run", recipe, "--out", tmp_path / "ray", "--executor", "ray", "-q"], capsys)
     assert code == 0, err
     local = json.loads((tmp_path / "local" / "manifest.json").read_text())
     remote = json.loads((tmp_path / "ray" / "manifest.json").read_text())
-    assert local == remote
+    assert local == remote and len(local["calibrations"]) == 1 and "Q3_K_S-imatrix" in local["outputs"]
     assert Path(local["source"]["id"]).is_absolute()  # tasks on other machines run in other folders
     for entry in local["outputs"].values():
         assert (tmp_path / "local" / entry["file"]).read_bytes() == (tmp_path / "ray" / entry["file"]).read_bytes()
@@ -422,3 +423,79 @@ file = "tiny-fp8-style.safetensors"
     tiny.make_tiny_lora(lora, model, seed=1)
     code, stdout, err = run(["recipe", "run", recipe, "--out", out], capsys)
     assert code == 0 and "build  fp8-style" in stdout and "a LoRA file" in stdout, stdout + err
+
+
+CALIBRATED = '''
+[calibrate]
+synthetic = 1
+height = 64
+width = 64
+steps = 2
+
+[[output]]
+name = "Q3_K_S-imatrix"
+converter = "to-gguf"
+level = "Q3_K_S"
+imatrix = "recipe"
+file = "tiny-Q3_K_S-imatrix.gguf"
+
+[[output]]
+name = "fp8-calibrated"
+converter = "to-fp8"
+activations = "calibrated"
+calib = "recipe"
+file = "tiny-fp8-calibrated.safetensors"
+
+[[output]]
+name = "fp8"
+converter = "to-fp8"
+file = "tiny-fp8.safetensors"
+'''
+
+
+def test_a_recipe_calibration_is_made_once_and_read_by_its_outputs(model, tmp_path, capsys):
+    recipe = write_recipe(tmp_path / "r.toml", model, CALIBRATED)
+    out = tmp_path / "rel"
+    code, stdout, err = run(["recipe", "run", recipe, "--out", out, "--dry-run"], capsys)
+    assert code == 0 and "calibrate calibration/calib-" in stdout and "about " in stdout, err
+    code, _, err = run(["recipe", "run", recipe, "--out", out, "-q"], capsys)
+    assert code == 0, err
+    m = json.loads((out / "manifest.json").read_text())
+    [(file, calibration)] = m["calibrations"].items()
+    assert calibration["sha256"] == manifest.file_sha256(out / file) and calibration["options"]["synthetic"] == 1
+    # exactly what the commands make by hand from that calibration
+    code, _, err = run(["calibrate", model, "--synthetic", 1, "--height", 64, "--width", 64, "--steps", 2,
+                        "-o", tmp_path / "calib.safetensors", "-q"], capsys)
+    assert code == 0 and (tmp_path / "calib.safetensors").read_bytes() == (out / file).read_bytes(), err
+    code, _, err = run(["to-gguf", model, "--level", "Q3_K_S", "--imatrix", out / file, "-o",
+                        tmp_path / "alone.gguf", "-q"], capsys)
+    assert code == 0 and (tmp_path / "alone.gguf").read_bytes() == (out / "tiny-Q3_K_S-imatrix.gguf").read_bytes()
+    assert m["outputs"]["fp8-calibrated"]["bytes"] == (out / "tiny-fp8-calibrated.safetensors").stat().st_size
+
+    # new calibration settings: the calibration and what reads it are made again, the rest kept
+    recipe.write_text(recipe.read_text().replace("height = 64\n", "height = 48\n", 1))
+    code, stdout, err = run(["recipe", "run", recipe, "--out", out, "--json"], capsys)
+    assert code == 0, err
+    result = json.loads(stdout)
+    assert result["built"] == ["Q3_K_S-imatrix", "fp8-calibrated"] and result["kept"] == ["fp8"]
+    m2 = json.loads((out / "manifest.json").read_text())
+    assert list(m2["calibrations"]) != [file] and len(m2["calibrations"]) == 1
+    assert not list(out.glob(".staging-*"))
+    # a calibration the calibrate command refuses is found when planning, before anything is built
+    recipe.write_text(recipe.read_text().replace("steps = 2\n", "steps = 1\n", 1))
+    code, _, err = run(["recipe", "run", recipe, "--out", out], capsys)
+    assert_one_line_error(code, err, "calibration calibration/calib-", "at least 2 steps")
+
+
+def test_calibration_errors(model, tmp_path, capsys):
+    cases = {
+        CALIBRATED.replace("[calibrate]\nsynthetic = 1", "[calibrate]\nsynthetik = 1"): "calibrate has no option 'synthetik'",
+        CALIBRATED.replace("synthetic = 1\n", ""): "[calibrate] needs synthetic = N or embeds",
+        CALIBRATED.split("[[output]]", 1)[0].replace("[calibrate]\nsynthetic = 1\nheight = 64\nwidth = 64\nsteps = 2\n",
+                                                     "") + "[[output]]" + CALIBRATED.split("[[output]]", 1)[1]:
+            'imatrix = "recipe" needs a [calibrate] table',
+    }
+    for i, (outputs, message) in enumerate(cases.items()):
+        recipe = write_recipe(tmp_path / f"r{i}.toml", model, outputs)
+        code, _, err = run(["recipe", "run", recipe, "--out", tmp_path / "x", "--dry-run"], capsys)
+        assert_one_line_error(code, err, str(recipe), message)
