@@ -440,7 +440,8 @@ def seeds(name: str) -> list[bytes]:
 
 
 def _manifest_seed(work: Path) -> bytes:
-    """The manifest of a small release of the tiny model (two GGUF levels, verified)."""
+    """The manifest of a small release of the tiny model (two GGUF levels, verified, one with an imatrix from
+    the recipe's calibration)."""
     from qconvert import tiny
     from qconvert.cli import main
 
@@ -448,7 +449,9 @@ def _manifest_seed(work: Path) -> bytes:
     recipe = work / "r.toml"
     recipe.write_text(f"""[recipe]\nname = "seed"\nsource = "{model}"\n[card]\nbase_model = "Qwen/Qwen-Image"\n
 [verify]\nheight = 32\nwidth = 32\nsteps = 1\ndecode = false\n
-[[output]]\nconverter = "to-gguf"\nlevels = ["Q8_0", "Q4_0"]\nfile = "m-{{level}}.gguf"\n""")
+[calibrate]\nsynthetic = 1\nheight = 32\nwidth = 32\nsteps = 2\n
+[[output]]\nconverter = "to-gguf"\nlevels = ["Q8_0", "Q4_0"]\nfile = "m-{{level}}.gguf"\n
+[[output]]\nconverter = "to-gguf"\nname = "Q4_0i"\nlevel = "Q4_0"\nimatrix = "recipe"\nfile = "m-Q4_0i.gguf"\n""")
     try:
         main(["recipe", "run", str(recipe), "--out", str(work / "release"), "-q"])
     except SystemExit as exc:
