@@ -362,8 +362,8 @@ def test_unsupported_type_and_input_are_refused():
 @pytest.fixture(scope="module")
 def cpu():
     pytest.importorskip("numba")
-    from qconvert.formats.gguf import _cpu
-    return _cpu
+    from qconvert.formats.gguf import _cpu_core
+    return _cpu_core
 
 
 def test_cpu_fp16_to_fp32_is_exact(cpu):
