@@ -231,28 +231,33 @@ def run_job(job: Job, out_dir: str, quiet: bool = True) -> dict:
     return results
 
 
-def run_calibration(job: CalibrationJob, out_dir: str, quiet: bool = True) -> dict:
-    """Calibrate into a staging folder, rename into place, hash.  What a Ray task runs."""
-    out = Path(out_dir)
-    staging = out / f".staging-{job.id}"
+@contextlib.contextmanager
+def _staging(out: Path, job_id: str):
+    """A job's own folder beside the release, emptied of a killed run's leftovers first, removed after."""
+    staging = out / f".staging-{job_id}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        made = staging / Path(job.file).name
-        invoke(calibrate_argv(job, made, lora_paths(job.loras, fetch=True), quiet=quiet))
-        (out / job.file).parent.mkdir(parents=True, exist_ok=True)
-        os.replace(made, out / job.file)
-        fsync_dir((out / job.file).parent)
+        yield staging
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return {"bytes": (out / job.file).stat().st_size, "sha256": manifest.file_sha256(out / job.file)}
+
+
+def run_calibration(job: CalibrationJob, out_dir: str, quiet: bool = True) -> dict:
+    """Calibrate into a staging folder, rename into place, hash.  What a Ray task runs."""
+    out = Path(out_dir)
+    target = out / job.file
+    with _staging(out, job.id) as staging:
+        made = staging / target.name
+        invoke(calibrate_argv(job, made, lora_paths(job.loras, fetch=True), quiet=quiet))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(made, target)
+        fsync_dir(target.parent)
+    return {"bytes": target.stat().st_size, "sha256": manifest.file_sha256(target)}
 
 
 def _build(job: Job, out: Path, loras: list[str], quiet: bool) -> dict:
-    staging = out / f".staging-{job.id}"
-    shutil.rmtree(staging, ignore_errors=True)  # a killed run's leftovers
-    staging.mkdir(parents=True)
-    try:
+    with _staging(out, job.id) as staging:
         target = staging if job.converter == "to-gguf" else staging / job.outputs[0].file
         invoke(build_argv(job, target, loras, quiet=quiet))
         built = {}
@@ -261,8 +266,6 @@ def _build(job: Job, out: Path, loras: list[str], quiet: bool) -> dict:
             os.replace(made, out / o.file)
             built[o.name] = out / o.file
         fsync_dir(out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return built
 
 

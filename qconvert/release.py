@@ -1,18 +1,17 @@
-"""``qconvert recipe run``: build, verify and record every output of a recipe, resumably, here or on Ray.
+"""``qconvert recipe run``: plan, build, verify and record every output of a recipe, resumably, here or on Ray.
 
-A recipe's outputs become jobs: GGUF levels that share a source, LoRAs and
-options form one job that reads each source tensor once (``to-gguf --level
-A,B,...``); every other output is a job of its own.  A job is the same
-``qconvert`` command lines a person would type (the converter, then ``verify``
-for each output), run in-process by ``run_job``; the local executor calls it
-here, the Ray executor as a task sized by the job's plan.  Files go to a
-staging folder beside the outputs and are renamed into place when complete;
-the driver then records each output in ``manifest.json`` (atomically), so
-both executors leave the same files and the same manifest.
+The plan: which outputs (and recipe calibrations) the manifest still vouches
+for, which must be made and why, and the exact size of each from its
+converter's own dry run.  The run: calibrations first (a wave of their own),
+then the output jobs (``jobs.py``), on the local or the Ray executor
+(``executors.py``); as each finishes, this driver records it in
+``manifest.json``, atomically, so both executors leave the same files and the
+same manifest.
 
 Resume: an output whose manifest entry has the current key (recipe entry,
-source fingerprint, LoRA files, qconvert version) and whose file still has the
-recorded size and sha256 is kept; anything else is rebuilt, and the reason said.
+source fingerprint, LoRA files, the calibration it reads, qconvert version)
+and whose file still has the recorded size and sha256 is kept; anything else
+is rebuilt, and the reason said.  New verify settings re-verify a kept file.
 """
 
 from __future__ import annotations
