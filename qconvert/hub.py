@@ -199,9 +199,14 @@ def operations(folder: Path, m: dict) -> list[tuple[str, int]]:
     for e in m["outputs"].values():
         ops.append((e["file"], e["bytes"]))
         report = e.get("report")
-        if report and (folder / report).is_dir():
+        if report and (folder / report).is_dir() and not (folder / report).is_symlink():
             ops += [(f"{report}/{p.name}", p.stat().st_size) for p in sorted((folder / report).iterdir())
                     if p.is_file()]
+    # a link would upload whatever it points at, anywhere on this machine: only the release's own files go
+    linked = [path for path, _ in ops if (folder / path).is_symlink()]
+    if linked:
+        raise QConvertError(f"{folder}/{linked[0]} is a symbolic link; publish uploads only files in the release "
+                            "folder itself (copy it in, or remove it)")
     return ops
 
 

@@ -364,6 +364,10 @@ def test_publish_refuses_a_release_whose_files_changed(release, tmp_path, monkey
     assert_one_line_error(code, err, "output Q8_0", "changed on disk")
     code, _, err = run(["publish", tmp_path, "--repo", "a/b"], capsys)
     assert_one_line_error(code, err, "no manifest")
+    (copy / "reports" / "fp8" / "output.png").unlink()
+    (copy / "reports" / "fp8" / "output.png").symlink_to("/etc/hostname")
+    code, _, err = run(["publish", copy, "--repo", "a/b", "--dry-run"], capsys)
+    assert_one_line_error(code, err, "reports/fp8/output.png is a symbolic link")
 
 
 def test_huggingface_hub_uploads_exactly_the_release(release, tmp_path, monkeypatch, capsys):
