@@ -16,6 +16,7 @@ import io
 import json
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -197,13 +198,14 @@ def calibrate_argv(job: CalibrationJob, target: Path, loras: list[str], *, quiet
     return argv + ["-o", str(target), "--device", job.device] + (["-q"] if quiet else [])
 
 
-def invoke(argv: list[str]) -> str:
-    """Run one qconvert command in this process; its stdout is returned (chatter stays off ours)."""
+def invoke(argv: list[str], *, show: bool = False) -> str:
+    """Run one qconvert command in this process; its stdout is returned, or with ``show`` passed to stderr
+    (a command's plan and estimates for people; our stdout stays one JSON object for scripts)."""
     from .cli import cli
 
     captured = io.StringIO()
     try:
-        with contextlib.redirect_stdout(captured):
+        with contextlib.redirect_stdout(sys.stderr if show else captured):
             cli.main(args=argv, prog_name="qconvert", standalone_mode=False)
     except click.ClickException as exc:  # options that pass one by one but not together
         raise QConvertError(f"qconvert {argv[0]}: {exc.format_message()}") from None
@@ -224,7 +226,7 @@ def run_job(job: Job, out_dir: str, quiet: bool = True) -> dict:
         entry = {"bytes": path.stat().st_size, "sha256": manifest.file_sha256(path), "lora_sha256": lora_hashes}
         if o.verify_settings().get("enabled", True):
             report = out / "reports" / o.name
-            invoke(verify_argv(o, path, report, job.source, loras, job.device, quiet=quiet))
+            invoke(verify_argv(o, path, report, job.source, loras, job.device, quiet=quiet), show=not quiet)
             entry["verify"] = figures(report / "report.json")
             entry["report"] = f"reports/{o.name}"
         results[o.name] = entry
@@ -249,7 +251,7 @@ def run_calibration(job: CalibrationJob, out_dir: str, quiet: bool = True) -> di
     target = out / job.file
     with _staging(out, job.id) as staging:
         made = staging / target.name
-        invoke(calibrate_argv(job, made, lora_paths(job.loras, fetch=True), quiet=quiet))
+        invoke(calibrate_argv(job, made, lora_paths(job.loras, fetch=True), quiet=quiet), show=not quiet)
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(made, target)
         fsync_dir(target.parent)
@@ -259,7 +261,7 @@ def run_calibration(job: CalibrationJob, out_dir: str, quiet: bool = True) -> di
 def _build(job: Job, out: Path, loras: list[str], quiet: bool) -> dict:
     with _staging(out, job.id) as staging:
         target = staging if job.converter == "to-gguf" else staging / job.outputs[0].file
-        invoke(build_argv(job, target, loras, quiet=quiet))
+        invoke(build_argv(job, target, loras, quiet=quiet))  # its bar shows; its summary would name staging
         built = {}
         for o in job.outputs:
             made = _made_file(staging, o) if job.converter == "to-gguf" else target
