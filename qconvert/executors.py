@@ -1,8 +1,8 @@
 """Where jobs run: here, one after another, or as Ray tasks sized by their plans.
 
-An executor runs waves of ``(function, job)`` tasks (a job has ``id``,
-``cpus``, ``gpus`` and ``memory``; the function takes the job, the release
-folder and ``quiet``) and calls ``done(job, result)`` on the driver as each
+An executor runs waves of ``(function, job)`` tasks (a job has ``label``,
+``cpus``, ``gpus``, ``memory`` and ``cleanup(out)``; the function takes the
+job, the release folder and ``quiet``) and calls ``done(job, result)`` on the driver as each
 finishes, so the manifest is written in one place.  A wave ends before the next
 starts: calibrations before the outputs that read them.
 """
@@ -70,20 +70,28 @@ class RayExecutor:
             remote = ray.remote(max_retries=0)(function)
             ref = remote.options(num_cpus=job.cpus, num_gpus=job.gpus, memory=job.memory).remote(job, str(out), True)
             pending[ref] = job
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            job = pending.pop(ready[0])
-            try:
-                result = ray.get(ready[0])
-            except ray.exceptions.RayTaskError as exc:
-                cause = exc.cause if isinstance(getattr(exc, "cause", None), BaseException) else exc
-                for ref in pending:
-                    ray.cancel(ref, force=True)
-                if isinstance(cause, QConvertError):
-                    raise QConvertError(f"{job.label} (on Ray): {cause}") from None
-                raise QConvertError(f"{job.label} failed on Ray: {type(cause).__name__}: "
-                                    f"{_first_line(cause, 300)}") from None
-            done(job, result)
+        try:
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                job = pending.pop(ready[0])
+                try:
+                    result = ray.get(ready[0])
+                except ray.exceptions.RayTaskError as exc:
+                    cause = exc.cause if isinstance(getattr(exc, "cause", None), BaseException) else exc
+                    if isinstance(cause, QConvertError):
+                        raise QConvertError(f"{job.label} (on Ray): {cause}") from None
+                    raise QConvertError(f"{job.label} failed on Ray: {type(cause).__name__}: "
+                                        f"{_first_line(cause, 300)}") from None
+                done(job, result)
+        except BaseException:
+            # a failure or Ctrl-C: tasks left running on a cluster would go on writing into the release
+            for ref in pending:
+                ray.cancel(ref, force=True)
+            if pending:
+                ray.wait(list(pending), num_returns=len(pending), timeout=30)
+            for job in pending.values():
+                job.cleanup(out)
+            raise
 
 
 def executor(kind: str, *, address: str | None, quiet: bool):

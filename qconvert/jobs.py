@@ -52,6 +52,10 @@ class Job:
     def label(self) -> str:
         return f"output {self.id}"
 
+    def cleanup(self, out: Path) -> None:
+        """What a task killed mid-way leaves: its staging folder."""
+        shutil.rmtree(staging_dir(out, self.id), ignore_errors=True)
+
 
 @dataclass(frozen=True)
 class CalibrationJob:
@@ -69,6 +73,9 @@ class CalibrationJob:
     @property
     def label(self) -> str:
         return f"calibration {self.file}"
+
+    def cleanup(self, out: Path) -> None:
+        shutil.rmtree(staging_dir(out, self.id), ignore_errors=True)
 
 
 def plan_jobs(recipe: Recipe, outputs, source: str, header, reverify=(), calibrations=None) -> list[Job]:
@@ -233,10 +240,14 @@ def run_job(job: Job, out_dir: str, quiet: bool = True) -> dict:
     return results
 
 
+def staging_dir(out: Path, job_id: str) -> Path:
+    return Path(out) / f".staging-{job_id}"
+
+
 @contextlib.contextmanager
 def _staging(out: Path, job_id: str):
     """A job's own folder beside the release, emptied of a killed run's leftovers first, removed after."""
-    staging = out / f".staging-{job_id}"
+    staging = staging_dir(out, job_id)
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:

@@ -503,3 +503,22 @@ def test_calibration_errors(model, tmp_path, capsys):
         recipe = write_recipe(tmp_path / f"r{i}.toml", model, outputs)
         code, _, err = run(["recipe", "run", recipe, "--out", tmp_path / "x", "--dry-run"], capsys)
         assert_one_line_error(code, err, str(recipe), message)
+
+
+@pytest.mark.ray
+def test_a_failure_on_ray_is_one_line_and_records_nothing(tmp_path, capsys):
+    """A NaN weight passes planning (headers only) and fails in the task: one line naming the output."""
+    pytest.importorskip("ray", reason="Ray is the ray extra (pip install .[ray])")
+    from safetensors.torch import load_file, save_file
+
+    model = tiny.make_tiny(tmp_path / "m", layers=1, shards=1)
+    shard = next((model / "transformer").glob("*.safetensors"))
+    tensors = load_file(shard)
+    tensors["transformer_blocks.0.attn.to_q.weight"][0, 0] = float("nan")
+    save_file(tensors, shard)
+    recipe = write_recipe(tmp_path / "r.toml", model, OUTPUTS.split("[[output]]\nname = \"int8\"")[0])
+    code, _, err = run(["recipe", "run", recipe, "--out", tmp_path / "rel", "--executor", "ray", "-q"], capsys)
+    assert_one_line_error(code, err, "(on Ray)", "NaN")
+    m = json.loads((tmp_path / "rel" / "manifest.json").read_text())
+    assert all(e["file"] != "tiny-fp8.safetensors" for e in m["outputs"].values())
+    assert not list((tmp_path / "rel").glob("*.safetensors")) and not list((tmp_path / "rel").glob(".staging-*"))
