@@ -288,9 +288,14 @@ def to_fp8_cmd(source, layout, dtype, keep, activations, calib, margin, output, 
 @click.option("--max-error", type=float, default=None, help="mix: the largest mean layer error; the smallest file "
               "that keeps it.")
 @click.option("--calib", type=click.Path(path_type=Path), default=None,
-              help="mix: weight each layer's error by its inputs' mean squares from qconvert calibrate.")
+              help="mix, weight measure: weight each layer's error by its inputs' mean squares from qconvert "
+                   "calibrate.")
+@click.option("--sensitivity", "measure", type=click.Choice(["block", "weight"]), default=None,
+              help="mix: block (default): the error each layer's format causes in its block's output on a short "
+              "reference run, which sees which layers matter; weight (default with --calib): each layer's weight "
+              "error, about half the time.")
 @converter_options
-def to_comfy_cmd(source, fmt, keep, target_size, max_error, calib, output, dry_run, as_json, device, loras,
+def to_comfy_cmd(source, fmt, keep, target_size, max_error, calib, measure, output, dry_run, as_json, device, loras,
                  ignore_unmatched, allow_extra, quiet):
     """ComfyUI per-layer quantized safetensors: NVFP4, MXFP8, INT8 with ConvRot (and FP8), byte for byte
     what comfy-kitchen's quantizers make, streamed tensor by tensor.
@@ -299,7 +304,7 @@ def to_comfy_cmd(source, fmt, keep, target_size, max_error, calib, output, dry_r
     qconvert to-comfy ./qwen-image --format nvfp4
     qconvert to-comfy ./qwen-image --format int8 --lora lightning.safetensors
     qconvert to-comfy ./qwen-image --format mxfp8 --keep mod --dry-run --json
-    qconvert to-comfy ./qwen-image --format mix --target-size 16 --calib calib.safetensors
+    qconvert to-comfy ./qwen-image --format mix --target-size 16
     """
     if (fmt == "mix") != ((target_size is None) != (max_error is None)):
         raise click.UsageError("--format mix takes one of --target-size GB or --max-error X (and only mix does)")
@@ -324,7 +329,7 @@ def to_comfy_cmd(source, fmt, keep, target_size, max_error, calib, output, dry_r
 
             say = (lambda m: None) if (quiet or as_json) else echo
             options, mix, lines = mixed_options(src, target_size=target_size, max_error=max_error, calib=calib,
-                                                keep=options.keep, device=device, echo=say)
+                                                keep=options.keep, device=device, echo=say, measure=measure)
         report = comfy.convert(src, output, options, device=device, dry_run=dry_run, quiet=quiet or as_json)
         if mix is not None:
             report["mix"] = mix

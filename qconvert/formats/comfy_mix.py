@@ -1,6 +1,8 @@
 """Size-budgeted mixed precision for ComfyUI: each block linear gets BF16, FP8, MXFP8, INT8 or NVFP4.
 
-Sensitivity: every block linear is encoded in every candidate format and
+Sensitivity, measured by the block (the default): ``comfy_sensitivity``.
+Sensitivity by weight (``--sensitivity weight``, or with ``--calib``): every
+block linear is encoded in every candidate format and
 decoded as ComfyUI dequantizes it; its error is the activation-weighted
 relative squared error ``Σⱼ aⱼ‖ΔW[:, j]‖² / Σⱼ aⱼ‖W[:, j]‖²`` with ``aⱼ`` the
 mean square of input channel j from ``qconvert calibrate`` (1 without
@@ -127,8 +129,11 @@ def plan_lines(errors: dict, sizes: dict, choice: dict, limit: int = 40) -> list
 
 
 def mixed_options(source, *, target_size: float | None = None, max_error: float | None = None, calib=None,
-                  keep=(), device="cpu", echo=print):
-    """``ComfyOptions`` of fmt "mix" for ``source``, and a summary of the choice (sizes exact)."""
+                  keep=(), device="cpu", echo=print, measure: str | None = None):
+    """``ComfyOptions`` of fmt "mix" for ``source``, and a summary of the choice (sizes exact).
+    ``measure``: "block" (``comfy_sensitivity``, the default) or "weight" (this module's weight-space error,
+    the default when ``calib`` is given)."""
+    measure = measure or ("weight" if calib is not None else "block")
     from dataclasses import replace
 
     from ..io import safetensors_size
@@ -136,14 +141,24 @@ def mixed_options(source, *, target_size: float | None = None, max_error: float 
 
     kept = frozenset().union(*(qi.ROLE_GROUPS[g] for g in keep))
     layers = [m for m in block_linears(source) if qi.describe(f"{m}.weight").role not in kept]
-    importance = None
-    if calib is not None:
-        from ..calibrate.stats import read_stats
+    if measure == "block":
+        from .comfy_sensitivity import block_sensitivity
 
-        importance = {m: s.sq_sum / max(s.seen, 1) for m, s in read_stats(calib, source, layers).items()}
-    echo(f"to-comfy mix: measuring {len(layers)} linears in {len(CANDIDATES)} formats each "
-         f"({'weighted by ' + str(calib) if calib else 'unweighted: pass --calib for activation-weighted errors'})")
-    errors = sensitivity(source, layers, importance, device=device)
+        if calib is not None:
+            raise QConvertError("--sensitivity block measures on its own reference run; --calib is for the "
+                                "weight-space measure (give one or the other)")
+        echo(f"to-comfy mix: measuring {len(layers)} linears in {len(CANDIDATES)} formats each by their blocks' "
+             "output error")
+        errors = block_sensitivity(source, layers, device=device, echo=echo)
+    else:
+        importance = None
+        if calib is not None:
+            from ..calibrate.stats import read_stats
+
+            importance = {m: s.sq_sum / max(s.seen, 1) for m, s in read_stats(calib, source, layers).items()}
+        echo(f"to-comfy mix: measuring {len(layers)} linears in {len(CANDIDATES)} formats each "
+             f"({'weighted by ' + str(calib) if calib else 'unweighted: pass --calib for activation-weighted errors'})")
+        errors = sensitivity(source, layers, importance, device=device)
     if FIRST_MODULATION in errors:  # comfy-quants keeps it BF16 in every FP format: the most sensitive linear
         errors[FIRST_MODULATION] = {"bf16": 0.0}
     sizes = {m: {f: layer_bytes(tuple(source.tensors[f"{m}.weight"].shape), f) for f in errors[m]} for m in layers}
