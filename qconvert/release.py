@@ -52,6 +52,7 @@ class Plan:
     calibrations: dict = field(default_factory=dict)  # file -> {"key", "loras", "outputs"}: what is needed
     calibration_todo: list = field(default_factory=list)  # CalibrationJob, ...
     approximate: set = field(default_factory=set)  # names planned before their calibration exists
+    recipe_calibrations: set = field(default_factory=set)  # every calibration file the whole recipe reads
 
 
 def verify_key(o: Output) -> str:
@@ -82,8 +83,13 @@ def make_plan(recipe: Recipe, *, source: str | None, out: Path, only: str | None
         header = {n: t for n, t in ckpt.tensors.items()}
     previous = manifest.read(out, say=say)
     entries = (previous or {}).get("outputs", {})
-    lora_hashes = {o.name: _local_lora_hashes(o, recipe) for o in outputs}
+    # each LoRA file hashed once, however many outputs bake it; with --only, the other outputs' too when the
+    # recipe calibrates (their calibrations stay recorded)
+    hashed: dict = {}
+    hashing = recipe.outputs if recipe.calibrate else outputs
+    lora_hashes = {o.name: _local_lora_hashes(o, recipe, hashed) for o in hashing}
     needed = _calibrations(recipe, outputs, lora_hashes, fingerprint)
+    wanted = set(_calibrations(recipe, recipe.outputs, lora_hashes, fingerprint)) if recipe.calibrate else set()
     by_output = {name: file for file, info in needed.items() for name in info["outputs"]}
     keys, todo, kept, reverify = {}, [], [], {}
     recorded_calibrations = (previous or {}).get("calibrations", {})
@@ -118,15 +124,17 @@ def make_plan(recipe: Recipe, *, source: str | None, out: Path, only: str | None
     # planned without their statistics, these sizes miss the calibration's provenance (some bytes of metadata)
     approximate = {o.name for j in jobs if j.calibration and not Path(j.calibration).is_file() for o in j.outputs}
     return Plan(recipe, source, out, outputs, todo, kept, jobs, fingerprint, keys, {**sizes, **reverify}, previous,
-                needed, calibration_todo, approximate)
+                needed, calibration_todo, approximate, wanted)
 
 
-def _local_lora_hashes(o: Output, recipe: Recipe) -> list[str]:
+def _local_lora_hashes(o: Output, recipe: Recipe, hashed: dict) -> list[str]:
     local = [parse_spec(s).path for s in o.loras if not s.startswith(HF_PREFIX)]
     for p in local:
         if not p.is_file():
             raise QConvertError(f"{recipe.path}: output {o.name}: LoRA {p} does not exist")
-    return [manifest.file_sha256(p) for p in local]
+        if p not in hashed:
+            hashed[p] = manifest.file_sha256(p)
+    return [hashed[p] for p in local]
 
 
 def _calibrations(recipe: Recipe, outputs, lora_hashes: dict, fingerprint: str) -> dict:
@@ -266,17 +274,8 @@ def new_manifest(plan: Plan) -> dict:
 def _kept_calibrations(plan: Plan) -> dict:
     """Recorded calibrations, but those being made again and those no output of the recipe reads any more."""
     redo = {j.file for j in plan.calibration_todo}
-    wanted = _all_calibrations(plan)
-    return {f: e for f, e in (plan.previous or {}).get("calibrations", {}).items() if f not in redo and f in wanted}
-
-
-def _all_calibrations(plan: Plan) -> set:
-    """Every calibration file the whole recipe reads (with --only, the unselected outputs' too)."""
-    if not plan.recipe.calibrate:
-        return set()
-    everything = _calibrations(plan.recipe, plan.recipe.outputs, {o.name: _local_lora_hashes(o, plan.recipe)
-                                                                  for o in plan.recipe.outputs}, plan.fingerprint)
-    return set(everything)
+    return {f: e for f, e in (plan.previous or {}).get("calibrations", {}).items()
+            if f not in redo and f in plan.recipe_calibrations}
 
 
 def entry_for(plan: Plan, o: Output, result: dict) -> dict:
