@@ -195,7 +195,8 @@ def to_gguf_cmd(source, level, policy, minimal_metadata, imatrix, output, dry_ru
         paths = writer.output_paths(src.name, levels, output)
         importance, record = None, None
         if imatrix is not None:
-            from .calibrate.stats import file_sha256, read_imatrix
+            from .calibrate.stats import read_imatrix
+            from .io import file_sha256
 
             importance = read_imatrix(imatrix, src)
             record = f"{imatrix.name} sha256:{file_sha256(imatrix)}"

@@ -12,13 +12,14 @@ names, dtypes and shapes alone, so no more than one tensor is ever in memory.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
 import struct
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Iterator, Mapping, Sequence
+from typing import BinaryIO, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -189,3 +190,14 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tenso
         for n in names:
             w.write(n, tensors[n])
         w.close()
+
+
+def file_sha256(path: str | os.PathLike, progress: Callable[[int], None] | None = None) -> str:
+    """A file's sha256 in 16 MiB reads; ``progress(n)`` after each, for the bars of long checks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(16 << 20):
+            h.update(chunk)
+            if progress:
+                progress(len(chunk))
+    return h.hexdigest()

@@ -25,7 +25,6 @@ dtype (BF16 for the official weights) and layout (``qconvert bake-lora``).
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
 import sys
@@ -38,6 +37,7 @@ import torch
 from . import untrusted
 from .checkpoint import FLOAT_DTYPES, TensorReader, read_safetensors_header, refuse_pickle
 from .errors import CheckpointError, QConvertError
+from .io import file_sha256
 from .models import qwen_image as qi
 from .pipeline import parse_device
 
@@ -279,8 +279,7 @@ class LoraFile:
 
     def sha256(self) -> str:
         if self._sha256 is None:
-            with open(self.path, "rb") as f:
-                self._sha256 = hashlib.file_digest(f, "sha256").hexdigest()
+            self._sha256 = file_sha256(self.path)
         return self._sha256
 
     def record(self, *, with_hash: bool = True) -> dict:

@@ -19,7 +19,7 @@ from typing import Callable
 
 from . import untrusted
 from .errors import CheckpointError, QConvertError
-from .io import atomic_output
+from .io import atomic_output, file_sha256
 
 NAME = "manifest.json"
 SCHEMA = 1
@@ -166,16 +166,6 @@ def entry_problem(entry) -> str | None:
 def _plain_name(name: str) -> bool:
     return bool(name) and len(name) <= 255 and "/" not in name and "\\" not in name and not name.startswith(".") \
         and name.isprintable()
-
-
-def file_sha256(path: Path, progress: Callable[[int], None] | None = None) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(16 << 20):
-            h.update(chunk)
-            if progress:
-                progress(len(chunk))
-    return h.hexdigest()
 
 
 def check(folder: Path, entry: dict, key: str, progress: Callable[[int], None] | None = None) -> str | None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -200,8 +199,3 @@ def _gguf_imatrix(path: Path) -> dict[str, torch.Tensor]:
         name = next((base[len(p):] for p in GGUF_IMATRIX_PREFIXES if base.startswith(p)), base)
         out[name] = torch.from_numpy(values.astype(np.float32))
     return out
-
-
-def file_sha256(path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()

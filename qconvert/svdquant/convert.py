@@ -159,7 +159,7 @@ def _synthetic_options(o: SvdqOptions, device: str):
 
 def calibration_info(o: SvdqOptions, device: str, *, dry_run: bool = False) -> dict:
     """What the statistics are, for the metadata: known before they are gathered, so plans are exact."""
-    from ..calibrate.stats import file_sha256
+    from ..io import file_sha256
 
     if o.calib:
         return {"file": Path(o.calib).name, "sha256": "0" * 64 if dry_run else file_sha256(o.calib)}
