@@ -26,7 +26,7 @@ from . import manifest
 from .errors import QConvertError
 from .io import fsync_dir
 from .lora import parse_spec
-from .recipes import FROM_RECIPE, Output, Recipe, canonical
+from .recipes import FROM_RECIPE, Output, Recipe
 
 HF_PREFIX = "hf://"
 GIB = 1 << 30
@@ -88,8 +88,8 @@ def plan_jobs(recipe: Recipe, outputs, source: str, header, reverify=(), calibra
         if o.name in reverify:
             key = ("verify", o.name)
         elif o.converter == "to-gguf":
-            key = ("to-gguf", canonical([(k, v) for k, v in o.options if k != "level"]), o.loras,
-                   canonical(o.verify))
+            key = ("to-gguf", manifest.canonical([(k, v) for k, v in o.options if k != "level"]), o.loras,
+                   manifest.canonical(o.verify))
         else:
             key = ("one", o.name)
         groups.setdefault(key, []).append(o)

@@ -47,7 +47,6 @@ absolute (a Ray task runs in another folder, maybe on another machine).
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -467,7 +466,3 @@ class _Locator:
 
     def error(self, message: str, key: str | None, **at) -> RecipeError:
         return RecipeError(f"{self.path}:{self.line(key, **at)}: {message}")
-
-
-def canonical(obj) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
