@@ -35,8 +35,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import ggml_oracle  # noqa: E402
-from qconvert.formats.gguf import quants  # noqa: E402
-from qconvert.formats.gguf.quants import SUPPORTED_TYPES, quantize, type_size  # noqa: E402
+
+from qconvert.codecs.gguf import quants  # noqa: E402
+from qconvert.codecs.gguf.quants import SUPPORTED_TYPES, quantize, type_size  # noqa: E402
+from qconvert.codecs.gguf.types import cpu_kernels  # noqa: E402
 
 DEFAULT_TYPES = "F16,BF16,Q8_0,Q4_0,Q4_1,Q5_0,Q5_1,Q2_K,Q3_K,Q4_K,Q5_K,Q6_K"
 
@@ -50,7 +52,7 @@ def weights(rows: int, cols: int) -> np.ndarray:
 
 def has_numba_encoder(qtype: QT, device: str) -> bool:
     cpu = quants._cpu_backend()
-    return device == "cpu" and cpu is not None and qtype.name in cpu.KERNELS
+    return device == "cpu" and cpu is not None and cpu_kernels(cpu, qtype) is not None
 
 
 def main() -> None:

@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PROBE = r"""
 import json, resource, sys, time, torch
 sys.path.insert(0, {root!r})
-from qconvert.checkpoint import open_checkpoint
-from qconvert.verify import inputs, sampler
+from qconvert.core.checkpoint import open_checkpoint
+from qconvert.running import inputs, sampler
 side, model, size, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 ckpt = open_checkpoint(model)
 prompt = inputs.synthetic_prompt(ckpt.config, 0, length=32, negative=False)
@@ -37,8 +37,8 @@ if side == "diffusers":
     net = QwenImageTransformer2DModel.from_pretrained(model, subfolder="transformer", torch_dtype=torch.float32).eval()
     run = lambda x, t, m, ts, shapes: net(x, t, m, ts, [shapes], return_dict=False)[0]
 else:
-    from qconvert.verify.model import QwenImageTransformer
-    from qconvert.verify.providers import DenseProvider
+    from qconvert.running.model import QwenImageTransformer
+    from qconvert.running.providers import DenseProvider
     cache = 1 << 40 if side == "qconvert-cached" else 0
     run = QwenImageTransformer(ckpt.config, DenseProvider(ckpt, cache_bytes=cache))
 times = []
@@ -67,7 +67,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=Path(tempfile.gettempdir()) / "qconvert-bench-full-width")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
-    from qconvert.tiny import make_tiny
+    from qconvert.core.tiny import make_tiny
 
     model = args.model / f"layers{args.layers}"
     if not (model / "transformer").is_dir():

@@ -26,9 +26,10 @@ ROOT = Path(__file__).resolve().parents[1]
 PROBE = r"""
 import json, resource, sys, time, torch
 sys.path.insert(0, {root!r})
-from qconvert.checkpoint import open_checkpoint
-from qconvert.calibrate.stats import Stat
-from qconvert.svdquant import convert as C
+from qconvert.core.checkpoint import open_checkpoint
+from qconvert.formats.calibration import Stat
+from qconvert.formats.svdquant.plan import SvdqOptions
+from qconvert.running import svdquant_search as C
 model, precision, rank, grid, device = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 src = open_checkpoint(model)
 g = torch.Generator().manual_seed(0)
@@ -38,7 +39,7 @@ for m in C.block_stat_modules(src.config):
     rows = torch.randn(64, width, generator=g)
     rows[:, :8] *= 30
     stats[m] = Stat(torch.zeros(0), rows.abs().amax(0), rows, 64)
-options = C.SvdqOptions(precision=precision, rank=rank, grid=grid)
+options = SvdqOptions(precision=precision, rank=rank, grid=grid)
 dev = torch.device(device)
 start = time.monotonic()
 block, found = C.quantize_block(src, 0, stats, options, dev)
@@ -46,7 +47,7 @@ if dev.type == "cuda":
     torch.cuda.synchronize()
 seconds = time.monotonic() - start
 w = src.load("transformer_blocks.0.img_mlp.net.0.proj.weight").float().to(dev)
-from qconvert.svdquant.algorithm import lowrank
+from qconvert.codecs.svdquant.algorithm import lowrank
 t = time.monotonic(); lowrank(w, rank); ours = time.monotonic() - t
 t = time.monotonic(); torch.linalg.svd(w.double(), full_matrices=False); full = time.monotonic() - t
 print(json.dumps({{"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -65,7 +66,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=Path(tempfile.gettempdir()) / "qconvert-bench-full-width")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
-    from qconvert.tiny import make_tiny
+    from qconvert.core.tiny import make_tiny
 
     model = args.model / "layers1"
     if not (model / "transformer").is_dir():

@@ -24,9 +24,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import ggml_oracle  # noqa: E402
-from qconvert.checkpoint import open_checkpoint  # noqa: E402
+
+from qconvert.core.checkpoint import open_checkpoint  # noqa: E402
+from qconvert.core.tiny import make_tiny  # noqa: E402
 from qconvert.formats.gguf.policy import assign_types  # noqa: E402
-from qconvert.tiny import make_tiny  # noqa: E402
 
 UNQUANTIZED = {"F32", "F16", "BF16"}
 
@@ -62,7 +63,7 @@ def main() -> None:
     # tiny BF16 row each).  On the 41 GB model it is lost in the noise.
     warm = ("import torch, qconvert.cli, qconvert.formats.gguf.writer\n"
             "from gguf import GGMLQuantizationType as QT\n"
-            "from qconvert.formats.gguf.quants import quantize\n"
+            "from qconvert.codecs.gguf.quants import quantize\n"
             f"for t in {sorted({t.name for t in types.values()})}:\n"
             "    quantize(torch.zeros(1, 256, dtype=torch.bfloat16), QT[t])\n")
     start = time.perf_counter()

@@ -134,18 +134,19 @@ def fuzz(name: str, libfuzzer_args: list[str], folder: Path | None = None, findi
     # Instrument qconvert and gguf-py (the code under test), not torch or numpy.
     with atheris.instrument_imports(include=["qconvert", "gguf"]):
         import gguf  # noqa: F401
-        import qconvert.checkpoint  # noqa: F401
+
         import qconvert.cli  # noqa: F401
-        import qconvert.formats.fp8  # noqa: F401
-        import qconvert.formats.fp8_loader  # noqa: F401
+        import qconvert.core.checkpoint  # noqa: F401
+        import qconvert.core.lora  # noqa: F401
+        import qconvert.formats.calibration  # noqa: F401
+        import qconvert.formats.comfyui.fp8  # noqa: F401
+        import qconvert.formats.comfyui.loader  # noqa: F401
         import qconvert.formats.gguf.reader  # noqa: F401
         import qconvert.formats.gguf.writer  # noqa: F401
-        import qconvert.inspection  # noqa: F401
-        import qconvert.lora  # noqa: F401
-        import qconvert.verify.inputs  # noqa: F401
-        import qconvert.verify.report  # noqa: F401
-        import qconvert.calibrate.stats  # noqa: F401
-        import qconvert.svdquant.emulate  # noqa: F401
+        import qconvert.formats.inspection  # noqa: F401
+        import qconvert.formats.svdquant.file  # noqa: F401
+        import qconvert.running.inputs  # noqa: F401
+        import qconvert.running.verify  # noqa: F401
     from fuzz.targets import TARGETS
 
     target = TARGETS[name]

@@ -63,7 +63,7 @@ def check_message(exc: BaseException) -> None:
 
 @contextlib.contextmanager
 def expected_errors():
-    from qconvert.errors import QConvertError
+    from qconvert.core.errors import QConvertError
 
     try:
         yield
@@ -79,7 +79,7 @@ def library_agrees(path: Path) -> None:
     import torch
     from safetensors import safe_open
 
-    from qconvert.checkpoint import TensorReader, read_safetensors_header
+    from qconvert.core.checkpoint import TensorReader, read_safetensors_header
 
     header = read_safetensors_header(path)  # a QConvertError here is the caller's expected outcome
     try:
@@ -104,8 +104,8 @@ def library_agrees(path: Path) -> None:
 def safetensors_file(data: bytes) -> None:
     """A single .safetensors: header check (against the safetensors library), inspect, open as a
     source, read every tensor, convert."""
-    from qconvert.checkpoint import open_checkpoint
-    from qconvert.inspection import format_summary, inspect_path
+    from qconvert.core.checkpoint import open_checkpoint
+    from qconvert.formats.inspection import format_summary, inspect_path
 
     path = _file("model.safetensors", data)
     with expected_errors():
@@ -121,14 +121,15 @@ def safetensors_file(data: bytes) -> None:
 
 def converted(ckpt) -> None:
     """What qconvert writes from a source it accepted must pass its own readers (and so ggml's rules)."""
-    from qconvert.formats import fp8
+    from qconvert.formats.comfyui import fp8
+    from qconvert.formats.comfyui import loader as fp8_loader
     from qconvert.formats.gguf import writer
     from qconvert.formats.gguf.reader import check_header
 
     for layout in ("comfy", "scaled"):
         out = scratch() / f"out-{layout}.safetensors"
         fp8.convert(ckpt, out, fp8.make_options(layout), quiet=True)
-        fp8.layer_formats(out)  # reads the header, every layer config and every scale back
+        fp8_loader.layer_formats(out)  # reads the header, every layer config and every scale back
     plans = writer.plan_files(ckpt, ["Q4_K_M", "BF16"], policy="city96", dry_run=True)
     out = scratch() / "out.gguf"
     writer.write_gguf(ckpt, plans[1:], [out], quiet=True)  # BF16: a copy, cheap enough per input
@@ -140,8 +141,8 @@ def converted(ckpt) -> None:
 
 def folder(data: bytes) -> None:
     """A transformer folder: config.json, shard index and two shards, cut from one input at PART."""
-    from qconvert.checkpoint import open_checkpoint
-    from qconvert.inspection import format_summary, inspect_path
+    from qconvert.core.checkpoint import open_checkpoint
+    from qconvert.formats.inspection import format_summary, inspect_path
 
     root = scratch() / "folder"
     shutil.rmtree(root, ignore_errors=True)
@@ -163,7 +164,7 @@ def folder(data: bytes) -> None:
 def gguf_file(data: bytes) -> None:
     """A .gguf given to inspect (header check, then gguf-py's reader)."""
     from qconvert.formats.gguf.reader import open_gguf
-    from qconvert.inspection import format_summary, inspect_path
+    from qconvert.formats.inspection import format_summary, inspect_path
 
     path = _file("model.gguf", data)
     with expected_errors():
@@ -196,8 +197,8 @@ def _lora_model():
     """The tiny model every LoRA input is merged into (made once per process)."""
     global _MODEL
     if _MODEL is None:
-        from qconvert import tiny
-        from qconvert.checkpoint import open_checkpoint
+        from qconvert.core import tiny
+        from qconvert.core.checkpoint import open_checkpoint
 
         _MODEL = open_checkpoint(tiny.make_tiny(scratch() / "lora-model", **TINY))
     return _MODEL
@@ -209,8 +210,8 @@ _RUNNABLE = []
 def _runnable_model():
     """A tiny model the reference network can run (RoPE axes must be even: head_dim 32)."""
     if not _RUNNABLE:
-        from qconvert import tiny
-        from qconvert.checkpoint import open_checkpoint
+        from qconvert.core import tiny
+        from qconvert.core.checkpoint import open_checkpoint
 
         _RUNNABLE.append(open_checkpoint(tiny.make_tiny(scratch() / "runnable-model", layers=1, heads=2,
                                                         head_dim=32, text_dim=32)))
@@ -219,7 +220,7 @@ def _runnable_model():
 
 def lora_file(data: bytes) -> None:
     """A LoRA: read, map onto the model, merge every tensor it patches."""
-    from qconvert.lora import with_loras
+    from qconvert.core.lora import with_loras
 
     model = _lora_model()
     path = _file("lora.safetensors", data)
@@ -236,8 +237,8 @@ def lora_file(data: bytes) -> None:
 
 def fp8_file(data: bytes) -> None:
     """An FP8 file given to the dequantizing loader (the diffusers path) and to inspect."""
-    from qconvert.formats.fp8 import fp8_layout, load_dequantized
-    from qconvert.inspection import format_summary, inspect_path
+    from qconvert.formats.comfyui.loader import fp8_layout, load_dequantized
+    from qconvert.formats.inspection import format_summary, inspect_path
 
     path = _file("fp8.safetensors", data)
     with expected_errors():
@@ -251,8 +252,8 @@ def fp8_file(data: bytes) -> None:
 
 def sampler_inputs(data: bytes) -> None:
     """A file given to ``qconvert sample``: embeddings, noise or reference latents (by the names it holds)."""
-    from qconvert.checkpoint import read_safetensors_header
-    from qconvert.verify import inputs
+    from qconvert.core.checkpoint import read_safetensors_header
+    from qconvert.running import inputs
 
     path = _file("inputs.safetensors", data)
     config = _lora_model().config
@@ -268,7 +269,7 @@ def sampler_inputs(data: bytes) -> None:
 
 def imatrix_file(data: bytes) -> None:
     """An importance matrix given to ``to-gguf --imatrix``: llama.cpp's GGUF format or qconvert's own."""
-    from qconvert.calibrate.stats import read_imatrix
+    from qconvert.formats.gguf.imatrix import read_imatrix
 
     model = _runnable_model()
     kind = "imatrix.gguf" if data[:4] == b"GGUF" else "calib.safetensors"
@@ -283,7 +284,7 @@ BASELINE_SETTINGS = {"height": 32, "width": 48, "steps": 2, "cfg": 1.0, "schedul
 
 def verify_baseline(data: bytes) -> None:
     """A report.json given to ``qconvert verify --baseline``: read, then gated against."""
-    from qconvert.verify.report import gate, read_baseline
+    from qconvert.running.verify import gate, read_baseline
 
     path = _file("report.json", data)
     with expected_errors():
@@ -298,7 +299,7 @@ _REPORT = {"complete": True, "weights": {"worst_rel_rmse": 0.01, "mean_rel_rmse"
 
 def vae_config(data: bytes) -> None:
     """A VAE folder's config.json (verify decodes with the reference's vae/): checked before anything is built."""
-    from qconvert.verify.decode import _config
+    from qconvert.running.decode import _config
 
     folder = scratch() / "vae"
     folder.mkdir(exist_ok=True)
@@ -315,8 +316,9 @@ def svdquant_file(data: bytes) -> None:
     """An SVDQuant file given to verify (its weights and its emulated layers) and to inspect."""
     import torch
 
-    from qconvert.inspection import format_summary, inspect_path
-    from qconvert.svdquant.emulate import SVDQuantFile, is_svdquant
+    from qconvert.formats.inspection import format_summary, inspect_path
+    from qconvert.formats.svdquant.file import SVDQuantFile, is_svdquant
+    from qconvert.running.providers import native_provider
 
     path = _file("svdq.safetensors", data)
     with expected_errors():
@@ -328,7 +330,7 @@ def svdquant_file(data: bytes) -> None:
         for name in ("transformer_blocks.0.attn.to_k.weight", "transformer_blocks.0.img_mlp.net.2.bias",
                      "transformer_blocks.0.img_mod.1.weight", "img_in.weight"):
             f.load(name)
-        provider = f.provider()
+        provider = native_provider(f)
         x = torch.ones(1, 2, f.config.inner_dim)
         for module in ("transformer_blocks.0.attn.to_v", "transformer_blocks.0.txt_mod.1"):
             provider.linear(module)(x)
@@ -339,7 +341,7 @@ def svdquant_file(data: bytes) -> None:
 
 def recipe_file(data: bytes) -> None:
     """A recipe given to ``recipe run``: parsed and checked against every converter's options."""
-    from qconvert import recipes
+    from qconvert.releases import recipes
 
     path = _file("recipe.toml", data)
     with expected_errors():
@@ -351,7 +353,7 @@ def recipe_file(data: bytes) -> None:
 
 def manifest_file(data: bytes) -> None:
     """A release folder's manifest.json (recipe run resumes from it, publish writes the card from it)."""
-    from qconvert import hub, manifest
+    from qconvert.releases import hub, manifest
 
     folder = scratch() / "release"
     folder.mkdir(exist_ok=True)
@@ -384,7 +386,7 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
 
 def seeds(name: str) -> list[bytes]:
     """Inputs qconvert writes itself, for the named target."""
-    from qconvert import tiny
+    from qconvert.core import tiny
 
     work = scratch() / f"seeds-{name}"
     shutil.rmtree(work, ignore_errors=True)
@@ -417,8 +419,8 @@ def seeds(name: str) -> list[bytes]:
                   "per_layer": [{"name": "x", "role": "img_q", "rel_rmse": 0.01, "cosine": 0.99}]}
         return [json.dumps(report, indent=2).encode()]
     if name == "svdquant":
-        from qconvert.checkpoint import open_checkpoint
-        from qconvert.svdquant.convert import SvdqOptions, convert
+        from qconvert.converters.svdquant import SvdqOptions, convert
+        from qconvert.core.checkpoint import open_checkpoint
 
         model = tiny.make_tiny(work / "m", **SVDQ_TINY)
         out = []
@@ -442,8 +444,8 @@ def seeds(name: str) -> list[bytes]:
 def _manifest_seed(work: Path) -> bytes:
     """The manifest of a small release of the tiny model (two GGUF levels, verified, one with an imatrix from
     the recipe's calibration)."""
-    from qconvert import tiny
     from qconvert.cli import main
+    from qconvert.core import tiny
 
     model = tiny.make_tiny(work / "model", layers=1, heads=2, head_dim=32, text_dim=32)  # runnable: verify
     recipe = work / "r.toml"
@@ -461,8 +463,8 @@ def _manifest_seed(work: Path) -> bytes:
 
 
 def _gguf_seeds(work: Path) -> list[bytes]:
-    from qconvert import tiny
-    from qconvert.checkpoint import open_checkpoint
+    from qconvert.core import tiny
+    from qconvert.core.checkpoint import open_checkpoint
     from qconvert.formats.gguf import writer
 
     with open_checkpoint(tiny.make_tiny(work / "model", **TINY)) as src:
@@ -476,10 +478,11 @@ def _gguf_seeds(work: Path) -> list[bytes]:
 def _fp8_seeds(work: Path) -> list[bytes]:
     import json
 
-    from qconvert import tiny
-    from qconvert.checkpoint import open_checkpoint
-    from qconvert.formats import fp8
-    from qconvert.io import write_safetensors
+    from qconvert.core import tiny
+    from qconvert.core.checkpoint import open_checkpoint
+    from qconvert.core.io import write_safetensors
+    from qconvert.formats.comfyui import fp8
+    from qconvert.formats.comfyui import loader as fp8_loader
 
     out = []
     with open_checkpoint(tiny.make_tiny(work / "model", **TINY)) as src:
@@ -487,14 +490,14 @@ def _fp8_seeds(work: Path) -> list[bytes]:
             r = fp8.convert(src, work / f"{layout}.safetensors", fp8.make_options(layout), quiet=True)
             out.append(Path(r["output"]).read_bytes())
     # ComfyUI's block formats (the loader decodes them for verify): a model whose inputs allow ConvRot
-    from qconvert.formats import comfy
+    from qconvert.formats.comfyui import writer as comfy
 
     with open_checkpoint(tiny.make_tiny(work / "wide", **{**SVDQ_TINY, "heads": 2})) as src:
         for fmt in ("nvfp4", "mxfp8", "int8", "int8-tensor"):
             r = comfy.convert(src, work / f"{fmt}.safetensors", comfy.make_options(fmt), quiet=True)
             out.append(Path(r["output"]).read_bytes())
     # ComfyUI's other spelling: layer configs in __metadata__, keys under model.diffusion_model.
-    tensors = dict(fp8.iter_dequantized(work / "comfy.safetensors", dtype=torch_bf16()))
+    tensors = dict(fp8_loader.iter_dequantized(work / "comfy.safetensors", dtype=torch_bf16()))
     layers = {}
     for name in list(tensors):
         if name.endswith("to_q.weight"):
@@ -511,8 +514,8 @@ def _fp8_seeds(work: Path) -> list[bytes]:
 def _sampler_seeds(work: Path) -> list[bytes]:
     import torch
 
-    from qconvert.io import write_safetensors
-    from qconvert.verify import inputs
+    from qconvert.core.io import write_safetensors
+    from qconvert.running import inputs
 
     prompt = inputs.synthetic_prompt(_lora_model().config, seed=0, length=6)
     files = {"prompt": {"prompt_embeds": prompt.embeds, "prompt_embeds_mask": prompt.mask,
@@ -530,8 +533,8 @@ def _imatrix_seeds(work: Path) -> list[bytes]:
     import gguf
     import numpy as np
 
-    from qconvert.calibrate.run import run_calibrate
-    from qconvert.verify.commands import SampleOptions
+    from qconvert.running.calibrate import run_calibrate
+    from qconvert.running.sample import SampleOptions
 
     calib = work / "calib.safetensors"
     run_calibrate(_runnable_model(), SampleOptions(height=32, width=32, steps=1, schedule="lightning"), [], 1, calib,

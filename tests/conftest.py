@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from qconvert import tiny
+from qconvert.core import tiny
 
 
 @pytest.fixture(scope="session")

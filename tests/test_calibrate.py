@@ -7,12 +7,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qconvert import tiny
-from qconvert.calibrate.stats import RecordingProvider, read_imatrix
-from qconvert.checkpoint import open_checkpoint
+from qconvert.core import tiny
+from qconvert.core.checkpoint import open_checkpoint
+from qconvert.formats.gguf.imatrix import read_imatrix
 from qconvert.formats.gguf.reader import open_gguf
-from qconvert.inspection import inspect_path
-from qconvert.verify.model import QwenImageTransformer
+from qconvert.formats.inspection import inspect_path
+from qconvert.running.calibrate import RecordingProvider
+from qconvert.running.model import QwenImageTransformer
 
 from .cli_helpers import assert_one_line_error, run
 
@@ -25,8 +26,8 @@ def model(tmp_path_factory):
 @pytest.fixture(scope="module")
 def calib(tmp_path_factory, model):
     out = tmp_path_factory.mktemp("calib-out") / "calib.safetensors"
-    from qconvert.calibrate.run import run_calibrate
-    from qconvert.verify.commands import SampleOptions
+    from qconvert.running.calibrate import run_calibrate
+    from qconvert.running.sample import SampleOptions
 
     with open_checkpoint(model) as src:
         run_calibrate(src, SampleOptions(height=64, width=64, steps=2, cfg=1.0), [], 2, out, echo=lambda _: None)

@@ -9,10 +9,10 @@ import struct
 import pytest
 import torch
 
-from qconvert.checkpoint import INDEX_NAME, open_checkpoint, read_safetensors_header
-from qconvert.errors import CheckpointError
-from qconvert.io import write_safetensors
-from qconvert.models import qwen_image as qi
+from qconvert.core.checkpoint import INDEX_NAME, open_checkpoint, read_safetensors_header
+from qconvert.core.errors import CheckpointError
+from qconvert.core.io import write_safetensors
+from qconvert.core.models import qwen_image as qi
 
 
 def copy_model(src, tmp_path):
@@ -77,7 +77,7 @@ def test_sparse_full_size_counts(full_size_sparse):
 
 
 def test_variants(tmp_path):
-    from qconvert.tiny import make_tiny, make_tiny_single_file
+    from qconvert.core.tiny import make_tiny, make_tiny_single_file
 
     assert open_checkpoint(make_tiny(tmp_path / "e", layers=1, variant="edit-2511")).variant == "qwen-image-edit-2511"
     single = open_checkpoint(make_tiny_single_file(tmp_path / "e.safetensors", layers=1, variant="edit-2511"))

@@ -14,10 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli_helpers import FRESH_PEAK
-
 from fuzz import targets
 from fuzz.run import replay
+from tests.cli_helpers import FRESH_PEAK
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMES = sorted(targets.TARGETS)

@@ -20,14 +20,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from qconvert.checkpoint import INDEX_NAME, open_checkpoint, read_safetensors_header
-from qconvert.errors import CheckpointError, QConvertError
-from qconvert.formats.fp8 import iter_dequantized, load_dequantized
+from qconvert.core import tiny
+from qconvert.core.checkpoint import INDEX_NAME, open_checkpoint, read_safetensors_header
+from qconvert.core.errors import CheckpointError, QConvertError
+from qconvert.core.io import write_safetensors
+from qconvert.core.lora import with_loras
+from qconvert.formats.comfyui.loader import iter_dequantized, load_dequantized
 from qconvert.formats.gguf.reader import check_header, open_gguf
-from qconvert.inspection import inspect_path
-from qconvert.io import write_safetensors
-from qconvert.lora import with_loras
-from qconvert import tiny
+from qconvert.formats.inspection import inspect_path
 
 from .cli_helpers import assert_one_line_error, run
 
@@ -526,7 +526,7 @@ def test_lora_rank_beyond_full_rank(tmp_path, capsys, small_model):
 
 @pytest.fixture(scope="module")
 def fp8_file(tmp_path_factory, small_model):
-    from qconvert.formats import fp8
+    from qconvert.formats.comfyui import fp8
 
     out = tmp_path_factory.mktemp("fp8") / "m.safetensors"
     with open_checkpoint(small_model) as src:
@@ -581,7 +581,7 @@ def test_fp8_loader_missing_tensors(tmp_path, capsys, fp8_file, drop, pattern):
 
 
 def test_fp8_scaled_layout_checks(tmp_path, capsys, small_model):
-    from qconvert.formats import fp8
+    from qconvert.formats.comfyui import fp8
 
     out = tmp_path / "s.safetensors"
     with open_checkpoint(small_model) as src:

@@ -13,8 +13,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from qconvert import io
-from qconvert.errors import QConvertError
+from qconvert.core import io
+from qconvert.core.errors import QConvertError
 
 
 def leftovers(folder):
@@ -54,7 +54,7 @@ def test_sigint_in_a_real_process_leaves_nothing(tmp_path):
     """Ctrl-C while a converter writes: the temporary goes, nothing under the final name."""
     script = textwrap.dedent(f"""
         import sys, time
-        from qconvert.io import atomic_output
+        from qconvert.core.io import atomic_output
         with atomic_output({str(tmp_path / 'out.bin')!r}) as f:
             f.write(b"x" * 1000)
             f.flush()

@@ -17,12 +17,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from qconvert import tiny
-from qconvert.checkpoint import INDEX_NAME, open_checkpoint
 from qconvert.cli import open_source
-from qconvert.errors import CheckpointError, QConvertError
-from qconvert.lora import LoraFile, LoraView, parse_spec, with_loras
-from qconvert.models import qwen_image as qi
+from qconvert.core import tiny
+from qconvert.core.checkpoint import INDEX_NAME, open_checkpoint
+from qconvert.core.errors import CheckpointError, QConvertError
+from qconvert.core.lora import LoraFile, LoraView, parse_spec, with_loras
+from qconvert.core.models import qwen_image as qi
 from tests.cli_helpers import run as run_cli
 
 ATTN = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
@@ -38,7 +38,7 @@ def block_modules(parts, layers=LAYERS):
     return [f"transformer_blocks.{i}.{p}" for i in range(layers) for p in parts]
 
 
-# Each style's key names, written out independently of qconvert.lora / tiny.LORA_STYLES.
+# Each style's key names, written out independently of qconvert.core.lora / tiny.LORA_STYLES.
 def style_keys(style, m):
     f = m.replace(".", "_")
     return {
@@ -445,7 +445,7 @@ def test_baked_folder_loads_in_diffusers(tmp_path, tiny_model, weights, loras):
                                targets=["attn", "mod"], seed=4)
     out = tmp_path / "baked"
     with with_loras(open_checkpoint(tiny_model), [path]) as view:
-        from qconvert.bake import bake, bake_plan
+        from qconvert.converters.bake import bake, bake_plan
 
         bake(view, bake_plan(view, out), quiet=True)
     model = diffusers.QwenImageTransformer2DModel.from_pretrained(out, subfolder="transformer",

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from qconvert import tiny
+from qconvert.core import tiny
 from tests.cli_helpers import FRESH_PEAK
 
 pytestmark = pytest.mark.slow

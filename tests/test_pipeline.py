@@ -7,8 +7,8 @@ import threading
 
 import pytest
 
-from qconvert.errors import CheckpointError
-from qconvert.pipeline import prefetched
+from qconvert.core.errors import CheckpointError
+from qconvert.core.pipeline import prefetched
 
 
 class Source:

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from qconvert import manifest, recipes, tiny
+from qconvert.core import tiny
+from qconvert.releases import manifest, recipes
 from tests.cli_helpers import assert_one_line_error, run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -289,7 +290,7 @@ def test_card_metadata_and_body(release, capsys):
 
 
 def test_edit_cards_say_image_to_image(full_size_sparse, tmp_path):
-    from qconvert import hub
+    from qconvert.releases import hub
 
     m = {"card": {"base_model": "Qwen/Qwen-Image-Edit-2509"}, "source": {"id": "x"}, "qconvert_version": "0",
          "recipe": {"name": "r", "file": "r.toml"},

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from qconvert.checkpoint import open_checkpoint
-from qconvert.models import qwen_image as qi
+from qconvert.core.checkpoint import open_checkpoint
+from qconvert.core.models import qwen_image as qi
 
 
 def test_layout_and_shards(tiny_model):
@@ -34,7 +34,7 @@ def test_weights_look_trained(tiny_model):
 
 
 def test_deterministic(tmp_path):
-    from qconvert.tiny import make_tiny
+    from qconvert.core.tiny import make_tiny
 
     a = make_tiny(tmp_path / "a", layers=1, seed=3)
     b = make_tiny(tmp_path / "b", layers=1, seed=3)
@@ -71,8 +71,8 @@ def test_diffusers_loads_the_tiny_model(tiny_model):
 
 
 def test_make_tiny_rejects_bad_dims(tmp_path):
-    from qconvert.errors import QConvertError
-    from qconvert.tiny import make_tiny
+    from qconvert.core.errors import QConvertError
+    from qconvert.core.tiny import make_tiny
 
     with pytest.raises(QConvertError, match="head-dim"):
         make_tiny(tmp_path / "x", head_dim=40)

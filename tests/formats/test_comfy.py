@@ -8,11 +8,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qconvert import tiny
-from qconvert.checkpoint import open_checkpoint, read_safetensors_header
-from qconvert.formats import comfy_codecs as C
-from qconvert.formats.fp8_loader import FP8File
-from qconvert.models import qwen_image as qi
+from qconvert.codecs.comfyui import blocks
+from qconvert.codecs.comfyui.layouts import int8, mxfp8, nvfp4, w4a4
+from qconvert.core import tiny
+from qconvert.core.checkpoint import open_checkpoint, read_safetensors_header
+from qconvert.core.models import qwen_image as qi
+from qconvert.formats.comfyui.loader import FP8File
 from tests.cli_helpers import assert_one_line_error, run
 
 ck = pytest.importorskip("comfy_kitchen", reason="comfy-kitchen (pip install comfy-kitchen) is the oracle")
@@ -30,32 +31,32 @@ def weight(rows=384, cols=1024, seed=0):
 @pytest.mark.parametrize("shape", [(384, 1024), (256, 3072), (128, 256)])
 def test_bytes_equal_comfy_kitchen(shape):
     w = weight(*shape)
-    t, conf = C.encode_nvfp4(w)
+    t, conf = nvfp4.encode_nvfp4(w)
     g = w.abs().amax() / 2688
     q, s = ck.quantize_nvfp4(w, g)
     assert conf == {"format": "nvfp4"} and float(t["weight_scale_2"]) == float(g)
     assert torch.equal(t["weight"], q) and torch.equal(t["weight_scale"].view(torch.uint8), s.view(torch.uint8))
-    assert torch.equal(C.decode_nvfp4(t, shape), ck.dequantize_nvfp4(q, g, s, torch.float32))
-    t, _ = C.encode_mxfp8(w)
+    assert torch.equal(nvfp4.decode_nvfp4(t, shape), ck.dequantize_nvfp4(q, g, s, torch.float32))
+    t, _ = mxfp8.encode_mxfp8(w)
     q, e = ck.quantize_mxfp8(w)
     assert torch.equal(t["weight"].view(torch.uint8), q.view(torch.uint8))
     assert torch.equal(t["weight_scale"], e.view(torch.uint8))
-    assert torch.equal(C.decode_mxfp8(t, shape), ck.dequantize_mxfp8(q, e, torch.float32))
+    assert torch.equal(mxfp8.decode_mxfp8(t, shape), ck.dequantize_mxfp8(q, e, torch.float32))
     for per_row, reference in ((True, ck.quantize_int8_rowwise), (False, ck.quantize_int8_tensorwise)):
-        t, _ = C.encode_int8(w, per_row=per_row, convrot=False)
+        t, _ = int8.encode_int8(w, per_row=per_row, convrot=False)
         q, s = reference(w)
         assert torch.equal(t["weight"], q) and torch.equal(t["weight_scale"], s) and t["weight_scale"].shape == s.shape
-    t, conf = C.encode_int8(w)
+    t, conf = int8.encode_int8(w)
     q, s = torch.ops.comfy_kitchen.quantize_int8_convrot_weight(w, 256)
     assert conf == {"format": "int8_tensorwise", "convrot": True, "convrot_groupsize": 256}
     assert (t["weight"] != q).float().mean() <= 1e-5 and torch.allclose(t["weight_scale"], s, rtol=1e-6)
     deq = torch.ops.comfy_kitchen.dequantize_int8_convrot_weight(t["weight"], t["weight_scale"], 256)
-    assert torch.allclose(C.decode_int8(t, shape, conf), deq, rtol=1e-5, atol=1e-6)
-    t, conf = C.encode_convrot_w4a4(w)
+    assert torch.allclose(int8.decode_int8(t, shape, conf), deq, rtol=1e-5, atol=1e-6)
+    t, conf = w4a4.encode_convrot_w4a4(w)
     q, s = ck.quantize_convrot_w4a4_weight(w)
     assert conf == {"format": "convrot_w4a4", "convrot_groupsize": 256}
     assert (t["weight"] != q).float().mean() <= 1e-5 and torch.allclose(t["weight_scale"], s, rtol=1e-6)
-    assert torch.allclose(C.decode_convrot_w4a4(t, shape, conf), ck.dequantize_convrot_w4a4_weight(q, s),
+    assert torch.allclose(w4a4.decode_convrot_w4a4(t, shape, conf), ck.dequantize_convrot_w4a4_weight(q, s),
                           rtol=1e-5, atol=1e-6)
 
 
@@ -63,45 +64,45 @@ def test_bytes_equal_comfy_kitchen(shape):
 def test_unaligned_weights_pad_as_comfy_kitchen_pads(shape):
     """NVFP4 and MXFP8 zero-pad both dimensions (to 16, 32) when either is unaligned; decoding crops."""
     w = weight(*shape, seed=1)
-    t, _ = C.encode_nvfp4(w)
+    t, _ = nvfp4.encode_nvfp4(w)
     g = w.abs().amax() / 2688
     q, s = ck.quantize_nvfp4(w, g, pad_16x=True)
     assert torch.equal(t["weight"], q) and torch.equal(t["weight_scale"].view(torch.uint8), s.view(torch.uint8))
     from comfy_kitchen.tensor import QuantizedTensor, TensorCoreMXFP8Layout, TensorCoreNVFP4Layout
 
     params = TensorCoreNVFP4Layout.Params(scale=g, orig_dtype=torch.float32, orig_shape=shape, block_scale=s)
-    assert torch.equal(C.decode_nvfp4(t, shape), QuantizedTensor(q, "TensorCoreNVFP4Layout", params).dequantize())
-    t, _ = C.encode_mxfp8(w)
+    assert torch.equal(nvfp4.decode_nvfp4(t, shape), QuantizedTensor(q, "TensorCoreNVFP4Layout", params).dequantize())
+    t, _ = mxfp8.encode_mxfp8(w)
     q, e = ck.quantize_mxfp8(w, pad_32x=True)
     assert torch.equal(t["weight"].view(torch.uint8), q.view(torch.uint8))
     assert torch.equal(t["weight_scale"], e.view(torch.uint8))
     params = TensorCoreMXFP8Layout.Params(scale=e, orig_dtype=torch.float32, orig_shape=shape)
-    assert torch.equal(C.decode_mxfp8(t, shape), QuantizedTensor(q, "TensorCoreMXFP8Layout", params).dequantize())
+    assert torch.equal(mxfp8.decode_mxfp8(t, shape), QuantizedTensor(q, "TensorCoreMXFP8Layout", params).dequantize())
 
 
 def test_hadamard_and_swizzle_equal_comfy_kitchen():
     from comfy_kitchen.tensor.int8_utils import _build_hadamard
 
-    assert torch.equal(C.hadamard(256), _build_hadamard(256).float())
+    assert torch.equal(blocks.hadamard(256), _build_hadamard(256).float())
     for rows, cols in ((300, 37), (128, 4), (5, 9)):
         s = torch.randint(0, 255, (rows, cols), dtype=torch.uint8)
-        blocked = C.to_blocked(s)
+        blocked = blocks.to_blocked(s)
         assert torch.equal(blocked, ck.to_blocked(s, flatten=False))
-        assert torch.equal(C.from_blocked(blocked, rows, cols), s)
+        assert torch.equal(blocks.from_blocked(blocked, rows, cols), s)
 
 
 def test_guards_never_write_nan():
     zero = torch.zeros(128, 256)
-    t, _ = C.encode_nvfp4(zero)
+    t, _ = nvfp4.encode_nvfp4(zero)
     assert not bool(t["weight"].any()) and float(t["weight_scale_2"]) == 0
-    assert torch.equal(C.decode_nvfp4(t, (128, 256)), zero)
+    assert torch.equal(nvfp4.decode_nvfp4(t, (128, 256)), zero)
     tiny_block = torch.zeros(128, 256)
     tiny_block[0, :32] = 1e-38  # amax below 448·2^-127: E8M0 cannot hold its scale
-    t, _ = C.encode_mxfp8(tiny_block)
+    t, _ = mxfp8.encode_mxfp8(tiny_block)
     data = t["weight"].view(torch.uint8)
-    assert not bool(data.any()) and torch.isfinite(C.decode_mxfp8(t, (128, 256))).all()
-    t, _ = C.encode_int8(zero)
-    assert torch.isfinite(C.decode_int8(t, (128, 256), {"convrot": True})).all()
+    assert not bool(data.any()) and torch.isfinite(mxfp8.decode_mxfp8(t, (128, 256))).all()
+    t, _ = int8.encode_int8(zero)
+    assert torch.isfinite(int8.decode_int8(t, (128, 256), {"convrot": True})).all()
 
 
 # ------------------------------------------------------------------ files
@@ -113,7 +114,7 @@ def files(tmp_path_factory):
     out = {}
     for fmt in ("nvfp4", "mxfp8", "int8", "int8-row", "int8-tensor", "convrot-w4a4"):
         path = root / f"{fmt}.safetensors"
-        from qconvert.formats import comfy
+        from qconvert.formats.comfyui import writer as comfy
 
         source = open_checkpoint(model)
         comfy.convert(source, path, comfy.make_options(fmt), quiet=True)
@@ -129,8 +130,13 @@ STORAGE = {"nvfp4": torch.uint8, "mxfp8": torch.float8_e4m3fn, "int8_tensorwise"
 def test_files_load_as_comfyui_loads_them(files, fmt):
     """The loader's steps (spec §8.3): parse each comfy_quant, check the storage dtype, build comfy-kitchen's
     layout params as _load_quantized_module does, dequantize; plus qconvert's own loader for verify."""
-    from comfy_kitchen.tensor import (QuantizedTensor, TensorCoreConvRotW4A4Layout, TensorCoreMXFP8Layout,
-                                      TensorCoreNVFP4Layout, TensorWiseINT8Layout)
+    from comfy_kitchen.tensor import (
+        QuantizedTensor,
+        TensorCoreConvRotW4A4Layout,
+        TensorCoreMXFP8Layout,
+        TensorCoreNVFP4Layout,
+        TensorWiseINT8Layout,
+    )
 
     model, paths = files
     tensors = load_file(paths[fmt])
@@ -210,7 +216,7 @@ def test_verify_reads_every_format(files, tmp_path, capsys):
 # -------------------------------------------------------------------- mix
 
 def test_mix_meets_budgets_and_spends_them_on_precision(files, tmp_path, capsys):
-    from qconvert.formats import comfy_mix
+    from qconvert.running import mix as comfy_mix
 
     model, _ = files
     results = {}
@@ -251,7 +257,7 @@ def test_mix_meets_budgets_and_spends_them_on_precision(files, tmp_path, capsys)
 
 
 def test_mix_choice_is_the_lagrangian_optimum():
-    from qconvert.formats.comfy_mix import choose
+    from qconvert.running.mix import choose
 
     errors = {"a": {"bf16": 0.0, "fp8": 1e-4, "nvfp4": 1e-2}, "b": {"bf16": 0.0, "fp8": 1e-3, "nvfp4": 2e-3}}
     sizes = {"a": {"bf16": 200, "fp8": 100, "nvfp4": 50}, "b": {"bf16": 200, "fp8": 100, "nvfp4": 50}}
@@ -265,7 +271,7 @@ def test_mix_choice_is_the_lagrangian_optimum():
 
 @pytest.mark.parametrize("variant", ["edit-2511", "layered"])
 def test_variants_keep_their_markers_and_embeddings(tmp_path, variant):
-    from qconvert.formats import comfy
+    from qconvert.formats.comfyui import writer as comfy
 
     model = tiny.make_tiny(tmp_path / variant, layers=1, variant=variant)
     source = open_checkpoint(model)
@@ -303,7 +309,7 @@ def test_verify_runs_the_native_matmuls(tmp_path, capsys):
 
 def test_unrotated_int8_needs_no_rotation_group(tmp_path):
     """An int8 layer without ConvRot has no group to fit: 128-input layers load (they were refused)."""
-    from qconvert.formats import comfy
+    from qconvert.formats.comfyui import writer as comfy
 
     model = tiny.make_tiny(tmp_path / "m", layers=1, heads=2, head_dim=64, text_dim=64)
     out = tmp_path / "row.safetensors"
@@ -315,11 +321,11 @@ def test_unaligned_model_round_trips_through_comfyui(tmp_path, capsys):
     """A model of width 36 (neither 16 nor 32 divides it): NVFP4 and MXFP8 store padded weights that
     comfy-kitchen's layouts, given the module's (out, in) as ComfyUI gives them, crop to what our loader reads;
     INT8 falls back to row-wise without ConvRot; dry-run sizes are exact; verify runs each file."""
+    from dataclasses import replace
+
     from comfy_kitchen.tensor import QuantizedTensor, TensorCoreMXFP8Layout, TensorCoreNVFP4Layout
 
-    from qconvert.formats import comfy
-
-    from dataclasses import replace
+    from qconvert.formats.comfyui import writer as comfy
 
     # make-tiny keeps head dims to multiples of 16; ComfyUI's padding needs a width that is not
     config = replace(tiny.tiny_config(1, 1, 32, 40), attention_head_dim=36, axes_dims_rope=qi.default_axes_dims(36))
@@ -365,8 +371,8 @@ def test_unaligned_model_round_trips_through_comfyui(tmp_path, capsys):
 
 def test_block_sensitivity_sees_which_layers_matter(tmp_path):
     """The last block's text side never reaches the output; its image modulation scales the whole stream."""
-    from qconvert.formats import comfy_mix
-    from qconvert.formats.comfy_sensitivity import block_sensitivity
+    from qconvert.running import mix as comfy_mix
+    from qconvert.running.sensitivity import block_sensitivity
 
     source = open_checkpoint(tiny.make_tiny(tmp_path / "m", layers=2))
     layers = comfy_mix.block_linears(source)

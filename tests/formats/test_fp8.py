@@ -11,13 +11,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from qconvert import tiny
-from qconvert.checkpoint import DTYPES, open_checkpoint, read_safetensors_header
-from qconvert.errors import QConvertError
-from qconvert.formats import fp8
-from qconvert.io import write_safetensors
-from qconvert.models import qwen_image as qi
-from qconvert.pipeline import check_finite
+from qconvert.core import tiny
+from qconvert.core.checkpoint import DTYPES, open_checkpoint, read_safetensors_header
+from qconvert.core.errors import QConvertError
+from qconvert.core.io import write_safetensors
+from qconvert.core.models import qwen_image as qi
+from qconvert.core.pipeline import check_finite
+from qconvert.formats.comfyui import fp8
+from qconvert.formats.comfyui import loader as fp8_loader
 from tests.cli_helpers import run
 
 E4M3 = fp8.FP8_TYPES["e4m3fn"]
@@ -81,7 +82,7 @@ def test_comfy_layout(outputs, source):
     assert info["tool"] == "qconvert" and info["tool_version"]
     assert info["source_fingerprint"].startswith("sha256-sampled:")
     assert info["options"]["layout"] == "comfy" and info["options"]["dtype"] == "e4m3fn"
-    assert fp8.fp8_layout(outputs["comfy"]) == "comfy"
+    assert fp8_loader.fp8_layout(outputs["comfy"]) == "comfy"
 
 
 @pytest.mark.parametrize("variant", ["comfy", "scaled", "plain", "comfy-e5m2"])
@@ -105,7 +106,7 @@ def test_scaled_layout(outputs, source):
     for name in set(source) - scaled:
         assert tensors[name].dtype == torch.bfloat16 and torch.equal(tensors[name], source[name]), name
     assert json.loads(metadata["qconvert"])["options"]["layout"] == "scaled"
-    assert fp8.fp8_layout(outputs["scaled"]) == "scaled"
+    assert fp8_loader.fp8_layout(outputs["scaled"]) == "scaled"
 
 
 def test_plain_layout_is_a_sorted_cast_without_metadata(outputs, source):
@@ -120,7 +121,7 @@ def test_plain_layout_is_a_sorted_cast_without_metadata(outputs, source):
     for name, t in tensors.items():
         assert t.dtype == torch.float8_e4m3fn
         assert torch.equal(t, source[name].float().clamp(-448, 448).to(torch.float8_e4m3fn)), name
-    assert fp8.fp8_layout(path) == "plain"
+    assert fp8_loader.fp8_layout(path) == "plain"
 
 
 def test_e5m2(outputs, source):
@@ -158,7 +159,7 @@ def test_round_trip_error_is_within_half_a_step(outputs, source, variant, fmt):
     """|dequantized - w| <= |w|·2^-(mantissa+1) + scale·(half the smallest subnormal), elementwise."""
     mantissa = {E4M3.name: 3, E5M2.name: 2}[fmt.name]
     tiny_sub = float(torch.finfo(fmt.dtype).smallest_normal) * 2.0 ** -mantissa
-    deq = fp8.load_dequantized(outputs[variant], dtype=torch.float32)
+    deq = fp8_loader.load_dequantized(outputs[variant], dtype=torch.float32)
     assert set(deq) == set(source)
     stored, _ = read_all(outputs[variant])
     for name, w in source.items():
@@ -257,7 +258,7 @@ def test_edit_2511_marker(tmp_path):
             out = convert(src, tmp_path / f"{src.stem}-{layout}.safetensors", layout=layout)
             meta = read_safetensors_header(out).tensors[qi.MARKER_EDIT_2511]
             assert meta.shape == (0,) and meta.dtype == "BF16"
-            assert qi.MARKER_EDIT_2511 not in fp8.load_dequantized(out)  # a flag, not a weight
+            assert qi.MARKER_EDIT_2511 not in fp8_loader.load_dequantized(out)  # a flag, not a weight
 
 
 def test_loader_reads_prefixed_files_with_quantization_metadata(tmp_path):
@@ -272,7 +273,7 @@ def test_loader_reads_prefixed_files_with_quantization_metadata(tmp_path):
                              f"{p}transformer_blocks.0.attn.to_q.input_scale": torch.tensor(1.0),
                              f"{p}transformer_blocks.0.attn.to_q.bias": torch.ones(8, dtype=torch.bfloat16)},
                       metadata={"_quantization_metadata": json.dumps(layers)})
-    deq = fp8.load_dequantized(path, dtype=torch.float32)
+    deq = fp8_loader.load_dequantized(path, dtype=torch.float32)
     assert set(deq) == {"transformer_blocks.0.attn.to_q.weight", "transformer_blocks.0.attn.to_q.bias"}
     assert torch.equal(deq["transformer_blocks.0.attn.to_q.weight"], q.float() * s)
 
@@ -282,12 +283,12 @@ def test_loader_refuses_formats_it_cannot_dequantize(tmp_path):
     write_safetensors(path, {"a.weight": torch.zeros(4, 8, dtype=torch.int8), "a.weight_scale": torch.ones(4),
                              "a.comfy_quant": torch.tensor(list(b'{"format": "asym_w4a8_int8"}'), dtype=torch.uint8)})
     with pytest.raises(QConvertError, match="layer a uses comfy_quant format 'asym_w4a8_int8'"):
-        fp8.load_dequantized(path)
+        fp8_loader.load_dequantized(path)
     path = tmp_path / "nvfp4.safetensors"  # a block format with a scale grid that does not fit its weight
     write_safetensors(path, {"a.weight": torch.zeros(4, 8, dtype=torch.uint8), "a.weight_scale": torch.ones(()),
                              "a.comfy_quant": torch.tensor(list(b'{"format": "nvfp4"}'), dtype=torch.uint8)})
     with pytest.raises(QConvertError, match="weight_scale is F32 .* needs an 8-bit"):
-        fp8.load_dequantized(path)
+        fp8_loader.load_dequantized(path)
 
 
 def test_extra_tensors_pass_through(tiny_single_file, tmp_path):
@@ -345,7 +346,7 @@ def test_nan_in_the_source_fails_and_leaves_nothing(tiny_single_file, tmp_path, 
 
 
 def test_lora_is_merged_before_quantizing(tiny_model, tmp_path, capsys):
-    pytest.importorskip("qconvert.lora", reason="the LoRA view (qconvert/lora.py) is not installed")
+    pytest.importorskip("qconvert.core.lora", reason="the LoRA view (qconvert/core/lora.py) is not installed")
     target = "transformer_blocks.0.attn.to_q"
     g = torch.Generator().manual_seed(1)
     down, up = torch.randn(4, 256, generator=g) * 0.1, torch.randn(256, 4, generator=g) * 0.1
@@ -370,7 +371,9 @@ def test_lora_is_merged_before_quantizing(tiny_model, tmp_path, capsys):
 
 def test_demo_step(tiny_model, tmp_path):
     lines = []
-    written = fp8.demo_step(tiny_model, tmp_path, True, lines.append)
+    from qconvert.converters import fp8 as fp8_converter
+
+    written = fp8_converter.demo_step(tiny_model, tmp_path, True, lines.append)
     assert [p.name for p in written] == ["tiny-qwen-image-fp8mixed-e4m3fn.safetensors"]
     assert any("diffusion_models" in line for line in lines) and any("load_dequantized" in line for line in lines)
 
@@ -396,7 +399,7 @@ def test_dequantized_weights_run_in_diffusers(tiny_model, outputs):
     expected = output(ref)
     errors = {}
     for variant in ("comfy", "comfy-e5m2", "keep-mod", "scaled", "plain"):
-        weights = fp8.load_dequantized(outputs[variant], dtype=torch.float32)
+        weights = fp8_loader.load_dequantized(outputs[variant], dtype=torch.float32)
         if variant == "comfy":  # the documented diffusers path: the dequantizing loader feeding from_single_file
             model = model_cls.from_single_file(weights, config=str(tiny_model), subfolder="transformer",
                                                torch_dtype=torch.float32)
@@ -412,7 +415,7 @@ def test_dequantized_weights_run_in_diffusers(tiny_model, outputs):
 
 
 def test_inspect_names_each_layout(outputs, tmp_path):
-    from qconvert.inspection import inspect_path
+    from qconvert.formats.inspection import inspect_path
 
     assert "comfy_quant" in inspect_path(outputs["comfy"])["format"]
     assert "legacy scaled fp8" in inspect_path(outputs["scaled"])["format"]
@@ -426,8 +429,8 @@ def test_inspect_names_each_layout(outputs, tmp_path):
 # ----------------------------------------------------- activation modes
 
 def test_activation_modes(tmp_path, capsys):
-    from qconvert.calibrate.stats import read_stats
-    from qconvert.formats.fp8 import static_scale_holds, FP8_TYPES
+    from qconvert.formats.calibration import read_stats
+    from qconvert.formats.comfyui.fp8 import FP8_TYPES, static_scale_holds
     from tests.cli_helpers import run
 
     model = tiny.make_tiny(tmp_path / "m", layers=2)

@@ -15,9 +15,9 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as QT
 
-from qconvert.errors import QuantizationError
-from qconvert.formats.gguf import _fit
-from qconvert.formats.gguf.quants import K_QUANTS, LEGACY_QUANTS, quantize
+from qconvert.codecs.gguf import _fit
+from qconvert.codecs.gguf.quants import K_QUANTS, LEGACY_QUANTS, quantize
+from qconvert.core.errors import QuantizationError
 from tests.formats.test_gguf_quants import edge_rows, importance, needs_cuda, needs_numba, trained_weights
 
 DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
@@ -31,7 +31,7 @@ DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
 def test_cuda_chunks_starting_inside_a_row(qtype: QT, monkeypatch):
     """Small GPU chunks that start inside a row still find each block's
     imatrix entries: the bytes equal the CPU's."""
-    from qconvert.formats.gguf import quants
+    from qconvert.codecs.gguf import quants
 
     rng = np.random.default_rng(768)
     x, qw = trained_weights(rng, 300, 768), importance(rng, 768)
@@ -108,7 +108,7 @@ def test_a_slow_first_use_is_announced_once(monkeypatch):
     instead of a silent stall; a later use, or a quick one, says nothing."""
     import time
 
-    from qconvert.formats.gguf import quants
+    from qconvert.codecs.gguf import quants
 
     monkeypatch.setattr(quants, "_SLOW_START_S", 0.01)
     monkeypatch.setattr(quants, "_USED_KERNELS", set())

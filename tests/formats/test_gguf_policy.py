@@ -8,11 +8,11 @@ from dataclasses import replace
 import pytest
 from gguf import GGMLQuantizationType as T
 
-from qconvert.checkpoint import open_checkpoint
-from qconvert.errors import QConvertError
+from qconvert.core.checkpoint import open_checkpoint
+from qconvert.core.errors import QConvertError
+from qconvert.core.models import qwen_image as qi
 from qconvert.formats.gguf import policy
 from qconvert.formats.gguf.writer import plan_gguf
-from qconvert.models import qwen_image as qi
 
 FULL = qi.QwenImageConfig()  # the published Qwen-Image transformer config
 FULL_SHAPES = qi.expected_shapes(FULL)

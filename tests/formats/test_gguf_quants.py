@@ -19,9 +19,8 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as QT
 
-from qconvert.errors import QuantizationError
-from qconvert.formats.gguf import quants as quants_module
-from qconvert.formats.gguf.quants import (
+from qconvert.codecs.gguf import quants as quants_module
+from qconvert.codecs.gguf.quants import (
     FLOAT_TYPES,
     K_QUANTS,
     LEGACY_QUANTS,
@@ -32,6 +31,7 @@ from qconvert.formats.gguf.quants import (
     quantize,
     type_size,
 )
+from qconvert.core.errors import QuantizationError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ggml_oracle  # noqa: E402
@@ -362,7 +362,7 @@ def test_unsupported_type_and_input_are_refused():
 @pytest.fixture(scope="module")
 def cpu():
     pytest.importorskip("numba")
-    from qconvert.formats.gguf import _cpu_core
+    from qconvert.codecs.gguf import _cpu_core
     return _cpu_core
 
 

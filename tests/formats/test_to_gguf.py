@@ -21,12 +21,12 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as T
 
-from qconvert import tiny
-from qconvert.checkpoint import Checkpoint, open_checkpoint
-from qconvert.errors import QConvertError
+from qconvert.core import tiny
+from qconvert.core.checkpoint import Checkpoint, open_checkpoint
+from qconvert.core.errors import QConvertError
+from qconvert.core.io import write_safetensors
+from qconvert.core.models import qwen_image as qi
 from qconvert.formats.gguf import policy, writer
-from qconvert.io import write_safetensors
-from qconvert.models import qwen_image as qi
 from tests import ggml_oracle
 from tests.cli_helpers import assert_one_line_error, run
 
@@ -421,7 +421,9 @@ def test_cuda_writes_the_same_bytes(written, tmp_path):
 @pytest.mark.slow
 def test_demo_step(tiny_model, tmp_path):
     lines = []
-    paths = writer.demo_step(tiny_model, tmp_path, True, lines.append)
+    from qconvert.converters import gguf as gguf_converter
+
+    paths = gguf_converter.demo_step(tiny_model, tmp_path, True, lines.append)
     assert [p.name for p in paths] == ["tiny-qwen-image-Q8_0.gguf", "tiny-qwen-image-Q4_K_M.gguf"]
     assert all(p.is_file() for p in paths)
     text = "\n".join(lines)

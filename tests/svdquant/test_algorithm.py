@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qconvert.svdquant import algorithm as A
-from qconvert.svdquant import quant as Q
+from qconvert.codecs.svdquant import algorithm as A
+from qconvert.codecs.svdquant import quant as Q
 
 
 def gen(seed=0):

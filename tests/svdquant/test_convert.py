@@ -13,10 +13,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from qconvert import tiny
-from qconvert.checkpoint import open_checkpoint
-from qconvert.svdquant.convert import SvdqOptions, plan_entries
-from qconvert.svdquant.emulate import SVDQuantFile
+from qconvert.converters.svdquant import SvdqOptions, plan_entries
+from qconvert.core import tiny
+from qconvert.core.checkpoint import open_checkpoint
+from qconvert.formats.svdquant.file import SVDQuantFile
 from tests.cli_helpers import assert_one_line_error
 
 FAST = ["--rank", "16", "--grid", "3"]
@@ -256,8 +256,8 @@ def test_an_already_quantized_input_is_refused(outputs, tmp_path):
 
 
 def test_hostile_svdquant_files_are_one_line(outputs, tmp_path):
-    from qconvert.errors import CheckpointError
-    from qconvert.io import write_safetensors
+    from qconvert.core.errors import CheckpointError
+    from qconvert.core.io import write_safetensors
 
     with safe_open(outputs["nunchaku", "int4"], "pt") as f:
         meta = f.metadata()
@@ -289,7 +289,7 @@ def test_lowrank_mode_appends_the_lora_exactly(model, calib, outputs, tmp_path):
     assert code == 0, err
     with safe_open(out, "pt") as f:
         assert json.loads(f.metadata()["quantization_config"])["rank"] == 32  # 16 + q/k/v's 3 x 4, padded
-    from qconvert.lora import with_loras
+    from qconvert.core.lora import with_loras
 
     view = with_loras(open_checkpoint(model), [lora])
     for name in ("transformer_blocks.1.attn.to_k.weight", "transformer_blocks.0.img_mlp.net.2.weight"):
@@ -326,7 +326,7 @@ def test_bake_lora_into_an_svdquant_file(model, outputs, tmp_path, layout):
     code, _, err = run_cli(["bake-lora", source, "--lora", lora, "-o", baked, "-q"])
     assert code == 0, err
     SVDQuantFile(baked)  # the same format, checked strictly
-    from qconvert.lora import with_loras
+    from qconvert.core.lora import with_loras
 
     view = with_loras(open_checkpoint(model), [lora])
     name = "transformer_blocks.2.attn.to_out.0.weight"

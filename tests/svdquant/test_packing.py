@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qconvert.svdquant import packing as P
+from qconvert.codecs.svdquant import packing as P
 
 
 def gen(seed=0):

@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 
-from qconvert import tiny
-from qconvert.checkpoint import open_checkpoint
+from qconvert.core import tiny
+from qconvert.core.checkpoint import open_checkpoint
 from qconvert.formats.gguf import writer
-from qconvert.verify import decode, inputs, metrics, sampler
-from qconvert.verify.model import QwenImageTransformer
-from qconvert.verify.providers import DenseProvider
+from qconvert.running import decode, inputs, metrics, sampler
+from qconvert.running.model import QwenImageTransformer
+from qconvert.running.providers import DenseProvider
 from tests.cli_helpers import assert_one_line_error, run
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers builds the VAE and is the oracle for decoding")

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qconvert import tiny
-from qconvert.checkpoint import open_checkpoint
-from qconvert.verify.model import QwenImageTransformer
-from qconvert.verify.providers import DenseProvider
+from qconvert.core import tiny
+from qconvert.core.checkpoint import open_checkpoint
+from qconvert.running.model import QwenImageTransformer
+from qconvert.running.providers import DenseProvider
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is the oracle for the reference model")
 pytestmark = pytest.mark.oracle
@@ -110,7 +110,7 @@ def test_gguf_provider(tmp_path, small):
     import gguf
 
     from qconvert.formats.gguf import writer
-    from qconvert.verify.providers import GGUFWeights
+    from qconvert.formats.opener import GGUFWeights
 
     ckpt = open_checkpoint(small)
     paths = {level: tmp_path / f"m-{level}.gguf" for level in ("BF16", "Q8_0", "Q2_K")}
@@ -130,8 +130,9 @@ def test_gguf_provider(tmp_path, small):
 
 
 def test_fp8_provider(tmp_path, small):
-    from qconvert.formats import fp8
-    from qconvert.verify.providers import FP8Weights
+    from qconvert.formats.comfyui import fp8
+    from qconvert.formats.comfyui.loader import load_dequantized
+    from qconvert.formats.opener import FP8Weights
 
     ckpt = open_checkpoint(small)
     dense = run_model(ckpt, ckpt.config)
@@ -142,7 +143,7 @@ def test_fp8_provider(tmp_path, small):
         source = FP8Weights(out)
         # the same weights as the documented loader gives diffusers
         assert torch.equal(source.load("transformer_blocks.0.attn.to_q.weight"),
-                           fp8.load_dequantized(out, dtype=torch.float32)["transformer_blocks.0.attn.to_q.weight"])
+                           load_dequantized(out, dtype=torch.float32)["transformer_blocks.0.attn.to_q.weight"])
         errs[layout] = rel_err(run_model(source, ckpt.config), dense)
     assert 0 < errs["comfy"] < 0.15 and errs["scaled"] < 0.15, errs
     assert errs["plain"] > errs["comfy"], errs  # unscaled small weights lose their bits

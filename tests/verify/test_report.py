@@ -9,11 +9,11 @@ import shutil
 import pytest
 import torch
 
-from qconvert import tiny
-from qconvert.checkpoint import open_checkpoint
+from qconvert.core import tiny
+from qconvert.core.checkpoint import open_checkpoint
 from qconvert.formats.gguf import writer
 from qconvert.formats.gguf.reader import check_header
-from qconvert.verify import metrics
+from qconvert.running import metrics
 
 from ..cli_helpers import assert_one_line_error, run
 
@@ -173,7 +173,7 @@ def test_unpack_is_the_pipelines():
 def test_report_pictures_and_page(tmp_path, capsys, outputs):
     from PIL import Image
 
-    from qconvert.verify import pictures
+    from qconvert.running import pictures
 
     model, paths = outputs
     code, _, err = verify(capsys, paths["Q2_K"], model, tmp_path / "r")
@@ -190,7 +190,7 @@ def test_report_pictures_and_page(tmp_path, capsys, outputs):
 
 
 def test_block_errors_are_measured_early_middle_and_late():
-    from qconvert.verify.report import measured_steps
+    from qconvert.running.verify import measured_steps
 
     assert measured_steps(1) == [0] and measured_steps(2) == [0, 1]
     assert measured_steps(4) == [0, 2, 3] and measured_steps(50) == [0, 25, 49]

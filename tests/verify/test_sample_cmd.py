@@ -6,12 +6,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qconvert import tiny
-from qconvert.checkpoint import open_checkpoint
-from qconvert.io import write_safetensors
-from qconvert.verify import inputs, sampler
-from qconvert.verify.model import QwenImageTransformer
-from qconvert.verify.providers import DenseProvider
+from qconvert.core import tiny
+from qconvert.core.checkpoint import open_checkpoint
+from qconvert.core.io import write_safetensors
+from qconvert.running import inputs, sampler
+from qconvert.running.model import QwenImageTransformer
+from qconvert.running.providers import DenseProvider
 
 from ..cli_helpers import assert_one_line_error, run
 

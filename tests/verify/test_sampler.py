@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from qconvert import tiny
-from qconvert.checkpoint import open_checkpoint
-from qconvert.verify import sampler
-from qconvert.verify.model import QwenImageTransformer
-from qconvert.verify.providers import DenseProvider
+from qconvert.core import tiny
+from qconvert.core.checkpoint import open_checkpoint
+from qconvert.running import sampler
+from qconvert.running.model import QwenImageTransformer
+from qconvert.running.providers import DenseProvider
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is the oracle for the sampler")
 pytestmark = pytest.mark.oracle
@@ -88,10 +88,10 @@ def test_sampling_matches_the_pipeline_loop(tiny_pair, name, steps, cfg):
 def test_edit_sampling_matches_the_edit_pipeline(tmp_path):
     """QwenImageEditPipeline with a reference image (a tiny random VAE encodes it; no text encoder needed
     with embeddings): our loop, given the same reference latents, ends on the same latents."""
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_dimensions
     from PIL import Image
 
-    from qconvert.verify import inputs
-    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_dimensions
+    from qconvert.running import inputs
 
     path = tiny.make_tiny(tmp_path / "m", layers=1, heads=2, head_dim=32, text_dim=64)
     ref = diffusers.QwenImageTransformer2DModel.from_pretrained(path, subfolder="transformer",
@@ -123,10 +123,10 @@ def test_edit_sampling_matches_the_edit_pipeline(tmp_path):
 def test_edit_plus_sampling_matches_the_edit_plus_pipeline(tmp_path, variant):
     """QwenImageEditPlusPipeline (Edit-2509; Edit-2511 with zero_cond_t) with two reference images of
     different shapes and true CFG: our loop, given the pipeline's reference latents, ends on its latents."""
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import VAE_IMAGE_SIZE, calculate_dimensions
     from PIL import Image
 
-    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import VAE_IMAGE_SIZE, calculate_dimensions
-    from qconvert.verify import inputs
+    from qconvert.running import inputs
 
     path = tiny.make_tiny(tmp_path / "m", layers=1, heads=2, head_dim=32, text_dim=64, variant=variant)
     ref = diffusers.QwenImageTransformer2DModel.from_pretrained(path, subfolder="transformer",

@@ -25,8 +25,8 @@ from typing import Mapping
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
 
-from ...errors import QConvertError
-from ...models import qwen_image as qi
+from qconvert.core.errors import QConvertError
+from qconvert.core.models import qwen_image as qi
 
 T = GGMLQuantizationType
 

@@ -30,8 +30,8 @@ from pathlib import Path
 
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from ...errors import CheckpointError
-from ...untrusted import check_text, shown
+from qconvert.core.errors import CheckpointError
+from qconvert.core.untrusted import check_text, shown
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)

@@ -21,7 +21,6 @@ import dataclasses
 import functools
 import io
 import json
-import os
 import sys
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -34,13 +33,14 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGML_QUANT_VERSION, GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType, GGUFWriter
 from gguf.gguf_writer import WriterState
 
-from ...errors import QConvertError
-from ...io import atomic_output, check_disk_space
-from ...models import qwen_image as qi
-from ...pipeline import TensorPlan, parse_device, prefetched, progress, provenance, type_counts
-from . import quants
-from .reader import GGML_MAX_DIMS, GGML_MAX_NAME
+from qconvert.codecs.gguf import quants
+from qconvert.core.errors import QConvertError
+from qconvert.core.io import atomic_output, check_disk_space
+from qconvert.core.models import qwen_image as qi
+from qconvert.core.pipeline import TensorPlan, parse_device, prefetched, progress, provenance, type_counts
+
 from .policy import FILE_TYPE, LEVELS, assign_types, tensor_nbytes
+from .reader import GGML_MAX_DIMS, GGML_MAX_NAME
 
 ARCHITECTURE = qi.ARCHITECTURE  # "qwen_image": ComfyUI-GGUF's IMG_ARCH_LIST entry
 METADATA_PREFIX = "qconvert."
@@ -306,19 +306,3 @@ def load_hints(path: Path, source) -> list[str]:
         "quantization_config=GGUFQuantizationConfig(compute_dtype=torch.bfloat16), "
         f"torch_dtype=torch.bfloat16, config='{config}', subfolder='transformer')",
     ]
-
-
-def demo_step(model: Path, out: Path, quiet: bool, echo: Callable[[str], None]) -> list[Path]:
-    """``qconvert demo``: the tiny model at Q4_K_M and Q8_0, written side by side."""
-    from ...checkpoint import open_checkpoint
-
-    levels = ["Q8_0", "Q4_K_M"]
-    with open_checkpoint(model) as source:
-        paths = output_paths(source.name, levels, out / "gguf")
-        write_gguf(source, plan_files(source, levels, policy="city96"), paths, quiet=quiet)
-        hints = load_hints(paths[-1], source)
-    for level, path in zip(levels, paths):
-        echo(f"gguf {level:<10} {path}  ({os.path.getsize(path):,} bytes)")
-    for line in hints:
-        echo(" " * 16 + line)
-    return list(paths)

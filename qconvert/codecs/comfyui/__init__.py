@@ -1,0 +1,1 @@
+"""ComfyUI's per-layer formats, one module and one registry entry each (``registry.py``)."""

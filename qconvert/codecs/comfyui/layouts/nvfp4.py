@@ -1,0 +1,94 @@
+"""``nvfp4`` (RTX 50 / Blackwell): E2M1 codes two per byte, the even column in the high nibble; FP8 E4M3
+scales per 16 inputs, swizzled (``blocks.to_blocked``); a per-tensor F32 ``weight_scale_2 = amax / 2688``.
+An all-zero weight gives zeros, never NaN.  Activations: a dynamic per-tensor scale and FP8 scales per 16."""
+
+from __future__ import annotations
+
+import torch
+
+from qconvert.codecs.comfyui.base import Decoder, LayerFormat, StoredLayer
+from qconvert.codecs.comfyui.blocks import (
+    FP8_MAX,
+    check_block_scale,
+    from_blocked,
+    padded,
+    padded_shape,
+    scale_grid,
+    to_blocked,
+)
+
+E2M1_MAX = 6.0
+NVFP4_BLOCK = 16
+_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+_E2M1_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
+
+
+def e2m1_rne(x: torch.Tensor) -> torch.Tensor:
+    """E2M1 codes (uint8, sign in bit 3) rounding to nearest, ties to the even code; saturating at 6."""
+    mag = x.abs().clamp(max=E2M1_MAX)
+    mids = torch.tensor(_E2M1_MIDPOINTS, dtype=mag.dtype)
+    idx = torch.bucketize(mag, mids)  # ties go to the lower code here ...
+    tie = (idx < len(_E2M1_MIDPOINTS)) & (mag == mids[idx.clamp(max=len(_E2M1_MIDPOINTS) - 1)])
+    idx = torch.where(tie & (idx % 2 == 1), idx + 1, idx)  # ... and to the even one here
+    return (idx | torch.signbit(x).to(idx.dtype) << 3).to(torch.uint8)
+
+
+def e2m1_value(codes: torch.Tensor) -> torch.Tensor:
+    table = torch.tensor(_E2M1 + tuple(-v for v in _E2M1), dtype=torch.float32)
+    return table[codes.long()]
+
+
+def encode_nvfp4(w: torch.Tensor) -> tuple[dict, dict]:
+    x = padded(w.float(), NVFP4_BLOCK)
+    g = x.abs().amax() / (FP8_MAX * E2M1_MAX)
+    g_safe = torch.clamp(g, min=2.0 ** -126)  # an all-zero weight: zeros, not 0/0
+    blocks = x.reshape(x.shape[0], -1, NVFP4_BLOCK)
+    s = torch.clamp(blocks.abs().amax(-1) / E2M1_MAX / g_safe, max=FP8_MAX).to(torch.float8_e4m3fn)
+    t = (g_safe * s.float()).unsqueeze(-1)
+    scaled = torch.where(t == 0, torch.zeros_like(blocks), blocks / torch.where(t == 0, torch.ones_like(t), t))
+    codes = e2m1_rne(scaled.clamp(-E2M1_MAX, E2M1_MAX)).reshape(x.shape)
+    packed = (codes[:, 0::2] << 4) | codes[:, 1::2]
+    tensors = {"weight": packed, "weight_scale": to_blocked(s.view(torch.uint8)).view(torch.float8_e4m3fn),
+               "weight_scale_2": g.reshape(())}
+    return tensors, {"format": "nvfp4"}
+
+
+def decode_nvfp4(tensors: dict, shape: tuple) -> torch.Tensor:
+    """The ``shape`` weight (the stored one cropped, when it was padded)."""
+    packed = tensors["weight"]
+    codes = torch.stack([packed >> 4, packed & 0xF], dim=-1).reshape(packed.shape[0], -1)
+    rows, cols = codes.shape
+    s = from_blocked(tensors["weight_scale"].view(torch.uint8), rows, cols // NVFP4_BLOCK)
+    scale = s.view(torch.float8_e4m3fn).float() * tensors["weight_scale_2"].float()
+    values = e2m1_value(codes).reshape(rows, -1, NVFP4_BLOCK)
+    return (values * scale.unsqueeze(-1)).reshape(rows, cols)[: shape[0], : shape[1]]
+
+
+class Nvfp4(LayerFormat):
+    name = comfy_format = family = "nvfp4"
+    min_comfyui = "ComfyUI with nvfp4 (Jan 2026, #11635); native on RTX 50 / Blackwell, dequantized elsewhere"
+    weight_dtype = "U8"
+    values_per_element = 2
+    block = NVFP4_BLOCK
+    mix_candidate = True
+
+    def stored(self, shape):
+        r, c = padded_shape(shape, NVFP4_BLOCK)  # the zero-padded weight is what is stored (spec §3.2)
+        return [("weight", "U8", (r, c // 2)), ("weight_scale", "F8_E4M3", scale_grid(r, c, NVFP4_BLOCK)),
+                ("weight_scale_2", "F32", ())]
+
+    def encode(self, w):
+        return encode_nvfp4(w)
+
+    def decode(self, tensors, shape, conf):
+        return decode_nvfp4(tensors, shape)
+
+    def activations(self, x, conf, input_scale):
+        return self.like_weights(x)
+
+    def _decoder(self, layer: StoredLayer, conf: dict, logical) -> Decoder:
+        rows, cols = layer.meta["weight"].shape[0], self.stored_columns(layer.meta["weight"].shape)
+        shape = check_block_scale(layer, self.comfy_format, NVFP4_BLOCK, rows, cols, logical)
+        g = layer.scalar("weight_scale_2")
+        return lambda q: decode_nvfp4({"weight": q, "weight_scale": layer.read("weight_scale"), "weight_scale_2": g},
+                                      shape)

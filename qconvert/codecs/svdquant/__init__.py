@@ -1,0 +1,1 @@
+"""SVDQuant's 4-bit quantizers, Nunchaku's packing and the smoothing/low-rank algorithm."""

@@ -1,0 +1,93 @@
+"""``to-comfy``: ComfyUI's per-layer formats (NVFP4, MXFP8, INT8 ± ConvRot, W4A4), one or a size-budgeted mix."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from qconvert.converters import fp8 as fp8_converter
+from qconvert.converters.base import Converter, Result, Source, UsageError, option, silent
+from qconvert.converters.catalog import help_text
+from qconvert.core.errors import QConvertError
+from qconvert.formats.comfyui import writer as comfy
+
+SUMMARY = help_text("to-comfy", """\b
+qconvert to-comfy ./qwen-image --format nvfp4
+qconvert to-comfy ./qwen-image --format int8 --lora lightning.safetensors
+qconvert to-comfy ./qwen-image --format mxfp8 --keep mod --dry-run --json
+qconvert to-comfy ./qwen-image --format mix --target-size 16
+""")
+
+
+@dataclass(frozen=True)
+class ComfyCommandOptions:
+    fmt: str = option("nvfp4", name="format", choices=("fp8", *comfy.FORMATS, "mix"),
+                      help="nvfp4 (RTX 50), mxfp8 (Blackwell), int8 (row-wise with ConvRot; int8-row, int8-tensor "
+                           "without), convrot-w4a4 (experimental), mix (see --target-size), fp8 (= to-fp8 --format "
+                           "comfy).")
+    keep: tuple = option((), multiple=True, metavar="GROUP[,GROUP]", help="Keep these block-linear groups in BF16.")
+    target_size: float | None = option(None, kind=float, show_default=False,
+                                       help="mix: the file's size in GB; each linear gets the format (BF16, FP8, "
+                                            "MXFP8, INT8, NVFP4) that keeps the summed error least within it.")
+    max_error: float | None = option(None, kind=float, show_default=False,
+                                     help="mix: the largest mean layer error; the smallest file that keeps it.")
+    calib: Path | None = option(None, kind=Path, show_default=False,
+                                help="mix, weight measure: weight each layer's error by its inputs' mean squares from "
+                                     "qconvert calibrate.")
+    measure: str | None = option(None, name="sensitivity", choices=("block", "weight"), show_default=False,
+                                 help="mix: block (default): the error each layer's format causes in its block's "
+                                      "output on a short reference run, which sees which layers matter; weight "
+                                      "(default with --calib): each layer's weight error, about half the time.")
+
+
+def run(source: Source, o: ComfyCommandOptions, output=None, *, dry_run: bool = False, quiet: bool = False,
+        echo: Callable[[str], None] = silent) -> Result:
+    if (o.fmt == "mix") != ((o.target_size is None) != (o.max_error is None)):
+        raise UsageError("--format mix takes one of --target-size GB or --max-error X (and only mix does)")
+    if o.fmt == "fp8":
+        return fp8_converter.run(source, fp8_converter.Fp8CommandOptions(keep=o.keep), output, dry_run=dry_run,
+                                 quiet=quiet, echo=echo)
+    try:
+        options = comfy.make_options("nvfp4" if o.fmt == "mix" else o.fmt, o.keep)
+    except QConvertError as exc:
+        raise UsageError(str(exc)) from None
+    lines = []
+    with source.open() as src:
+        mix = None
+        if o.fmt == "mix":
+            from qconvert.running.mix import mixed_options
+
+            options, mix, lines = mixed_options(src, target_size=o.target_size, max_error=o.max_error, calib=o.calib,
+                                                keep=options.keep, device=source.device, echo=echo,
+                                                measure=o.measure)
+        report = comfy.convert(src, output, options, device=source.device, dry_run=dry_run, quiet=quiet)
+        if mix is not None:
+            report["mix"] = mix
+    text = comfy.format_report(report)
+    if mix is not None:
+        text = "\n".join([f"mix: {report['bytes'] / 1e9:.3f} GB, mean layer error {mix['mean_error']:.3g}; per "
+                          "layer:", *lines, text])
+    return Result(report, text, [Path(report["output"])])
+
+
+def demo_step(model: Path, out: Path, quiet: bool, echo: Callable[[str], None]) -> list[Path]:
+    """``qconvert demo``: one file of each block format of the tiny model, and where it loads."""
+    src = Source(str(model))
+    written = []
+    for fmt in ("nvfp4", "mxfp8", "int8"):
+        r = run(src, ComfyCommandOptions(fmt=fmt), Path(out), quiet=True).report
+        echo(f"{fmt + ' (comfy)':<16}{r['output']}  ({r['layers']} layers, {r['bytes']:,} bytes); needs {r['needs']}")
+        written.append(Path(r["output"]))
+    # a size-budgeted mix: a quarter of the way from the NVFP4 file's size to the INT8 file's
+    sizes = [p.stat().st_size for p in written]
+    target = (sizes[0] + (sizes[2] - sizes[0]) / 4) / 1e9
+    r = run(src, ComfyCommandOptions(fmt="mix", target_size=target), Path(out), quiet=True).report
+    counts = ", ".join(f"{n} {f}" for f, n in sorted(Counter(v["format"] for v in r["mix"]["layers"].values()).items()))
+    echo(f"{'mix (comfy)':<16}{r['output']}  ({r['bytes']:,} bytes within {target * 1e9:,.0f}: {counts})")
+    written.append(Path(r["output"]))
+    return written
+
+
+CONVERTER = Converter("to-comfy", ComfyCommandOptions, run, SUMMARY, suffix=".safetensors", calibration="calib")

@@ -1,0 +1,251 @@
+"""``qconvert to-comfy``: ComfyUI's per-layer formats NVFP4, MXFP8 and INT8 (± ConvRot), streamed.
+
+Every quantized linear ``L`` gets its format's tensors (``codecs.comfyui.registry``) and
+``L.comfy_quant``, the UTF-8 JSON ComfyUI's loader parses
+(``json.dumps`` defaults, as ComfyUI saves it); everything else is BF16, so
+formats mix per layer (spec comfy-quant.md §2).  FP8 goes through ``to-fp8``
+(``--format fp8`` here calls it).
+
+Layer policy (spec §4.1): comfy-quants' lists: every block linear but
+``transformer_blocks.0.img_mod.1`` (839) for NVFP4 and MXFP8, all 840 for
+INT8; ``--keep GROUP`` keeps more in BF16.
+
+File order: by element size, then name, as the safetensors library writes;
+F32 scales therefore precede their weights and are written as placeholders,
+filled once the weight is encoded, so the source is read once, tensor by
+tensor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from qconvert.codecs.comfyui import registry
+from qconvert.core.checkpoint import DTYPES
+from qconvert.core.errors import QConvertError
+from qconvert.core.io import SafetensorsWriter, atomic_output, safetensors_size, tensor_bytes
+from qconvert.core.models import qwen_image as qi
+from qconvert.core.pipeline import check_finite, parse_device, prefetched, progress, provenance, provenance_json
+
+# to-comfy's own formats (FP8 files come from to-fp8, whose comfy layout --format fp8 asks for)
+FORMATS = tuple(f.name for f in registry.FORMATS.values() if f.in_to_comfy)
+FIRST_MODULATION = "transformer_blocks.0.img_mod.1"  # comfy-quants keeps it BF16 in every FP format
+HIGH = "BF16"
+
+
+@dataclass(frozen=True)
+class ComfyOptions:
+    fmt: str = "nvfp4"  # one format for the policy's layers, or "mix": the formats in ``mix``
+    keep: tuple = ()
+    mix: tuple = ()  # ((layer, format or "bf16"), ...) for fmt "mix" (comfy_mix.choose makes it)
+
+    def kept_roles(self) -> frozenset:
+        return frozenset().union(*(qi.ROLE_GROUPS[g] for g in self.keep))
+
+    def to_json(self) -> dict:
+        out = {"format": self.fmt, "keep": list(self.keep)}
+        if self.fmt == "mix":
+            counts: dict = {}
+            for _, f in self.mix:
+                counts[f] = counts.get(f, 0) + 1
+            out["layers"] = dict(sorted(counts.items()))
+        return out
+
+    def formats(self) -> set:
+        return {f for _, f in self.mix if f != "bf16"} if self.fmt == "mix" else {self.fmt}
+
+    @property
+    def family(self) -> str:
+        return "+".join(sorted({_family(f) for f in self.formats()}))
+
+
+def _family(fmt: str) -> str:
+    return registry.layer_format(fmt).family
+
+
+def make_options(fmt: str, keep=()) -> ComfyOptions:
+    if fmt not in FORMATS:
+        raise QConvertError(f"--format {fmt}: choose {', '.join(FORMATS)} (FP8: qconvert to-fp8)")
+    return ComfyOptions(fmt, qi.parse_role_groups(keep))
+
+
+def quantized_layers(source, options: ComfyOptions) -> dict[str, str]:
+    """Layer -> its format, for every layer stored quantized."""
+    if options.fmt == "mix":
+        return {layer: f for layer, f in options.mix if f != "bf16"}
+    kept = options.kept_roles()
+    out = []
+    for name in source.tensors:
+        if not qi.is_known(name):
+            continue
+        info = qi.describe(name)
+        if not info.is_block_linear or info.role in kept:
+            continue
+        if info.module == FIRST_MODULATION and options.family != "int8":
+            continue
+        out.append(info.module)
+    return {layer: fitting(options.fmt, source.tensors[f"{layer}.weight"].shape) for layer in sorted(out)}
+
+
+def fitting(fmt: str, shape) -> str:
+    """The format a layer of ``shape`` gets when ``fmt`` is asked for (ConvRot INT8 falls back to row-wise
+    INT8 where its group does not divide the inputs; NVFP4 and MXFP8 pad instead)."""
+    return fmt if fmt == registry.BF16 else registry.layer_format(fmt).fitting(tuple(shape)).name
+
+
+# -------------------------------------------------------------------- plan
+
+def layer_entries(layer: str, shape: tuple, fmt: str) -> list[tuple[str, str, tuple]]:
+    """The stored (name, dtype, shape) of one quantized layer, from its weight's shape alone."""
+    return [(f"{layer}.comfy_quant", "U8", (len(_json(fmt)),))] + [
+        (f"{layer}.{suffix}", dtype, tuple(s)) for suffix, dtype, s in registry.layer_format(fmt).stored(shape)]
+
+
+def _json(fmt: str) -> bytes:
+    """The stock ComfyUI JSON (never the INT8-Fast node's, which has no "format" and stock ComfyUI refuses)."""
+    return json.dumps(registry.layer_format(fmt).config()).encode("utf-8")
+
+
+def check_shapes(source, layers: dict[str, str]) -> None:
+    for layer, fmt in layers.items():
+        need = registry.layer_format(fmt).needs_multiple
+        cols = source.tensors[f"{layer}.weight"].shape[1]
+        if cols % need:
+            raise QConvertError(f"{layer}: {cols} inputs are not a multiple of {need}, which {fmt} needs "
+                                "(every Qwen-Image linear is; choose int8, which falls back to row-wise "
+                                "INT8 there, or a tiny model with --heads x --head-dim a multiple of 256)")
+
+
+def plan(source, options: ComfyOptions, *, dry_run: bool = False) -> tuple[list, dict, set]:
+    layers = quantized_layers(source, options)
+    check_shapes(source, layers)
+    weights = {f"{layer}.weight": fmt for layer, fmt in layers.items()}
+    entries = []
+    for name, meta in source.tensors.items():
+        if name in weights:
+            entries += layer_entries(name[: -len(".weight")], tuple(meta.shape), weights[name])
+        elif not qi.is_known(name) or qi.describe(name).role is qi.Role.MARKER:
+            entries.append((name, meta.dtype, tuple(meta.shape)))
+        else:
+            entries.append((name, HIGH, tuple(meta.shape)))
+    if source.config.zero_cond_t and qi.MARKER_EDIT_2511 not in source.tensors:
+        entries.append((qi.MARKER_EDIT_2511, HIGH, (0,)))
+    entries.sort(key=lambda e: (-DTYPES[e[1]][0], e[0]))
+    info = provenance(source, fmt=f"safetensors-comfy-{options.fmt}", options=options.to_json(), dry_run=dry_run)
+    return entries, {"qconvert": provenance_json(info)}, weights
+
+
+# ------------------------------------------------------------------ write
+
+def write(source, options: ComfyOptions, target: Path, *, device="cpu", quiet: bool = False) -> dict:
+    entries, meta, weights = plan(source, options)
+    dev = parse_device(device)
+    loaded = [n for n, _, _ in entries if n in source.tensors]
+    with atomic_output(target, expected_bytes=safetensors_size(entries, meta)) as f, \
+            progress(sum(source.tensors[n].nbytes for n in loaded), f"to-comfy {target.name}", quiet=quiet) as bar, \
+            contextlib.closing(prefetched(source.load, loaded)) as reader:
+        writer = SafetensorsWriter(f, entries, meta)
+        pending: dict[str, int] = {}  # derived tensors written before their layer: file offsets
+        done: dict[str, torch.Tensor] = {}  # derived tensors of encoded layers, not yet reached
+        for name, dtype, shape in entries:
+            layer, _, suffix = name.rpartition(".")
+            if name in done:
+                writer.write(name, done.pop(name))
+            elif name == f"{layer}.comfy_quant" and f"{layer}.weight" in weights:
+                writer.write(name, torch.frombuffer(bytearray(_json(weights[f"{layer}.weight"])), dtype=torch.uint8))
+            elif name not in source.tensors and f"{layer}.weight" in weights:
+                pending[name] = f.tell()
+                writer.write(name, torch.zeros(shape, dtype=DTYPES[dtype][1]))
+            elif name in source.tensors:
+                _, tensor = next(reader)
+                check_finite(name, tensor)
+                if name in weights:
+                    encoded, _ = registry.layer_format(weights[name]).encode(tensor.to(dev))
+                    writer.write(name, encoded.pop("weight").cpu())
+                    for suffix_name, value in encoded.items():
+                        key = f"{layer}.{suffix_name}"
+                        if key in pending:
+                            _fill(f, pending.pop(key), value.cpu())
+                        else:
+                            done[key] = value.cpu()
+                elif dtype == HIGH:
+                    writer.write(name, tensor.to(torch.bfloat16))
+                else:
+                    writer.write(name, tensor)
+                bar.update(source.tensors[name].nbytes)
+            else:  # the Edit-2511 marker a diffusers source signals in its config
+                writer.write(name, torch.zeros(shape, dtype=DTYPES[dtype][1]))
+        writer.close()
+        if pending or done:  # pragma: no cover - a planning bug
+            raise RuntimeError(f"unwritten layer tensors: {sorted(pending) + sorted(done)}")
+    return {"entries": entries, "layers": len(weights)}
+
+
+def _fill(f, offset: int, value: torch.Tensor) -> None:
+    here = f.tell()
+    f.seek(offset)
+    f.write(tensor_bytes(value))
+    f.seek(here)
+
+
+# -------------------------------------------------------------- front end
+
+def default_name(source, options: ComfyOptions) -> str:
+    suffix = {"nvfp4": "nvfp4", "mxfp8": "mxfp8", "int8": "int8-convrot", "int8-row": "int8-rowwise",
+              "int8-tensor": "int8-tensorwise", "convrot-w4a4": "convrot-w4a4", "mix": "comfy-mix"}[options.fmt]
+    return f"{source.name}-{suffix}.safetensors"
+
+
+def output_path(source, options: ComfyOptions, output) -> Path:
+    if output is None:
+        return Path(default_name(source, options))
+    out = Path(output)
+    if out.is_dir() or str(output).endswith(("/", os.sep)):
+        return out / default_name(source, options)
+    if out.suffix.lower() != ".safetensors":
+        raise QConvertError(f"{out}: give the output a .safetensors name")
+    return out
+
+
+def convert(source, output=None, options: ComfyOptions = ComfyOptions(), *, device: str = "cpu",
+            dry_run: bool = False, quiet: bool = False) -> dict:
+    target = output_path(source, options, output)
+    entries, meta, weights = plan(source, options, dry_run=dry_run)
+    unrotated = sorted(w[: -len(".weight")] for w, f in weights.items() if f == "int8-row" and options.fmt == "int8")
+    result = {"command": "to-comfy", "output": str(target), "format": options.fmt, "keep": list(options.keep),
+              "layers": len(weights), "unrotated": unrotated, "tensor_count": len(entries),
+              "bytes": safetensors_size(entries, meta),
+              "written": False, "needs": needs(options.formats())}
+    if dry_run:
+        return result
+    write(source, options, target, device=device, quiet=quiet)
+    size = target.stat().st_size
+    if size != result["bytes"]:  # pragma: no cover - the writer checks every tensor against the plan
+        raise RuntimeError(f"{target}: wrote {size} bytes, planned {result['bytes']}")
+    return {**result, "written": True}
+
+
+def needs(formats) -> str:
+    """What the formats need of ComfyUI, one family each (the loaders' commits, spec §1)."""
+    families = {registry.layer_format(f).family: registry.layer_format(f) for f in formats}
+    return "; ".join(families[f].min_comfyui for f in sorted(families))
+
+
+def format_report(r: dict) -> str:
+    lines = [f"{r['format']}: {r['layers']} linears quantized, {r['tensor_count']} tensors, {r['bytes']:,} bytes "
+             f"({r['bytes'] / 1e9:.2f} GB)" + (f"; kept in BF16: {', '.join(r['keep'])}" if r["keep"] else "")]
+    if r.get("unrotated"):
+        lines.append(f"  row-wise INT8 without ConvRot for {len(r['unrotated'])} linears whose inputs 256 does not "
+                     f"divide (e.g. {r['unrotated'][0]})")
+    if not r["written"]:
+        return "\n".join(lines + ["dry run: nothing written"])
+    return "\n".join(lines + [f"wrote {r['output']}",
+                              "  ComfyUI: put it in ComfyUI/models/diffusion_models/ and load it with Load Diffusion "
+                              f"Model; needs {r['needs']}; older ComfyUI cannot load it (use to-fp8 --format scaled)",
+                              f"  check it: qconvert verify {r['output']} --reference SOURCE --report DIR"])

@@ -1,1 +1,0 @@
-"""Running Qwen-Image: the reference transformer, weight providers (and, to come, sampler, metrics, reports)."""
