@@ -19,24 +19,18 @@ from pathlib import Path
 
 from qconvert.core.errors import QConvertError
 from qconvert.core.io import atomic_output
+from qconvert.codecs.comfyui import registry
 from qconvert.releases import manifest
 
 CARD = "README.md"
-# What each format family loads in, and what it needs (spec fp8-lora-sampler.md §9, comfy-quant.md §1)
+# What each format family loads in, and what it needs (spec fp8-lora-sampler.md §9, comfy-quant.md §1);
+# ComfyUI's layer formats say it in their registry entries
 GUIDE = {
     "gguf": ("ComfyUI/models/diffusion_models/", "**Unet Loader (GGUF)** of ComfyUI-GGUF",
              "any GPU, or CPU"),
-    "fp8-comfy": ("ComfyUI/models/diffusion_models/", "**Load Diffusion Model** (ComfyUI with `comfy_quant` "
-                  "support, newer than 0.3.64)", "FP8 matmuls on RTX 40/50 and Hopper; dequantized elsewhere"),
     "fp8-scaled": ("ComfyUI/models/diffusion_models/", "**Load Diffusion Model** (any ComfyUI with "
                    "scaled_fp8)", "any GPU"),
     "fp8-plain": ("ComfyUI/models/diffusion_models/", "**Load Diffusion Model** (weight dtype fp8)", "any GPU"),
-    "comfy-nvfp4": ("ComfyUI/models/diffusion_models/", "**Load Diffusion Model** (ComfyUI with nvfp4, "
-                    "Jan 2026)", "native on RTX 50 / Blackwell"),
-    "comfy-mxfp8": ("ComfyUI/models/diffusion_models/", "**Load Diffusion Model** (ComfyUI with mxfp8, Mar 2026, "
-                    "and comfy-kitchen with MXFP8)", "native on Blackwell"),
-    "comfy-int8": ("ComfyUI/models/diffusion_models/", "**Load Diffusion Model** (ComfyUI with int8 ConvRot, "
-                   "Jun 2026)", "INT8 matmuls from Turing on"),
     "comfy-mix": ("ComfyUI/models/diffusion_models/", "**Load Diffusion Model** (ComfyUI with every format the "
                   "mix holds)", "per layer"),
     "svdquant-int4": ("ComfyUI/models/diffusion_models/", "**Nunchaku Qwen-Image DiT Loader** of ComfyUI-nunchaku",
@@ -49,10 +43,13 @@ TAGS = {"gguf": ["gguf"], "fp8": ["fp8", "comfyui", "diffusion-single-file"],
 
 
 def guide(fmt: str) -> tuple:
+    """(where the file goes, what loads it, which GPUs run it natively) for a manifest's format; ComfyUI's layer
+    formats (``comfy-nvfp4``, ``fp8-comfy`` ...) from their registry entries."""
     if fmt in GUIDE:
         return GUIDE[fmt]
-    if fmt.startswith("comfy-int8"):
-        return GUIDE["comfy-int8"]
+    layer = registry.FORMATS.get("fp8" if fmt == "fp8-comfy" else fmt.removeprefix("comfy-"))
+    if fmt.startswith(("comfy-", "fp8-comfy")) and layer is not None:
+        return "ComfyUI/models/diffusion_models/", f"**Load Diffusion Model**, {layer.loads_in}", layer.native_on
     return GUIDE.get(fmt.split("-")[0], ("ComfyUI/models/diffusion_models/", "Load Diffusion Model", ""))
 
 

@@ -37,13 +37,19 @@ class LayerFormat:
     name: str  # qconvert's name: the CLI's --format choice, a mix's candidate, a recipe's value
     comfy_format: str  # ComfyUI's comfy_quant "format"
     family: str  # what ComfyUI support it needs (every int8 layout is "int8")
-    min_comfyui: str  # the ComfyUI that loads it, and where it runs natively
+    loads_in: str  # the ComfyUI (and comfy-kitchen) that loads it
+    native_on: str  # the GPUs whose matmuls run it natively
     weight_dtype: str  # the stored weight's safetensors dtype
     values_per_element: int = 1  # weight values in each stored weight element (two E2M1 or INT4 codes a byte)
     block: int = 0  # NVFP4 and MXFP8 zero-pad both dimensions to this (0: stored unpadded)
     needs_multiple: int = 1  # the inputs must be a multiple of this (a ConvRot group)
     mix_candidate: bool = False  # the size-budgeted mix may choose it
     in_to_comfy: bool = True  # to-comfy --format offers it (FP8 has to-fp8 and its layouts)
+
+    @property
+    def min_comfyui(self) -> str:
+        """What a file in this format needs, as the converter says it after writing."""
+        return f"{self.loads_in}; {self.native_on}"
 
     def config(self) -> dict:
         """The comfy_quant JSON object qconvert writes (stock ComfyUI's, never a custom node's)."""

@@ -68,7 +68,8 @@ class Fp8Layer(LayerFormat):
     saturates)."""
 
     family = "fp8"
-    min_comfyui = "ComfyUI with comfy_quant support (newer than 0.3.64)"
+    loads_in = "ComfyUI with comfy_quant support (newer than 0.3.64)"
+    native_on = "FP8 matmuls on RTX 40/50 and Hopper; dequantized elsewhere"
     in_to_comfy = False
 
     def __init__(self, name: str, fp8: Fp8Type, mix_candidate: bool):

@@ -45,7 +45,8 @@ class Int8(LayerFormat):
     name = "int8"
     comfy_format = "int8_tensorwise"
     family = "int8"
-    min_comfyui = "ComfyUI with int8_tensorwise and ConvRot (Jun 2026, #14636); INT8 matmuls from Turing (sm 7.5) on"
+    loads_in = "ComfyUI with int8_tensorwise and ConvRot (Jun 2026, #14636)"
+    native_on = "INT8 matmuls from Turing (sm 7.5) on"
     weight_dtype = "I8"
     needs_multiple = CONVROT_GROUP
     mix_candidate = True

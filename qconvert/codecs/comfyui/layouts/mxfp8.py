@@ -49,8 +49,8 @@ def decode_mxfp8(tensors: dict, shape: tuple) -> torch.Tensor:
 
 class Mxfp8(LayerFormat):
     name = comfy_format = family = "mxfp8"
-    min_comfyui = ("ComfyUI with mxfp8 (Mar 2026, #12907) and comfy-kitchen with MXFP8 (else KeyError 'mxfp8'); "
-                   "native on Blackwell with torch >= 2.10, dequantized elsewhere")
+    loads_in = "ComfyUI with mxfp8 (Mar 2026, #12907) and comfy-kitchen with MXFP8 (else KeyError 'mxfp8')"
+    native_on = "native on Blackwell with torch >= 2.10, dequantized elsewhere"
     weight_dtype = "F8_E4M3"
     block = MXFP8_BLOCK
     mix_candidate = True

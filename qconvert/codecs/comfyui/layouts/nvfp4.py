@@ -66,7 +66,8 @@ def decode_nvfp4(tensors: dict, shape: tuple) -> torch.Tensor:
 
 class Nvfp4(LayerFormat):
     name = comfy_format = family = "nvfp4"
-    min_comfyui = "ComfyUI with nvfp4 (Jan 2026, #11635); native on RTX 50 / Blackwell, dequantized elsewhere"
+    loads_in = "ComfyUI with nvfp4 (Jan 2026, #11635)"
+    native_on = "native on RTX 50 / Blackwell, dequantized elsewhere"
     weight_dtype = "U8"
     values_per_element = 2
     block = NVFP4_BLOCK

@@ -32,7 +32,8 @@ def decode_convrot_w4a4(tensors: dict, shape: tuple, conf: dict) -> torch.Tensor
 class ConvrotW4A4(LayerFormat):
     name = family = "convrot-w4a4"
     comfy_format = "convrot_w4a4"
-    min_comfyui = "ComfyUI with convrot_w4a4 (Jul 2026, #14859); experimental; INT4 matmuls from Turing on"
+    loads_in = "ComfyUI with convrot_w4a4 (Jul 2026, #14859); experimental"
+    native_on = "INT4 matmuls from Turing on"
     weight_dtype = "I8"
     values_per_element = 2
     needs_multiple = CONVROT_GROUP
