@@ -52,7 +52,7 @@ def weights(rows: int, cols: int) -> np.ndarray:
 
 def has_numba_encoder(qtype: QT, device: str) -> bool:
     cpu = quants._cpu_backend()
-    return device == "cpu" and cpu is not None and cpu_kernels(cpu, qtype) is not None
+    return device == "cpu" and cpu is not None and cpu_kernels(qtype) is not None
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""ggml's quantizers compiled with numba, for the CPU: the entry points ``types.cpu_kernels`` finds here.
+"""ggml's quantizers compiled with numba, for the CPU (``types.GgmlType.cpu`` names each type's kernels).
 
 Split by what a reader looks for: ``_cpu_core`` (float32 scalar helpers,
 ggml's scale fitting, groups in lanes), ``_cpu_kquants`` (Q2_K ... Q6_K) and
@@ -56,7 +56,7 @@ second.
 
 from __future__ import annotations
 
-# The entry points, looked up by name (``types.GgmlType.cpu``): a new type's kernels are imported here.
+# Importing the kernel modules is how ``quants._cpu_backend`` finds out whether numba works here.
 from qconvert.codecs.gguf._cpu_kquants import (  # noqa: F401
     quantize_row_q2_k_impl,
     quantize_row_q2_k_ref,

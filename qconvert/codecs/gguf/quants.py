@@ -297,7 +297,7 @@ def _numba_kernels(qtype: QT, dev: torch.device, backend: str | None, label: str
     if dev.type != "cpu":
         raise QuantizationError(f"tensor {label}: the numba backend runs on the CPU, not {dev}")
     cpu = _cpu_backend()
-    kernels = None if cpu is None else cpu_kernels(cpu, qtype)
+    kernels = None if cpu is None else cpu_kernels(qtype)
     if backend is None or kernels is not None:
         return kernels
     if cpu is None:
