@@ -8,6 +8,7 @@ import click
 
 from qconvert.cli.group import cli
 from qconvert.cli.options import converter_options, debug_option, echo, emit_json, open_source, quiet_option
+from qconvert.running.defaults import VERIFY
 
 _cache_option = click.option("--cache-gb", type=float, default=0.0, show_default=True,
                              help="Keep this many GiB of converted weights between steps (the first blocks that "
@@ -84,12 +85,12 @@ def sample_cmd(source, embeds, synthetic_embeds, height, width, steps, cfg, sche
               "be, as a fraction of the baseline's value.")
 @click.option("--embeds", type=click.Path(path_type=Path), default=None,
               help="Prompt embeddings (as for sample); seeded synthetic ones otherwise.")
-@click.option("--height", default=256, show_default=True)
-@click.option("--width", default=256, show_default=True)
-@click.option("--steps", default=4, show_default=True)
-@click.option("--cfg", default=1.0, show_default=True)
-@click.option("--schedule", type=click.Choice(["qwen", "lightning"]), default="lightning", show_default=True)
-@click.option("--seed", default=0, show_default=True)
+@click.option("--height", default=VERIFY["height"], show_default=True)
+@click.option("--width", default=VERIFY["width"], show_default=True)
+@click.option("--steps", default=VERIFY["steps"], show_default=True)
+@click.option("--cfg", default=VERIFY["cfg"], show_default=True)
+@click.option("--schedule", type=click.Choice(["qwen", "lightning"]), default=VERIFY["schedule"], show_default=True)
+@click.option("--seed", default=VERIFY["seed"], show_default=True)
 @click.option("--max-minutes", type=float, default=None,
               help="Stop measuring after this long and write a report marked partial (never gated).")
 @click.option("--lora", "loras", multiple=True, metavar="FILE[:STRENGTH]", help="LoRAs the output was baked with.")
@@ -97,7 +98,7 @@ def sample_cmd(source, embeds, synthetic_embeds, height, width, steps, cfg, sche
 @click.option("--vae", type=click.Path(path_type=Path), default=None,
               help="A diffusers vae/ folder to decode both runs with (default: the reference repo's vae/).")
 @click.option("--no-decode", is_flag=True, help="Latent figures only; do not decode with the VAE.")
-@click.option("--runtime", type=click.Choice(["native", "dequantized"]), default="native", show_default=True,
+@click.option("--runtime", type=click.Choice(["native", "dequantized"]), default=VERIFY["runtime"], show_default=True,
               help="ComfyUI formats: native quantizes each layer's input as its FP8/FP4/INT8 matmul does (an RTX "
                    "40/50 GPU); dequantized runs BF16 matmuls (GPUs without them, or full-precision layers).")
 @click.option("--device", default="cpu", show_default=True, help="Where to run the model: cpu, cuda, cuda:1 ...")

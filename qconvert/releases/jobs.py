@@ -196,21 +196,17 @@ def verify_output(output: Output, path: Path, report: Path, source: str, loras: 
                   *, quiet: bool = True) -> None:
     """``qconvert verify PATH --reference SOURCE --report REPORT`` with the output's verify settings; what
     it says goes to stderr (our stdout stays one JSON object for scripts)."""
+    from qconvert.running.defaults import VERIFY
     from qconvert.running.sample import SampleOptions
     from qconvert.running.verify import run_verify
 
     settings = {k: VERIFY_OPTIONS[k](v) for k, v in output.verify_settings().items() if k != "enabled"}
     decode = settings.pop("decode", True)
     max_minutes = settings.pop("max_minutes", None)
-    options = SampleOptions(**{**VERIFY_DEFAULTS, **settings, "device": device})
+    options = SampleOptions(**{**VERIFY, **settings, "device": device})
     say = (lambda m: None) if quiet else (lambda m: print(m, file=sys.stderr))
     with Source(source, tuple(loras)).open() as reference:
         run_verify(path, reference, options, report, max_minutes=max_minutes, decode=decode, echo=say)
-
-
-# verify's command-line defaults (cli/model.py), for the settings a recipe leaves out
-VERIFY_DEFAULTS = {"height": 256, "width": 256, "steps": 4, "cfg": 1.0, "schedule": "lightning", "seed": 0,
-                   "runtime": "native"}
 
 
 # ------------------------------------------------------------------ the job
