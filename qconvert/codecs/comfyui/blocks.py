@@ -9,9 +9,11 @@ shape.  ConvRot needs its group to divide the inputs (every Qwen-Image linear do
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
+from qconvert.codecs.comfyui.base import Decoder, LayerFormat, StoredLayer
 from qconvert.core.errors import CheckpointError
 
 FP8_MAX = 448.0
@@ -96,3 +98,27 @@ def check_block_scale(layer, fmt: str, block: int, rows: int, cols: int,
                               f"{logical[0]}x{logical[1]} (padded to {block}, it would be "
                               f"{'x'.join(map(str, padded_shape(logical, block)))})")
     return tuple(logical)
+
+
+class BlockScaled(LayerFormat):
+    """A block-scaled format (NVFP4, MXFP8): its tensor math is two functions of the weight alone, a stored
+    layer is its weight plus a swizzled 8-bit scale grid (and per-tensor scalars), and its native matmul
+    quantizes each input row as it quantizes a weight row."""
+
+    quantize: Callable  # staticmethod: weight -> (stored tensors, comfy_quant object)
+    dequantize: Callable  # staticmethod: (stored tensors, logical shape) -> float32 weight
+
+    def encode(self, w):
+        return self.quantize(w)
+
+    def decode(self, tensors, shape, conf):
+        return self.dequantize(tensors, shape)
+
+    def activations(self, x, conf, input_scale):
+        return self.like_weights(x)
+
+    def _decoder(self, layer: StoredLayer, conf: dict, logical) -> Decoder:
+        rows, cols = layer.meta["weight"].shape[0], self.stored_columns(layer.meta["weight"].shape)
+        shape = check_block_scale(layer, self.comfy_format, self.block, rows, cols, logical)
+        scalars = {s: layer.scalar(s) for s, _, dims in self.stored((rows, cols)) if dims == ()}
+        return lambda q: self.dequantize({"weight": q, "weight_scale": layer.read("weight_scale"), **scalars}, shape)

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from qconvert.codecs.comfyui.base import Decoder, LayerFormat, StoredLayer
 from qconvert.codecs.comfyui.blocks import (
     FP8_MAX,
-    check_block_scale,
+    BlockScaled,
     from_blocked,
     padded,
     padded_shape,
@@ -47,7 +46,7 @@ def decode_mxfp8(tensors: dict, shape: tuple) -> torch.Tensor:
     return (q * scale.unsqueeze(-1)).reshape(rows, cols)[: shape[0], : shape[1]]
 
 
-class Mxfp8(LayerFormat):
+class Mxfp8(BlockScaled):
     name = comfy_format = family = "mxfp8"
     loads_in = "ComfyUI with mxfp8 (Mar 2026, #12907) and comfy-kitchen with MXFP8 (else KeyError 'mxfp8')"
     native_on = "native on Blackwell with torch >= 2.10, dequantized elsewhere"
@@ -59,16 +58,5 @@ class Mxfp8(LayerFormat):
         r, c = padded_shape(shape, MXFP8_BLOCK)
         return [("weight", "F8_E4M3", (r, c)), ("weight_scale", "U8", scale_grid(r, c, MXFP8_BLOCK))]
 
-    def encode(self, w):
-        return encode_mxfp8(w)
-
-    def decode(self, tensors, shape, conf):
-        return decode_mxfp8(tensors, shape)
-
-    def activations(self, x, conf, input_scale):
-        return self.like_weights(x)
-
-    def _decoder(self, layer: StoredLayer, conf: dict, logical) -> Decoder:
-        rows, cols = layer.meta["weight"].shape
-        shape = check_block_scale(layer, self.comfy_format, MXFP8_BLOCK, rows, cols, logical)
-        return lambda q: decode_mxfp8({"weight": q, "weight_scale": layer.read("weight_scale")}, shape)
+    quantize = staticmethod(encode_mxfp8)
+    dequantize = staticmethod(decode_mxfp8)

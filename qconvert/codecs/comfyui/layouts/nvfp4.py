@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import torch
 
-from qconvert.codecs.comfyui.base import Decoder, LayerFormat, StoredLayer
 from qconvert.codecs.comfyui.blocks import (
     FP8_MAX,
-    check_block_scale,
+    BlockScaled,
     from_blocked,
     padded,
     padded_shape,
@@ -64,7 +63,7 @@ def decode_nvfp4(tensors: dict, shape: tuple) -> torch.Tensor:
     return (values * scale.unsqueeze(-1)).reshape(rows, cols)[: shape[0], : shape[1]]
 
 
-class Nvfp4(LayerFormat):
+class Nvfp4(BlockScaled):
     name = comfy_format = family = "nvfp4"
     loads_in = "ComfyUI with nvfp4 (Jan 2026, #11635)"
     native_on = "native on RTX 50 / Blackwell, dequantized elsewhere"
@@ -78,18 +77,5 @@ class Nvfp4(LayerFormat):
         return [("weight", "U8", (r, c // 2)), ("weight_scale", "F8_E4M3", scale_grid(r, c, NVFP4_BLOCK)),
                 ("weight_scale_2", "F32", ())]
 
-    def encode(self, w):
-        return encode_nvfp4(w)
-
-    def decode(self, tensors, shape, conf):
-        return decode_nvfp4(tensors, shape)
-
-    def activations(self, x, conf, input_scale):
-        return self.like_weights(x)
-
-    def _decoder(self, layer: StoredLayer, conf: dict, logical) -> Decoder:
-        rows, cols = layer.meta["weight"].shape[0], self.stored_columns(layer.meta["weight"].shape)
-        shape = check_block_scale(layer, self.comfy_format, NVFP4_BLOCK, rows, cols, logical)
-        g = layer.scalar("weight_scale_2")
-        return lambda q: decode_nvfp4({"weight": q, "weight_scale": layer.read("weight_scale"), "weight_scale_2": g},
-                                      shape)
+    quantize = staticmethod(encode_nvfp4)
+    dequantize = staticmethod(decode_nvfp4)
