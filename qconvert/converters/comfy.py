@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from qconvert.codecs.comfyui import registry
 from qconvert.converters import fp8 as fp8_converter
 from qconvert.converters.base import Converter, Result, Source, UsageError, option, silent
 from qconvert.converters.catalog import help_text
@@ -75,14 +76,14 @@ def run(source: Source, o: ComfyCommandOptions, output=None, *, dry_run: bool = 
 def demo_step(model: Path, out: Path, quiet: bool, echo: Callable[[str], None]) -> list[Path]:
     """``qconvert demo``: one file of each block format of the tiny model, and where it loads."""
     src = Source(str(model))
-    written = []
-    for fmt in ("nvfp4", "mxfp8", "int8"):
+    written, sizes = [], {}
+    for fmt in (f.name for f in registry.FORMATS.values() if f.in_demo):
         r = run(src, ComfyCommandOptions(fmt=fmt), Path(out), quiet=True).report
         echo(f"{fmt + ' (comfy)':<16}{r['output']}  ({r['layers']} layers, {r['bytes']:,} bytes); needs {r['needs']}")
         written.append(Path(r["output"]))
+        sizes[fmt] = r["bytes"]
     # a size-budgeted mix: a quarter of the way from the NVFP4 file's size to the INT8 file's
-    sizes = [p.stat().st_size for p in written]
-    target = (sizes[0] + (sizes[2] - sizes[0]) / 4) / 1e9
+    target = (sizes["nvfp4"] + (sizes["int8"] - sizes["nvfp4"]) / 4) / 1e9
     r = run(src, ComfyCommandOptions(fmt="mix", target_size=target), Path(out), quiet=True).report
     counts = ", ".join(f"{n} {f}" for f, n in sorted(Counter(v["format"] for v in r["mix"]["layers"].values()).items()))
     echo(f"{'mix (comfy)':<16}{r['output']}  ({r['bytes']:,} bytes within {target * 1e9:,.0f}: {counts})")

@@ -45,6 +45,7 @@ class LayerFormat:
     needs_multiple: int = 1  # the inputs must be a multiple of this (a ConvRot group)
     mix_candidate: bool = False  # the size-budgeted mix may choose it
     in_to_comfy: bool = True  # to-comfy --format offers it (FP8 has to-fp8 and its layouts)
+    in_demo: bool = False  # qconvert demo writes a file of it
 
     @property
     def min_comfyui(self) -> str:

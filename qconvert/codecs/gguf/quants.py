@@ -41,7 +41,7 @@ from gguf import GGMLQuantizationType as QT
 from torch import Tensor
 
 from qconvert.codecs.gguf._fit import F32, div, seq_sum
-from qconvert.codecs.gguf.types import FLOAT, K, LEGACY, TYPES, cpu_kernels, of_family
+from qconvert.codecs.gguf.types import FLOAT, LEGACY, TYPES, K, cpu_kernels, of_family
 from qconvert.core.errors import QuantizationError
 from qconvert.core.pipeline import all_finite, nonfinite_error
 

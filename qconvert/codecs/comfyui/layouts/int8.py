@@ -50,6 +50,7 @@ class Int8(LayerFormat):
     weight_dtype = "I8"
     needs_multiple = CONVROT_GROUP
     mix_candidate = True
+    in_demo = True
     per_row, convrot = True, True
 
     def config(self):
@@ -101,7 +102,7 @@ class Int8Row(Int8):
 
     name = "int8-row"
     needs_multiple = 1
-    mix_candidate = False  # the mix measures it only where ConvRot does not fit (``fitting``)
+    mix_candidate = in_demo = False  # the mix measures it only where ConvRot does not fit (``fitting``)
     per_row, convrot = True, False
 
 
@@ -110,7 +111,7 @@ class Int8Tensor(Int8):
 
     name = "int8-tensor"
     needs_multiple = 1
-    mix_candidate = False
+    mix_candidate = in_demo = False
     per_row, convrot = False, False
 
 

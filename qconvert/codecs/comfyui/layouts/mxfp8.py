@@ -53,6 +53,7 @@ class Mxfp8(BlockScaled):
     weight_dtype = "F8_E4M3"
     block = MXFP8_BLOCK
     mix_candidate = True
+    in_demo = True
 
     def stored(self, shape):
         r, c = padded_shape(shape, MXFP8_BLOCK)

@@ -71,6 +71,7 @@ class Nvfp4(BlockScaled):
     values_per_element = 2
     block = NVFP4_BLOCK
     mix_candidate = True
+    in_demo = True
 
     def stored(self, shape):
         r, c = padded_shape(shape, NVFP4_BLOCK)  # the zero-padded weight is what is stored (spec §3.2)
