@@ -594,6 +594,11 @@ def test_fp8_scaled_layout_checks(tmp_path, capsys, small_model):
     refused(["inspect", orphan], capsys, LAYER)
     api_refuses(lambda: load_dequantized(orphan), f"{LAYER}.scale_weight: scales {LAYER}.weight, which the file "
                 "does not have")
+    # names outside the model (an absurd block index) are an error there as in the CLI, not a silent key
+    absurd = fp8_variant(out, tmp_path, {"transformer_blocks.999999.attn.to_q.weight": torch.zeros(4, 4)})
+    api_refuses(lambda: load_dequantized(absurd),
+                "transformer_blocks.999999.attn.to_q.weight is not part of Qwen-Image")
+    assert "transformer_blocks.999999.attn.to_q.weight" in load_dequantized(absurd, allow_extra=True)
 
 
 def test_public_api_errors_are_qconvert_errors():

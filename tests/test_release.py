@@ -90,6 +90,8 @@ def test_recipe_structure_errors(tmp_path, capsys):
         ("[recipe]\nname = 'r'\nsource = 'x'\n[[output]]\nconverter = 'to-fp8'\nname = 'a'\nfile = 'a.safetensors'\n"
          "[[output]]\nconverter = 'to-fp8'\nname = 'a'\nfile = 'b.safetensors'\n"):
             ":10: output name 'a' is used twice (also on line 6)",
+        # tomllib recurses per level: a hostile depth was an internal RecursionError
+        "[recipe]\nname = 'r'\nsource = 'x'\nz = " + "[" * 5000 + "]" * 5000 + "\n": "nested too deeply",
     }
     for i, (text, message) in enumerate(cases.items()):
         path = tmp_path / f"r{i}.toml"

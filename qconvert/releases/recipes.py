@@ -162,6 +162,9 @@ def load(path: str | Path) -> Recipe:
         raise RecipeError(f"{path}: not UTF-8 text") from None
     except tomllib.TOMLDecodeError as exc:
         raise RecipeError(f"{path}: not valid TOML: {exc}") from None
+    except RecursionError:  # tomllib recurses once per level of nested arrays and inline tables
+        raise RecipeError(f"{path}: arrays or inline tables nested too deeply to be a recipe (a recipe nests "
+                          "two or three levels)") from None
     return parse(data, path, text, hashlib.sha256(raw).hexdigest())
 
 

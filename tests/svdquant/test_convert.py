@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import importlib.machinery
 import json
+import shutil
 import sys
 import types
 
@@ -271,6 +272,22 @@ def test_hostile_svdquant_files_are_one_line(outputs, tmp_path):
     write_safetensors(bad_meta, {"x": torch.zeros(1)}, {**meta, "quantization_config": '{"weight": {"dtype": "q"}}'})
     with pytest.raises(CheckpointError, match="neither int4 nor fp4"):
         SVDQuantFile(bad_meta)
+    # metadata that contradicts the tensors (the kernels would read them in groups of 0) is refused
+    q = json.loads(meta["quantization_config"])
+    q["weight"]["group_size"] = 0
+    group = tmp_path / "group.safetensors"
+    with safe_open(outputs["nunchaku", "int4"], "pt") as f:
+        write_safetensors(group, {k: f.get_tensor(k) for k in f.keys()}, {**meta, "quantization_config": json.dumps(q)})
+    with pytest.raises(CheckpointError, match="weight group_size 0 disagrees with the tensors"):
+        SVDQuantFile(group)
+    folder = outputs["diffusers", "int4"]
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"]["svdq_w4a4"]["group_size"] = 0
+    copy = tmp_path / "diffusers-group"
+    shutil.copytree(folder, copy)
+    (copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="svdq_w4a4 group_size 0 disagrees with the tensors"):
+        SVDQuantFile(copy)
 
 
 def effective(path, name):

@@ -166,7 +166,7 @@ class FP8File:
         self.close()
 
 
-def iter_dequantized(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32
+def iter_dequantized(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, allow_extra: bool = False
                      ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, weight)`` for every model weight of an FP8 file, dequantized to ``dtype``.
 
@@ -175,10 +175,17 @@ def iter_dequantized(path: str | os.PathLike, *, dtype: torch.dtype = torch.floa
     names (a ``model.diffusion_model.`` prefix is stripped).  Scales, layer
     configs, activation scales and marker tensors are not weights and are not
     yielded.  Non-FP8 tensors are converted to ``dtype``.  Every layer config
-    and scale is checked before the first weight is yielded.
+    and scale is checked before the first weight is yielded, and so is every
+    name: one that is not a Qwen-Image tensor (say ``transformer_blocks.999999``)
+    is an error, as it is for the command line, unless ``allow_extra``.
     """
     with FP8File(path) as f:
-        for name in f.weight_names():
+        names = f.weight_names()
+        outside = next((n for n in names if not qi.is_known(n)), None)
+        if outside is not None and not allow_extra:
+            raise CheckpointError(f"{f.path}: tensor {untrusted.shown(outside)} is not part of Qwen-Image (pass "
+                                  "allow_extra=True to carry such tensors through)")
+        for name in names:
             tensor = f.load(name)
             # Plain FP8 and legacy layers without scale_weight: scale 1, as ComfyUI does.
             yield name, tensor.to(dtype) if tensor.is_floating_point() else tensor
@@ -306,6 +313,7 @@ def _read_scale(path: Path, key: str, weight: str, reader, header) -> torch.Tens
     return scale
 
 
-def load_dequantized(path: str | os.PathLike, *, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+def load_dequantized(path: str | os.PathLike, *, dtype: torch.dtype = torch.bfloat16,
+                     allow_extra: bool = False) -> dict[str, torch.Tensor]:
     """A diffusers-ready state dict (BF16 by default) from any FP8 layout; see ``iter_dequantized``."""
-    return dict(iter_dequantized(path, dtype=dtype))
+    return dict(iter_dequantized(path, dtype=dtype, allow_extra=allow_extra))

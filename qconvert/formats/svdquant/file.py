@@ -27,7 +27,10 @@ from qconvert.core.checkpoint import TensorReader, read_json_file, read_safetens
 from qconvert.core.errors import CheckpointError
 from qconvert.core.models import qwen_image as qi
 from qconvert.formats.svdquant import layout
-from qconvert.formats.svdquant.plan import DIFFUSERS_WEIGHTS, NUNCHAKU_MODEL_CLASS, SvdqOptions, plan_entries
+from qconvert.formats.svdquant.plan import (
+    DIFFUSERS_WEIGHTS, NUNCHAKU_MODEL_CLASS, WEIGHT_CONFIG, SvdqOptions, plan_entries)
+
+AWQ_GROUP_SIZE = 64  # the modulation layers' W4A16 groups (layout.awq_keys)
 
 META_LIMITS = untrusted.Limits(objects=64, items=200_000)
 
@@ -72,6 +75,11 @@ def _declared(path: Path) -> tuple:
             raise CheckpointError(f"{where}/config.json: not a nunchaku_lite quantization_config with svdq_w4a4")
         precision = untrusted.field_str(svdq, "precision", where)
         rank = untrusted.field_int(svdq, "rank", where, low=16, high=1024)
+        _check_group_size(where, "svdq_w4a4", svdq, precision)
+        awq = q.get("awq_w4a16")
+        if isinstance(awq, dict) and "group_size" in awq and awq["group_size"] != AWQ_GROUP_SIZE:
+            raise CheckpointError(f"{where}/config.json: awq_w4a16 group_size {untrusted.shown(awq['group_size'], 20)}"
+                                  f" disagrees with the tensors (AWQ W4A16 groups are {AWQ_GROUP_SIZE} wide)")
         config = qi.QwenImageConfig.from_json(data, where)
         return qi.validated(config, where), SvdqOptions(precision, rank, "diffusers"), path / DIFFUSERS_WEIGHTS, None
     header = read_safetensors_header(path)
@@ -88,7 +96,19 @@ def _declared(path: Path) -> tuple:
     if precision is None:
         raise CheckpointError(f"{where}: weight dtype {untrusted.shown(dtype, 40)} is neither int4 nor fp4_e2m1_all")
     rank = untrusted.field_int(q, "rank", where, low=16, high=1024, default=32)
+    for part in ("weight", "activation"):
+        if isinstance(q.get(part), dict):
+            _check_group_size(where, f"quantization_config.{part}", q[part], precision)
     return qi.validated(config, where), SvdqOptions(precision, rank, "nunchaku"), path, header
+
+
+def _check_group_size(where: str, what: str, declared: dict, precision: str) -> None:
+    """A declared group size must be the one the tensors are laid out in (64 for INT4, 16 for NVFP4): the
+    kernels read the tensors by it, so metadata that disagrees describes another file."""
+    want = WEIGHT_CONFIG.get(precision, {}).get("group_size")
+    if "group_size" in declared and want is not None and declared["group_size"] != want:
+        raise CheckpointError(f"{where}: {what} group_size {untrusted.shown(declared['group_size'], 20)} disagrees "
+                              f"with the tensors ({precision} groups are {want} wide)")
 
 
 class SVDQuantFile:
