@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from qconvert.codecs.comfyui.registry import activations
+from qconvert.core.errors import QuantizationError
+from qconvert.core.pipeline import all_finite
 from qconvert.formats.svdquant.file import ConfigShapes
 from qconvert.formats.svdquant.plan import top_level_names
 
@@ -160,3 +162,30 @@ def native_provider(source, *, dtype: torch.dtype = torch.float32, device="cpu",
     if kind is SVDQuantProvider:  # the file keeps its own cache of decoded layers
         return kind(source, dtype=dtype, device=device)
     return kind(source, dtype=dtype, device=device, cache_bytes=cache_bytes)
+
+
+class FiniteOutputs:
+    """A provider whose linears refuse to turn finite inputs into NaN/Inf, naming the layer: a damaged file
+    (NaN scales, zero smoothing factors) fails verify where it breaks instead of giving NaN figures.  One
+    ``aminmax`` pass over each output, small beside the matmul."""
+
+    def __init__(self, inner, label: str):
+        self.inner, self.label = inner, label
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self.inner.tensor(name)
+
+    def linear(self, module: str) -> Linear:
+        run = self.inner.linear(module)
+
+        def checked(x: torch.Tensor) -> torch.Tensor:
+            y = run(x)
+            if y.numel() and not all_finite(y) and all_finite(x):
+                raise QuantizationError(f"{self.label}: layer {module} turns finite inputs into NaN/Inf as the "
+                                        "runtime computes it (damaged weights, scales or smoothing factors); the "
+                                        "file fails verify")
+            return y
+        return checked
+
+    def __getattr__(self, name: str):  # cache figures and the like belong to the inner provider
+        return getattr(self.inner, name)

@@ -27,13 +27,14 @@ import torch
 
 from qconvert.core import untrusted
 from qconvert.core.checkpoint import read_json_file
-from qconvert.core.errors import CheckpointError, QConvertError
+from qconvert.core.errors import CheckpointError, QConvertError, QuantizationError
 from qconvert.core.io import atomic_directory
 from qconvert.core.models import qwen_image as qi
+from qconvert.core.pipeline import all_finite
 from qconvert.formats.opener import open_output
 from qconvert.running import inputs, metrics, sampler
 from qconvert.running.model import Block, QwenImageTransformer
-from qconvert.running.providers import DenseProvider, native_provider
+from qconvert.running.providers import DenseProvider, FiniteOutputs, native_provider
 from qconvert.running.sample import placement
 
 SCHEMA_VERSION = 2  # 2: per_block rows carry their step; pixels; settings.decode
@@ -56,7 +57,8 @@ def provider_for(source, options, **kwargs):
     # SVDQuant has no dequantized runtime; ComfyUI's formats do on GPUs without their native matmuls
     native = options.runtime == "native" or getattr(source, "runs_natively_only", False)
     own = native_provider(source, dtype=dtype, device=device, **kwargs) if native else None
-    return own or DenseProvider(source, dtype=dtype, device=device, **kwargs)
+    provider = own or DenseProvider(source, dtype=dtype, device=device, **kwargs)
+    return FiniteOutputs(provider, str(getattr(source, "path", "the model")))
 
 
 def model_weights(reference) -> list[str]:
@@ -152,6 +154,10 @@ def weight_errors(output, reference, names: list[str], deadline: Deadline | None
         if tuple(out.shape) != tuple(ref.shape):
             raise CheckpointError(f"tensor {name} is {list(out.shape)} in the output but {list(ref.shape)} in the "
                                   "reference: they are not the same model and config")
+        if out.is_floating_point() and out.numel() and not all_finite(out):
+            raise QuantizationError(f"{getattr(output, 'path', 'the output')}: tensor {name} holds NaN/Inf as the "
+                                    "file's runtime reads it (damaged weights, scales or smoothing factors); the file "
+                                    "fails verify")
         rows.append({"name": name, "role": qi.describe(name).role.value, "rel_rmse": metrics.rel_rmse(out, ref),
                      "cosine": metrics.cosine(out, ref)})
     return rows

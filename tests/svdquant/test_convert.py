@@ -182,6 +182,25 @@ def verify(output, model, report):
     return json.loads((report / "report.json").read_text())
 
 
+@pytest.mark.parametrize("value", [float("nan"), 0.0])
+def test_damaged_smoothing_fails_verify_naming_the_layer(outputs, model, tmp_path, value):
+    """NaN or zero smoothing factors: verify exits 1 naming where the file breaks; no NaN figure is written."""
+    from qconvert.core.io import write_safetensors
+
+    with safe_open(outputs["nunchaku", "int4"], "pt") as f:
+        meta = f.metadata()
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    key = "transformer_blocks.1.attn.to_qkv.smooth_factor"
+    state[key] = torch.full_like(state[key], value)
+    damaged = tmp_path / "damaged.safetensors"
+    write_safetensors(damaged, state, meta)
+    report = tmp_path / "report"
+    code, _, err = run_cli(["verify", damaged, "--reference", model, "--report", report, "--height", 64, "--width",
+                            64, "--steps", 2, "--no-decode"])
+    assert_one_line_error(code, err, "transformer_blocks.1.attn.to_", "NaN/Inf")
+    assert not report.exists()
+
+
 def test_verify_runs_every_layout_and_ranks_them(outputs, model, calib, tmp_path):
     reports = {key: verify(path, model, tmp_path / "-".join(key)) for key, path in outputs.items()}
     for key, r in reports.items():
