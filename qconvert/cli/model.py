@@ -140,7 +140,8 @@ def verify_cmd(output, reference, report_dir, baseline, tolerance, embeds, heigh
         if lat:
             echo(f"latents: PSNR {lat['psnr_db']:.2f} dB, SSIM {lat['ssim']:.4f}")
         if w:
-            echo(f"weights: worst relative RMSE {w['worst_rel_rmse']:.4g} ({w['worst_layer']})")
+            echo(f"weights: worst relative RMSE {w['worst_rel_rmse']:.4g} ({w['worst_layer']}), mean "
+                 f"{w['changed_mean_rel_rmse']:.4g} over the {w['changed_tensors']} tensors the output changes")
         partial = "" if result["complete"] else " (partial: --max-minutes reached)"
         echo(f"wrote {report_dir}/report.json and report.md{partial}")
 

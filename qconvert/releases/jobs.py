@@ -283,7 +283,7 @@ def figures(report_json: Path) -> dict:
     r = json.loads(report_json.read_text())
     out = {"settings": r.get("settings", {})}
     for part, keys in (("latents", ("psnr_db", "ssim", "rel_rmse")), ("pixels", ("psnr_db", "ssim", "lpips")),
-                       ("weights", ("mean_rel_rmse", "worst_rel_rmse"))):
+                       ("weights", ("mean_rel_rmse", "worst_rel_rmse", "changed_tensors", "changed_mean_rel_rmse"))):
         values = r.get(part) or {}
         out[part] = {k: values.get(k) for k in keys if values.get(k) is not None}
     out["pictures"] = sorted(p.name for p in report_json.parent.glob("*.png"))

@@ -245,8 +245,13 @@ def build_report(output_path, kind, reference, options, found: dict, stopped: st
     layers = found["weights"]
     if layers:
         worst = max(layers, key=lambda r: _badness(r["rel_rmse"]))  # a NaN error (NaN weights) is the worst
+        # the mean over every tensor counts the ones stored as they were (BF16 of a BF16 source, error 0), so it
+        # shrinks as more of them stay; the mean over the tensors the output changes is the quantizer's
+        changed = [r["rel_rmse"] for r in layers if r["rel_rmse"] != 0]
         report["weights"] = {"layers": len(layers), "worst_rel_rmse": worst["rel_rmse"], "worst_layer": worst["name"],
                              "mean_rel_rmse": sum(r["rel_rmse"] for r in layers) / len(layers),
+                             "changed_tensors": len(changed),
+                             "changed_mean_rel_rmse": sum(changed) / len(changed) if changed else 0.0,
                              "min_cosine": min(r["cosine"] for r in layers)}
     blocks = found["blocks"]
     if blocks:
@@ -311,7 +316,9 @@ def markdown(r: dict) -> str:
                      f"step {b['worst_step'] + 1}) |")
     if w:
         lines += [f"| weights: worst relative RMSE | {w['worst_rel_rmse']:.5f} ({w['worst_layer']}) |",
-                  f"| weights: mean relative RMSE | {w['mean_rel_rmse']:.5f} over {w['layers']} tensors |",
+                  f"| weights: mean relative RMSE | {w['mean_rel_rmse']:.5f} over all {w['layers']} tensors |",
+                  *([f"| weights: mean relative RMSE of the changed | {w['changed_mean_rel_rmse']:.5f} over the "
+                     f"{w['changed_tensors']} tensors the output changes |"] if "changed_tensors" in w else []),
                   f"| weights: lowest cosine | {w['min_cosine']:.6f} |"]
     lines += ["", "Settings: " + ", ".join(f"{k} {v}" for k, v in r["settings"].items()), ""]
     if r["per_block"]:
