@@ -32,13 +32,16 @@ RSS_LIMIT_MB = 1300
 
 def corpus(name: str, folder: Path | None = None) -> Path:
     """fuzz/corpus/NAME (or ``folder``), seeded with qconvert's own files the first time."""
-    from fuzz.targets import seeds
+    from fuzz.targets import hostile_seeds, seeds
 
     folder = folder or HERE / "corpus" / name
     if not folder.is_dir() or not any(folder.iterdir()):
         folder.mkdir(parents=True, exist_ok=True)
-        for i, data in enumerate(seeds(name)):
+        good = seeds(name)
+        for i, data in enumerate(good):
             (folder / f"seed-{i}").write_bytes(data)
+        for i, data in enumerate(hostile_seeds(name, good)):  # the classes found by hand, refused cleanly
+            (folder / f"hostile-{i}").write_bytes(data)
     return folder
 
 

@@ -441,6 +441,54 @@ def seeds(name: str) -> list[bytes]:
     raise KeyError(name)
 
 
+def hostile_seeds(name: str, good: list[bytes]) -> list[bytes]:
+    """Hostile inputs of the classes found by hand (issue 20), made from the target's good seeds: each must be
+    refused with one QConvertError line, never pass silently or crash.  The corpus starts from them too."""
+    if name == "recipe":  # tomllib recurses per level: once an internal RecursionError
+        return [b'[recipe]\nname = "r"\nsource = "x"\nz = ' + b"[" * 5000 + b"]" * 5000 + b"\n"]
+    if name == "fp8":  # a name outside the model (an absurd block index) given to the diffusers-facing loader
+        return [_with_tensors(good[0], {"transformer_blocks.999999.attn.to_q.weight": ("zeros", (4, 4))})]
+    if name == "svdquant":  # damaged smoothing factors; metadata whose group size contradicts the tensors
+        import json
+
+        smooth = "transformer_blocks.0.attn.to_qkv.smooth_factor"
+        out = [_with_tensors(good[0], {smooth: (fill, None)}) for fill in ("nan", "zeros")]
+        meta = _metadata(good[0])
+        q = json.loads(meta["quantization_config"])
+        q["weight"]["group_size"] = 0
+        out.append(_with_tensors(good[0], {}, {**meta, "quantization_config": json.dumps(q)}))
+        return out
+    return []
+
+
+def _metadata(data: bytes) -> dict:
+    import json
+    import struct
+
+    (n,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8:8 + n]).get("__metadata__", {})
+
+
+def _with_tensors(data: bytes, changes: dict, metadata: dict | None = None) -> bytes:
+    """A safetensors file's bytes with tensors replaced or added: (fill, shape or None for the stored one)."""
+    import torch
+    from safetensors import safe_open
+
+    from qconvert.core.io import write_safetensors
+
+    path = _file("hostile-source.safetensors", data)
+    with safe_open(str(path), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    for key, (fill, shape) in changes.items():
+        like = tensors.get(key)
+        shape = tuple(like.shape) if shape is None else shape
+        dtype = like.dtype if like is not None else torch.bfloat16
+        tensors[key] = torch.full(shape, float(fill), dtype=dtype) if fill == "nan" else torch.zeros(shape, dtype=dtype)
+    out = path.with_name("hostile.safetensors")
+    write_safetensors(out, tensors, metadata if metadata is not None else _metadata(data))
+    return out.read_bytes()
+
+
 def _manifest_seed(work: Path) -> bytes:
     """The manifest of a small release of the tiny model (two GGUF levels, verified, one with an imatrix from
     the recipe's calibration)."""

@@ -32,6 +32,30 @@ def test_seeds_read_without_any_error(name, monkeypatch):
         targets.TARGETS[name](data)
 
 
+@pytest.mark.parametrize("name", ["recipe", "fp8", "svdquant"])
+def test_hostile_seeds_are_refused_in_one_line(name, monkeypatch):
+    """Each class of hostile file found by hand is a seed, and its target refuses it with a QConvertError."""
+    refused = []
+
+    @contextlib.contextmanager
+    def recording():
+        from qconvert.core.errors import QConvertError
+
+        try:
+            yield
+        except QConvertError as exc:
+            targets.check_message(exc)
+            refused.append(str(exc))
+
+    monkeypatch.setattr(targets, "expected_errors", recording)
+    hostile = targets.hostile_seeds(name, targets.seeds(name))
+    assert hostile
+    for data in hostile:
+        before = len(refused)
+        targets.TARGETS[name](data)
+        assert len(refused) > before, f"{name}: a hostile seed passed every reader"
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_mutation_replay_finds_nothing(name, tmp_path):
     lines = []

@@ -184,7 +184,8 @@ def verify(output, model, report):
 
 @pytest.mark.parametrize("value", [float("nan"), 0.0])
 def test_damaged_smoothing_fails_verify_naming_the_layer(outputs, model, tmp_path, value):
-    """NaN or zero smoothing factors: verify exits 1 naming where the file breaks; no NaN figure is written."""
+    """NaN or zero smoothing factors (the kernels divide by them): verify exits 1 naming them; no NaN figure is
+    written."""
     from qconvert.core.io import write_safetensors
 
     with safe_open(outputs["nunchaku", "int4"], "pt") as f:
@@ -197,7 +198,7 @@ def test_damaged_smoothing_fails_verify_naming_the_layer(outputs, model, tmp_pat
     report = tmp_path / "report"
     code, _, err = run_cli(["verify", damaged, "--reference", model, "--report", report, "--height", 64, "--width",
                             64, "--steps", 2, "--no-decode"])
-    assert_one_line_error(code, err, "transformer_blocks.1.attn.to_", "NaN/Inf")
+    assert_one_line_error(code, err, "transformer_blocks.1.attn.to_qkv.smooth_factor", "zero, negative or non-finite")
     assert not report.exists()
 
 

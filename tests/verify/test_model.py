@@ -147,3 +147,18 @@ def test_fp8_provider(tmp_path, small):
         errs[layout] = rel_err(run_model(source, ckpt.config), dense)
     assert 0 < errs["comfy"] < 0.15 and errs["scaled"] < 0.15, errs
     assert errs["plain"] > errs["comfy"], errs  # unscaled small weights lose their bits
+
+
+def test_finite_outputs_names_the_layer_that_breaks():
+    """verify's guard: a layer that turns finite inputs into NaN/Inf is a one-line error naming it."""
+    from qconvert.core.errors import QuantizationError
+    from qconvert.running.providers import FiniteOutputs, StateDictProvider
+
+    state = {"a.weight": torch.ones(2, 2), "a.bias": torch.zeros(2),
+             "b.weight": torch.full((2, 2), float("nan")), "b.bias": torch.zeros(2)}
+    provider = FiniteOutputs(StateDictProvider(state), "out.safetensors")
+    x = torch.ones(1, 2)
+    assert torch.equal(provider.linear("a")(x), torch.full((1, 2), 2.0))
+    with pytest.raises(QuantizationError, match="out.safetensors: layer b turns finite inputs into NaN/Inf"):
+        provider.linear("b")(x)
+    provider.linear("b")(torch.full((1, 2), float("nan")))  # NaN that came in is not this layer's doing

@@ -156,6 +156,11 @@ class SVDQuantFile:
                 shift = (algorithm.GELU_SHIFT if group.mlp_down and self.options.layout == "nunchaku"
                          and self.options.precision == "int4" else 0.0)
                 layer = layout.logical_layer(tensors, self.options.precision, shift)
+                smooth = layer.smooth.float()
+                if not bool(torch.isfinite(smooth).all()) or bool((smooth <= 0).any()):
+                    # the kernels divide each input channel by it: a zero, negative or NaN factor is damage
+                    raise CheckpointError(f"{self.path}: transformer_blocks.{index}.{stored}.smooth_factor holds "
+                                          "zero, negative or non-finite values; the file is damaged")
                 value = (layer, layer.residual())
             self._cache["layers"][key] = value
         return self._cache["layers"][key]
