@@ -17,9 +17,9 @@ import json
 import re
 from pathlib import Path
 
+from qconvert.codecs.comfyui import registry
 from qconvert.core.errors import QConvertError
 from qconvert.core.io import atomic_output
-from qconvert.codecs.comfyui import registry
 from qconvert.releases import manifest
 
 CARD = "README.md"

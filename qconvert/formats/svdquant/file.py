@@ -28,7 +28,12 @@ from qconvert.core.errors import CheckpointError
 from qconvert.core.models import qwen_image as qi
 from qconvert.formats.svdquant import layout
 from qconvert.formats.svdquant.plan import (
-    DIFFUSERS_WEIGHTS, NUNCHAKU_MODEL_CLASS, WEIGHT_CONFIG, SvdqOptions, plan_entries)
+    DIFFUSERS_WEIGHTS,
+    NUNCHAKU_MODEL_CLASS,
+    WEIGHT_CONFIG,
+    SvdqOptions,
+    plan_entries,
+)
 
 AWQ_GROUP_SIZE = 64  # the modulation layers' W4A16 groups (layout.awq_keys)
 
