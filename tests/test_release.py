@@ -525,3 +525,44 @@ def test_a_failure_on_ray_is_one_line_and_records_nothing(tmp_path, capsys):
     m = json.loads((tmp_path / "rel" / "manifest.json").read_text())
     assert all(e["file"] != "tiny-fp8.safetensors" for e in m["outputs"].values())
     assert not list((tmp_path / "rel").glob("*.safetensors")) and not list((tmp_path / "rel").glob(".staging-*"))
+
+
+def test_reproduce_rebuilds_and_records_and_publish_can_require_it(model, tmp_path, capsys, monkeypatch):
+    """--reproduce rebuilds every recorded output in a scratch folder, compares sha256 with the manifest and
+    records the outcome; publish --require-reproduced refuses until every output is proven."""
+    from qconvert.releases import release as release_module
+
+    outputs = OUTPUTS.split("[[output]]\nname = \"int8\"")[0]  # two GGUF levels (one job) and FP8
+    recipe = write_recipe(tmp_path / "r.toml", model, outputs)
+    out = tmp_path / "rel"
+    code, _, err = run(["recipe", "run", recipe, "--out", out, "-q"], capsys)
+    assert code == 0, err
+    code, _, err = run(["publish", out, "--repo", "a/b", "--dry-run", "--require-reproduced"], capsys)
+    assert_one_line_error(code, err, "not rebuilt to the same bytes", "--reproduce")
+    code, _, err = run(["recipe", "run", recipe, "--out", out, "--reproduce", "--dry-run"], capsys)
+    assert code == 2 and "--reproduce rebuilds here" in err
+    before = {p.name: p.read_bytes() for p in out.glob("tiny-*")}
+    code, text, err = run(["recipe", "run", recipe, "--out", out, "--reproduce"], capsys)
+    assert code == 0, err
+    recorded = manifest.read(out)["outputs"]
+    assert {name: e["reproduced"] for name, e in recorded.items()} == {"Q8_0": True, "Q4_K_M": True, "fp8": True}
+    assert {p.name: p.read_bytes() for p in out.glob("tiny-*")} == before and not (out / ".reproduce").exists()
+    code, _, err = run(["publish", out, "--repo", "a/b", "--dry-run", "--require-reproduced"], capsys)
+    assert code == 0, err
+    code, _, err = run(["recipe", "run", recipe, "--out", out, "-q"], capsys)  # a resume keeps the record
+    assert code == 0 and manifest.read(out)["outputs"]["fp8"]["reproduced"] is True
+
+    built = release_module.build_files
+
+    def other_bytes(job, folder, loras, quiet):  # a build that is not deterministic
+        made = built(job, folder, loras, quiet)
+        for path in made.values():
+            path.write_bytes(path.read_bytes() + b"x")
+        return made
+
+    monkeypatch.setattr(release_module, "build_files", other_bytes)
+    code, _, err = run(["recipe", "run", recipe, "--out", out, "--only", "fp8", "--reproduce", "-q"], capsys)
+    assert_one_line_error(code, err, "fp8 rebuilt to other bytes", "not reproducible")
+    recorded = manifest.read(out)["outputs"]
+    assert recorded["fp8"]["reproduced"] is False and recorded["Q8_0"]["reproduced"] is True
+    assert {p.name: p.read_bytes() for p in out.glob("tiny-*")} == before  # the release itself untouched

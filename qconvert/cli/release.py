@@ -26,10 +26,12 @@ def recipe_group() -> None:
 @click.option("--address", default=None, help="Ray: the cluster (HOST:PORT, ray://HOST:PORT or auto); "
               "without it a local Ray starts.")
 @click.option("--dry-run", is_flag=True, help="Plan only: what would be built or kept, exact sizes.")
+@click.option("--reproduce", is_flag=True, help="Build the recorded outputs (or --only some) again in a scratch "
+              "folder and compare sha256 with the manifest, which records the result; exit 1 if any differs.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan/result as one JSON object on stdout.")
 @quiet_option
 @debug_option
-def recipe_run_cmd(recipe, source, out, only, executor, address, dry_run, as_json, quiet):
+def recipe_run_cmd(recipe, source, out, only, executor, address, dry_run, reproduce, as_json, quiet):
     """Build every output of RECIPE, verify each, and record it in OUT/manifest.json.
 
     A re-run keeps outputs whose manifest entry still matches the recipe, the source and the file on disk
@@ -44,6 +46,8 @@ def recipe_run_cmd(recipe, source, out, only, executor, address, dry_run, as_jso
 
     if address and executor != "ray":
         raise click.UsageError("--address is for --executor ray")
+    if reproduce and (dry_run or executor != "local"):
+        raise click.UsageError("--reproduce rebuilds here, one output after another: drop --dry-run and --executor")
     r = recipes.load(recipe)
     out = out or Path(r.name)
     say = (lambda m: None) if (quiet or as_json) else (lambda m: click.echo(m, err=True))
@@ -54,6 +58,13 @@ def recipe_run_cmd(recipe, source, out, only, executor, address, dry_run, as_jso
         else:
             echo("\n".join(release.format_plan(plan)))
             echo("dry run: nothing written")
+        return
+    if reproduce:
+        record = release.reproduce(plan, quiet=quiet or as_json, say=say)
+        if as_json:
+            emit_json(release.summary(plan, record))
+        elif not quiet:
+            echo(f"{len(plan.kept)} output(s) rebuilt to the bytes {out}/manifest.json records (reproduced = true)")
         return
     if not (quiet or as_json):
         echo("\n".join(release.format_plan(plan)))
@@ -71,10 +82,12 @@ def recipe_run_cmd(recipe, source, out, only, executor, address, dry_run, as_jso
 @click.option("--private", is_flag=True, help="Create the repo private (an existing repo keeps its visibility).")
 @click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing to main.")
 @click.option("--dry-run", is_flag=True, help="Print the model card and the upload; touch no network, write nothing.")
+@click.option("--require-reproduced", is_flag=True, help="Refuse unless every output was rebuilt to the same bytes "
+              "(recipe run --reproduce).")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan/result as one JSON object on stdout.")
 @quiet_option
 @debug_option
-def publish_cmd(folder, repo, private, create_pr, dry_run, as_json, quiet):
+def publish_cmd(folder, repo, private, create_pr, dry_run, require_reproduced, as_json, quiet):
     """Write FOLDER/README.md (the model card) from FOLDER/manifest.json and upload the release to the Hub.
 
     The token comes from HF_TOKEN or `hf auth login`; it is never printed or written.  Re-running resumes
@@ -92,6 +105,10 @@ def publish_cmd(folder, repo, private, create_pr, dry_run, as_json, quiet):
     m = manifest.read(folder, say=say, required=True)
     if not m["outputs"]:
         raise QConvertError(f"{folder}/manifest.json lists no outputs; nothing to publish")
+    unproven = [name for name, e in m["outputs"].items() if e.get("reproduced") is not True]
+    if require_reproduced and unproven:
+        raise QConvertError(f"{folder}: {', '.join(unproven)} not rebuilt to the same bytes (--require-reproduced); "
+                            "run qconvert recipe run RECIPE --out FOLDER --reproduce first")
     repo = repo or m.get("hub", {}).get("repo")
     if not repo:
         raise click.UsageError("give --repo OWNER/NAME (the recipe has no [hub] repo)")

@@ -215,7 +215,7 @@ def run_job(job: Job, out_dir: str, quiet: bool = True) -> dict:
     """Build the job's files, move them into place, hash and verify each.  What a Ray task runs."""
     out = Path(out_dir)
     loras = lora_paths(job.outputs[0].loras, fetch=True)
-    built = {o.name: out / o.file for o in job.outputs} if job.verify_only else _build(job, out, loras, quiet)
+    built = {o.name: out / o.file for o in job.outputs} if job.verify_only else build_files(job, out, loras, quiet)
     lora_hashes = [manifest.file_sha256(parse_spec(s).path) for s in loras]
     results = {}
     for o in job.outputs:
@@ -265,7 +265,8 @@ def run_calibration(job: CalibrationJob, out_dir: str, quiet: bool = True) -> di
     return {"bytes": target.stat().st_size, "sha256": manifest.file_sha256(target)}
 
 
-def _build(job: Job, out: Path, loras: list[str], quiet: bool) -> dict:
+def build_files(job: Job, out: Path, loras: list[str], quiet: bool) -> dict:
+    """The job's files, built in a staging folder and renamed to ``out``/FILE; {output name: path}."""
     with _staging(out, job.id) as staging:
         target = staging if job.converter == "to-gguf" else staging / job.outputs[0].file
         conv, source, options = build_request(job, loras)

@@ -144,6 +144,8 @@ def entry_problem(entry) -> str | None:
         return "loras must be {spec, sha256} objects"
     if not all(isinstance(v, (str, int, float, bool)) or _strings(v) for v in entry["options"].values()):
         return "options must be values or lists of text"
+    if "reproduced" in entry and not isinstance(entry["reproduced"], bool):
+        return "reproduced must be true or false"
     report = entry.get("report")
     if report is not None and not (isinstance(report, str) and report.startswith("reports/")
                                    and _plain_name(report[len("reports/"):])):

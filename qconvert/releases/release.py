@@ -17,6 +17,7 @@ is rebuilt, and the reason said.  New verify settings re-verify a kept file.
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ from qconvert.releases.executors import executor
 from qconvert.releases.jobs import (
     HF_PREFIX,
     Job,
+    build_files,
     build_request,
     calibration_job,
     converter_options,
@@ -265,6 +267,40 @@ def run(plan: Plan, *, kind: str = "local", address: str | None = None, quiet: b
                 plan.planned_bytes.update(planned_sizes(waiting))  # exact now that the statistics exist
                 plan.approximate.clear()
             ex.run([(run_job, job) for job in plan.jobs], plan.out, done)
+    return record
+
+
+def reproduce(plan: Plan, *, quiet: bool = False, say: Callable = print) -> dict:
+    """Build every recorded output again (``--only``: those) in a scratch folder beside the release and compare
+    its sha256 with the manifest's; each entry records ``reproduced``.  Raises naming the outputs whose bytes
+    differ.  Outputs must be built and current first: a reproduction checks a release, it does not make one."""
+    if plan.todo or plan.calibration_todo:
+        missing = ", ".join(o.name for o, _ in plan.todo) or "its calibrations"
+        raise QConvertError(f"{plan.out}: not every output is built and current ({missing}); run recipe run "
+                            "first, then --reproduce")
+    record = manifest.read(plan.out, required=True)
+    reads = {name: str(plan.out.absolute() / file) for file, info in plan.calibrations.items()
+             for name in info["outputs"]}
+    scratch = plan.out / ".reproduce"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir()
+    differ = []
+    try:
+        for job in plan_jobs(plan.recipe, plan.kept, plan.source, {}, calibrations=reads):
+            built = build_files(job, scratch, lora_paths(job.outputs[0].loras, fetch=True), quiet)
+            for o in job.outputs:
+                entry = record["outputs"][o.name]
+                entry["reproduced"] = manifest.file_sha256(built[o.name]) == entry["sha256"]
+                manifest.write(plan.out, record)
+                same = "rebuilt to the same bytes" if entry["reproduced"] else "REBUILT TO OTHER BYTES"
+                say(f"{o.name}: {o.file} {same}")
+                differ += [] if entry["reproduced"] else [o.name]
+                built[o.name].unlink()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    if differ:
+        raise QConvertError(f"{plan.out}: {', '.join(differ)} rebuilt to other bytes than manifest.json records: "
+                            "the release is not reproducible here (recorded as reproduced = false)")
     return record
 
 
