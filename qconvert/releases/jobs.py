@@ -185,11 +185,17 @@ def build_request(job: Job, loras: list[str], *, device: str | None = None) -> t
 
 
 def run_converter(conv, source: Source, options, output, *, dry_run: bool = False, quiet: bool = True) -> Result:
-    """One converter call; options that pass one by one but not together name the converter."""
+    """One converter call; what it says goes to stderr unless quiet; options that pass one by one but not
+    together name the converter."""
     try:
-        return conv.run(source, options, output, dry_run=dry_run, quiet=quiet)
+        return conv.run(source, options, output, dry_run=dry_run, quiet=quiet, echo=_say(quiet))
     except UsageError as exc:
         raise QConvertError(f"qconvert {conv.name}: {exc}") from None
+
+
+def _say(quiet: bool):
+    """Where a job's commands speak: stderr (our stdout stays one JSON object for scripts), or nowhere."""
+    return (lambda m: None) if quiet else (lambda m: print(m, file=sys.stderr))
 
 
 def verify_output(output: Output, path: Path, report: Path, source: str, loras: list[str], device: str,
@@ -204,9 +210,8 @@ def verify_output(output: Output, path: Path, report: Path, source: str, loras: 
     decode = settings.pop("decode", True)
     max_minutes = settings.pop("max_minutes", None)
     options = SampleOptions(**{**VERIFY, **settings, "device": device})
-    say = (lambda m: None) if quiet else (lambda m: print(m, file=sys.stderr))
     with Source(source, tuple(loras)).open() as reference:
-        run_verify(path, reference, options, report, max_minutes=max_minutes, decode=decode, echo=say)
+        run_verify(path, reference, options, report, max_minutes=max_minutes, decode=decode, echo=_say(quiet))
 
 
 # ------------------------------------------------------------------ the job
@@ -253,12 +258,7 @@ def run_calibration(job: CalibrationJob, out_dir: str, quiet: bool = True) -> di
     with _staging(out, job.id) as staging:
         made = staging / target.name
         source = Source(job.source, tuple(lora_paths(job.loras, fetch=True)), device=job.device)
-        say = (lambda m: None) if quiet else (lambda m: print(m, file=sys.stderr))
-        conv = CONVERTERS["calibrate"]
-        try:
-            conv.run(source, converter_options("calibrate", job.options), made, quiet=quiet, echo=say)
-        except UsageError as exc:
-            raise QConvertError(f"qconvert calibrate: {exc}") from None
+        run_converter(CONVERTERS["calibrate"], source, converter_options("calibrate", job.options), made, quiet=quiet)
         target.parent.mkdir(parents=True, exist_ok=True)
         os.replace(made, target)
         fsync_dir(target.parent)
