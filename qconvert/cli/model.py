@@ -83,14 +83,19 @@ def sample_cmd(source, embeds, synthetic_embeds, height, width, steps, cfg, sche
               help="A report.json to gate on: exit 1 when a figure is worse beyond --tolerance.")
 @click.option("--tolerance", default=0.05, show_default=True, help="How much worse than the baseline a figure may "
               "be, as a fraction of the baseline's value.")
-@click.option("--embeds", type=click.Path(path_type=Path), default=None,
-              help="Prompt embeddings (as for sample); seeded synthetic ones otherwise.")
+@click.option("--embeds", type=click.Path(path_type=Path), multiple=True,
+              help="Prompt embeddings (as for sample); repeatable: each is one prompt.")
+@click.option("--synthetic", type=int, default=None,
+              help=f"Seeded synthetic prompts, never the ones calibration or the mix measure on  [default: "
+                   f"{VERIFY['synthetic']} without --embeds, else 0]")
+@click.option("--seeds", type=int, default=VERIFY["seeds"], show_default=True,
+              help="Noise seeds per prompt, from --seed on; every prompt runs with every seed.")
 @click.option("--height", default=VERIFY["height"], show_default=True)
 @click.option("--width", default=VERIFY["width"], show_default=True)
 @click.option("--steps", default=VERIFY["steps"], show_default=True)
 @click.option("--cfg", default=VERIFY["cfg"], show_default=True)
 @click.option("--schedule", type=click.Choice(["qwen", "lightning"]), default=VERIFY["schedule"], show_default=True)
-@click.option("--seed", default=VERIFY["seed"], show_default=True)
+@click.option("--seed", default=VERIFY["seed"], show_default=True, help="The first noise seed.")
 @click.option("--max-minutes", type=float, default=None,
               help="Stop measuring after this long and write a report marked partial (never gated).")
 @click.option("--lora", "loras", multiple=True, metavar="FILE[:STRENGTH]", help="LoRAs the output was baked with.")
@@ -108,15 +113,18 @@ def sample_cmd(source, embeds, synthetic_embeds, height, width, steps, cfg, sche
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @quiet_option
 @debug_option
-def verify_cmd(output, reference, report_dir, baseline, tolerance, embeds, height, width, steps, cfg, schedule, seed,
-               max_minutes, loras, ignore_unmatched, vae, no_decode, runtime, device, dtype, cache_gb, as_json,
+def verify_cmd(output, reference, report_dir, baseline, tolerance, embeds, synthetic, seeds, height, width, steps, cfg,
+               schedule, seed, max_minutes, loras, ignore_unmatched, vae, no_decode, runtime, device, dtype, cache_gb, as_json,
                quiet):
-    """Measure an output against its source: per-layer weight error, end-to-end latents; gate on a baseline.
+    """Measure an output against its source: per-layer weight error, end-to-end figures over prompts x seeds
+    with 95% intervals; gate on a baseline.
 
     \b
     qconvert verify qwen-image-Q4_K_M.gguf --reference Qwen/Qwen-Image --report reports/Q4_K_M
+    qconvert verify out.gguf --reference ./qwen-image --report r/ --synthetic 8 --seeds 3
     qconvert verify out.gguf --reference ./qwen-image --report r/ --baseline main/report.json
     """
+    from qconvert.running.report import shown
     from qconvert.running.sample import SampleOptions
     from qconvert.running.verify import run_verify
 
@@ -124,8 +132,11 @@ def verify_cmd(output, reference, report_dir, baseline, tolerance, embeds, heigh
         raise click.UsageError(f"--tolerance {tolerance}: give a fraction such as 0.05")
     if max_minutes is not None and not max_minutes > 0:
         raise click.UsageError(f"--max-minutes {max_minutes}: give a positive number of minutes")
+    if synthetic is None:
+        synthetic = 0 if embeds else VERIFY["synthetic"]
     options = SampleOptions(height=height, width=width, steps=steps, cfg=cfg, schedule=schedule, seed=seed,
-                            embeds=embeds, device=device, dtype=dtype, cache_gb=cache_gb, runtime=runtime)
+                            prompt_files=tuple(embeds), synthetic=synthetic, seeds=seeds, device=device, dtype=dtype,
+                            cache_gb=cache_gb, runtime=runtime)
     with open_source(reference, loras=loras, ignore_unmatched=ignore_unmatched) as ref:
         say = (lambda m: None) if (quiet or as_json) else echo
         result = run_verify(output, ref, options, report_dir, baseline=baseline, tolerance=tolerance,
@@ -135,10 +146,11 @@ def verify_cmd(output, reference, report_dir, baseline, tolerance, embeds, heigh
     elif not quiet:
         lat, w, px = result["latents"], result["weights"], result["pixels"]
         if px:
-            echo(f"pixels: PSNR {px['psnr_db']:.2f} dB, SSIM {px['ssim']:.4f}"
-                 + (f", LPIPS {px['lpips']:.4f}" if px["lpips"] is not None else ""))
+            echo(f"pixels: PSNR {shown(px, 'psnr_db', 2, ' dB')}, SSIM {shown(px, 'ssim', 4)}"
+                 + (f", LPIPS {shown(px, 'lpips', 4)}" if px["lpips"] is not None else ""))
         if lat:
-            echo(f"latents: PSNR {lat['psnr_db']:.2f} dB, SSIM {lat['ssim']:.4f}")
+            echo(f"latents: PSNR {shown(lat, 'psnr_db', 2, ' dB')}, SSIM {shown(lat, 'ssim', 4)}"
+                 + (f"; {lat['samples']} samples" if lat["samples"] > 1 else ""))
         if w:
             echo(f"weights: worst relative RMSE {w['worst_rel_rmse']:.4g} ({w['worst_layer']}), mean "
                  f"{w['changed_mean_rel_rmse']:.4g} over the {w['changed_tensors']} tensors the output changes")

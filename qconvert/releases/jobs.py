@@ -209,6 +209,9 @@ def verify_output(output: Output, path: Path, report: Path, source: str, loras: 
     settings = {k: VERIFY_OPTIONS[k](v) for k, v in output.verify_settings().items() if k != "enabled"}
     decode = settings.pop("decode", True)
     max_minutes = settings.pop("max_minutes", None)
+    settings["prompt_files"] = tuple(Path(f) for f in settings.pop("embeds", ()))
+    if settings["prompt_files"]:  # as on the command line: files alone unless synthetic prompts are asked for too
+        settings.setdefault("synthetic", 0)
     options = SampleOptions(**{**VERIFY, **settings, "device": device})
     with Source(source, tuple(loras)).open() as reference:
         run_verify(path, reference, options, report, max_minutes=max_minutes, decode=decode, echo=_say(quiet))

@@ -55,6 +55,7 @@ from pathlib import Path
 
 from qconvert.converters.base import Param
 from qconvert.converters.registry import CONVERTERS as REGISTRY
+from qconvert.core import untrusted
 from qconvert.core.errors import QConvertError
 
 # converter -> the file suffix its recipe outputs must have (the converters that write one file)
@@ -62,7 +63,9 @@ CONVERTERS = {c.name: c.suffix for c in REGISTRY.values() if c.suffix}
 # values a release cannot record: a folder (not one file with one sha256), "all" (list the levels)
 NOT_IN_RECIPES = {(c.name, option): value for c in REGISTRY.values() for option, value in c.not_in_recipes}
 VERIFY_OPTIONS = {"enabled": bool, "height": int, "width": int, "steps": int, "cfg": float, "schedule": str,
-                  "seed": int, "runtime": str, "decode": bool, "max_minutes": float, "dtype": str, "cache_gb": float}
+                  "seed": int, "runtime": str, "decode": bool, "max_minutes": float, "dtype": str, "cache_gb": float,
+                  "synthetic": int, "seeds": int, "embeds": tuple}
+MAX_VERIFY_EMBEDS = 1024
 VERIFY_CHOICES = {"schedule": ("qwen", "lightning"), "runtime": ("native", "dequantized"),
                   "dtype": ("float32", "bfloat16", "float16")}
 # The option of each converter that takes a calibration file; "recipe" there means the recipe's own
@@ -383,6 +386,24 @@ def _build(where, table: dict) -> dict:
     return out
 
 
+def _verify_value(key: str, kind: type, value):
+    """(the value as a job uses it,) or what was wanted instead."""
+    if kind is tuple:  # embeddings files: strings, made absolute as the command line would read them
+        if isinstance(value, list) and 0 < len(value) <= MAX_VERIFY_EMBEDS and \
+                all(isinstance(v, str) and v and "\0" not in v for v in value):
+            return (tuple(str(Path(v).expanduser().absolute()) for v in value),)
+        return f"a list of 1 to {MAX_VERIFY_EMBEDS} prompt embeddings files"
+    if kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+    if ok and kind in (int, float) and not (1 if key == "seeds" else 0) <= value <= 1e6:
+        return "1 or more seeds per prompt" if key == "seeds" else f"a {kind.__name__} from 0 to 1000000"
+    if key in VERIFY_CHOICES:
+        return (value,) if ok and value in VERIFY_CHOICES[key] else " or ".join(VERIFY_CHOICES[key])
+    return (value,) if ok else kind.__name__
+
+
 def _verify(where, raw, *, table: str | None = None, index: int | None = None) -> dict:
     """Verify options: the recipe's [verify] table, or an output's ``verify = {...}`` overrides."""
     at = {"table": table} if table else {"index": index}
@@ -397,18 +418,10 @@ def _verify(where, raw, *, table: str | None = None, index: int | None = None) -
         kind = VERIFY_OPTIONS.get(key)
         if kind is None:
             raise error(f"verify has no option {key!r} (choose {', '.join(sorted(VERIFY_OPTIONS))})", key)
-        if kind is float:
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        else:
-            ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
-        if ok and kind in (int, float) and not 0 <= value <= 1e6:
-            ok = False
-        if ok and key in VERIFY_CHOICES and value not in VERIFY_CHOICES[key]:
-            ok = False
-        if not ok:
-            want = " or ".join(VERIFY_CHOICES[key]) if key in VERIFY_CHOICES else kind.__name__
-            raise error(f"verify {key} = {value!r}: want {want}", key)
-        out[key] = value
+        checked = _verify_value(key, kind, value)
+        if isinstance(checked, str):
+            raise error(f"verify {key} = {untrusted.shown(value, 80)}: want {checked}", key)
+        out[key] = checked[0]
     return out
 
 

@@ -24,6 +24,7 @@ import torch
 from qconvert.core.checkpoint import TensorReader, read_safetensors_header
 from qconvert.core.errors import QConvertError
 from qconvert.core.models import qwen_image as qi
+from qconvert.running.sampler import joint_text
 
 LATENT_CHANNELS = 16  # the VAE's z_dim; packed tokens hold 2x2 patches of them
 PACKED = 4 * LATENT_CHANNELS
@@ -115,6 +116,26 @@ def synthetic_prompt(config: qi.QwenImageConfig, seed: int, length: int = 32, *,
     pos = one(length)
     neg = one(max(4, length // 4)) if negative else (None, None)
     return Prompt(*pos, *neg)
+
+
+# verify's synthetic prompts come from their own seeds, which calibration and the mix's measurement never use
+# (they take seeds from 0): a choice judged on the prompts it was made on would flatter itself.
+HELD_OUT_SEEDS = 1 << 30
+
+
+def held_out_prompt(config: qi.QwenImageConfig, index: int) -> Prompt:
+    """verify's synthetic prompt number ``index``."""
+    return synthetic_prompt(config, HELD_OUT_SEEDS + index)
+
+
+def batch_prompts(prompts: list[Prompt]) -> Prompt:
+    """Prompts as one batch, each padded at the end to the longest and the padding masked out; negatives too
+    (every prompt has one or none does)."""
+    embeds, mask = joint_text([(p.embeds, p.mask) for p in prompts])
+    if all(p.neg_embeds is None for p in prompts):
+        return Prompt(embeds, mask)
+    neg, neg_mask = joint_text([(p.neg_embeds, p.neg_mask) for p in prompts])
+    return Prompt(embeds, mask, neg, neg_mask)
 
 
 def read_noise(path: Path, height: int, width: int) -> torch.Tensor:

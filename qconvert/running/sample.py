@@ -34,6 +34,11 @@ class SampleOptions:
     dtype: str | None = None  # default float32 on the CPU, bfloat16 on CUDA
     cache_gb: float = 0.0  # converted weights kept between steps (0: stream every block at every step)
     runtime: str = "native"  # verify: "native" quantizes inputs as the format's matmuls do; "dequantized" not
+    # verify's samples: every prompt (these embeddings files, then held-out synthetic ones) with every seed
+    # from ``seed`` on
+    prompt_files: tuple = ()
+    synthetic: int = 1
+    seeds: int = 1
 
     @property
     def cache_bytes(self) -> int:

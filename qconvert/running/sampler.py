@@ -60,6 +60,20 @@ def sigmas(schedule: Schedule, steps: int, image_seq_len: int) -> torch.Tensor:
     return torch.cat([torch.from_numpy(s).to(torch.float32), torch.zeros(1)])
 
 
+def joint_text(parts: list[tuple]) -> tuple[torch.Tensor, torch.Tensor]:
+    """[(text [b, L, D], mask [b, L] or None), ...] as one batch: each padded at the end to the longest L, the
+    padding masked out.  A masked key takes no part in attention, and every other layer acts per token, so
+    each sample's image tokens come out as they would alone."""
+    length = max(t.shape[1] for t, _ in parts)
+    texts, masks = [], []
+    for t, m in parts:
+        m = torch.ones(t.shape[:2], dtype=torch.int64, device=t.device) if m is None else m
+        pad = length - t.shape[1]
+        texts.append(torch.nn.functional.pad(t, (0, 0, 0, pad)))
+        masks.append(torch.nn.functional.pad(m, (0, pad)))
+    return torch.cat(texts), torch.cat(masks)
+
+
 def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
     """True CFG with the per-token norm rescale of QwenImagePipeline (no clamp)."""
     comb = uncond + scale * (cond - uncond)
@@ -82,13 +96,18 @@ def sample(model, noise: torch.Tensor, text: torch.Tensor, text_mask: torch.Tens
         raise ValueError("img_shapes is required: [(1, h/16, w/16), ...] for the target and any references")
     levels = sigmas(sched, steps, noise.shape[1])
     true_cfg = cfg > 1 and neg_text is not None
+    if true_cfg:  # the conditional and unconditional runs as one batch: each block's weights read once a step
+        text, text_mask = joint_text([(text, text_mask), (neg_text, neg_mask)])
     latents = noise
     for i in range(steps):
-        x = latents if image_latents is None else torch.cat([latents, image_latents.to(latents.dtype)], dim=1)
-        t = (levels[i] * NUM_TRAIN_TIMESTEPS).expand(latents.shape[0]).to(latents.dtype) / NUM_TRAIN_TIMESTEPS
+        x = latents if image_latents is None else torch.cat(
+            [latents, image_latents.to(latents.dtype).expand(latents.shape[0], -1, -1)], dim=1)
+        if true_cfg:
+            x = torch.cat([x, x])
+        t = (levels[i] * NUM_TRAIN_TIMESTEPS).expand(x.shape[0]).to(latents.dtype) / NUM_TRAIN_TIMESTEPS
         v = model(x, text, text_mask, t, img_shapes)[:, :latents.shape[1]]
         if true_cfg:
-            v_neg = model(x, neg_text, neg_mask, t, img_shapes)[:, :latents.shape[1]]
+            v, v_neg = v.chunk(2)
             v = cfg_combine(v, v_neg, cfg)
         latents = (latents.to(torch.float32) + (levels[i + 1] - levels[i]) * v).to(v.dtype)
         if on_step is not None:

@@ -38,15 +38,16 @@ def block_sensitivity(source, layers: list[str], *, size: int = 256, steps: int 
     from qconvert.running.model import Block, QwenImageTransformer
     from qconvert.running.providers import DenseProvider, StateDictProvider
     from qconvert.running.sample import SampleOptions
-    from qconvert.running.verify import measured_steps, sample_latents
+    from qconvert.running.verify import Batch, measured_steps, sample_latents
 
     config = source.config
     options = SampleOptions(height=size, width=size, steps=steps, cfg=1.0, schedule="lightning", seed=seed,
                             device=device, dtype="float32")
-    prompt = inputs.synthetic_prompt(config, seed)
+    prompt = inputs.synthetic_prompt(config, seed)  # not one of verify's held-out prompts
+    batch = Batch(inputs.Prompt(prompt.embeds, prompt.mask), inputs.seeded_noise(seed, size, size), [])
     along: dict = {}
     start = time.monotonic()
-    sample_latents(source, source, options, prompt, record=(measured_steps(steps), along))
+    sample_latents(source, source, options, batch, record=(measured_steps(steps), along))
     echo(f"  reference run for the block inputs: {time.monotonic() - start:.1f} s; then {len(layers)} linears x "
          f"{len(CANDIDATES)} formats x {len(along)} steps, one block run each")
     dev = torch.device(device)

@@ -19,8 +19,9 @@ from ..cli_helpers import assert_one_line_error, run
 
 SMALL = dict(layers=2, heads=2, head_dim=32, text_dim=64)
 FAST = ["--height", 32, "--width", 48, "--steps", 2]
-SETTINGS = {"height": 32, "width": 48, "steps": 2, "cfg": 1.0, "schedule": "lightning", "seed": 0,
-            "embeds": "synthetic", "decode": "off", "dtype": "float32", "runtime": "native"}
+SETTINGS = {"height": 32, "width": 48, "steps": 2, "cfg": 1.0, "schedule": "lightning",
+            "prompts": ["synthetic:0", "synthetic:1"], "seeds": [0, 1], "decode": "off", "dtype": "float32",
+            "runtime": "native"}
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +46,7 @@ def test_report_ranks_levels_and_bf16_is_exact(tmp_path, capsys, outputs):
         code, out, err = verify(capsys, path, model, tmp_path / level)
         assert code == 0, err
         report = json.loads((tmp_path / level / "report.json").read_text())
-        assert report["schema_version"] == 2 and report["format"] == "gguf"
+        assert report["schema_version"] == 3 and report["format"] == "gguf"
         assert (tmp_path / level / "report.md").read_text().startswith("# qconvert verify")
         figures[level] = report
     assert figures["BF16"]["weights"]["worst_rel_rmse"] == 0 and figures["BF16"]["latents"]["psnr_db"] is None
@@ -121,9 +122,9 @@ def test_baseline_with_other_settings_is_refused(tmp_path, capsys, outputs):
     (lambda p: p.write_text("[" * 5000), ["JSON nested too deeply"]),
     (lambda p: p.write_text('{"schema_version": 7}'), ["a verify report of schema 7", "rerun the baseline"]),
     (lambda p: p.write_text('{"settings": {}}'), ["not a qconvert verify report"]),
-    (lambda p: p.write_text(json.dumps({"schema_version": 2, "settings": SETTINGS, "complete": False})),
+    (lambda p: p.write_text(json.dumps({"schema_version": 3, "settings": SETTINGS, "complete": False})),
      ["a partial report", "cannot be a baseline"]),
-    (lambda p: p.write_text(json.dumps({"schema_version": 2, "settings": SETTINGS, "complete": True,
+    (lambda p: p.write_text(json.dumps({"schema_version": 3, "settings": SETTINGS, "complete": True,
                                         "weights": {}, "blocks": {}, "latents": {"psnr_db": "high"}})),
      ["latents.psnr_db must be a number, not a string"]),
 ])
