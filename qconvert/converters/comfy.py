@@ -41,12 +41,18 @@ class ComfyCommandOptions:
                                  help="mix: block (default): the error each layer's format causes in its block's "
                                       "output on a short reference run, which sees which layers matter; weight "
                                       "(default with --calib): each layer's weight error, about half the time.")
+    runtime: str | None = option(None, choices=("native", "dequantized"), show_default=False,
+                                 help="mix: the runtime the formats are chosen for: native (default with the block "
+                                      "measure) runs each candidate with its inputs quantized as its matmul does "
+                                      "(RTX 40/50); dequantized (GPUs without the kernels; the weight measure's).")
 
 
 def run(source: Source, o: ComfyCommandOptions, output=None, *, dry_run: bool = False, quiet: bool = False,
         echo: Callable[[str], None] = silent) -> Result:
     if (o.fmt == "mix") != ((o.target_size is None) != (o.max_error is None)):
         raise UsageError("--format mix takes one of --target-size GB or --max-error X (and only mix does)")
+    if o.runtime is not None and o.fmt != "mix":
+        raise UsageError("--runtime is for --format mix (the runtime its per-layer formats are chosen for)")
     if o.fmt == "fp8":
         return fp8_converter.run(source, fp8_converter.Fp8CommandOptions(keep=o.keep), output, dry_run=dry_run,
                                  quiet=quiet, echo=echo)
@@ -62,14 +68,14 @@ def run(source: Source, o: ComfyCommandOptions, output=None, *, dry_run: bool = 
 
             options, mix, lines = mixed_options(src, target_size=o.target_size, max_error=o.max_error, calib=o.calib,
                                                 keep=options.keep, device=source.device, echo=echo,
-                                                measure=o.measure)
+                                                measure=o.measure, runtime=o.runtime)
         report = comfy.convert(src, output, options, device=source.device, dry_run=dry_run, quiet=quiet)
         if mix is not None:
             report["mix"] = mix
     text = comfy.format_report(report)
     if mix is not None:
-        text = "\n".join([f"mix: {report['bytes'] / 1e9:.3f} GB, mean layer error {mix['mean_error']:.3g}; per "
-                          "layer:", *lines, text])
+        text = "\n".join([f"mix: {report['bytes'] / 1e9:.3f} GB, mean layer error {mix['mean_error']:.3g}, chosen "
+                          f"for the {mix['runtime']} runtime; per layer:", *lines, text])
     return Result(report, text, [Path(report["output"])])
 
 

@@ -34,13 +34,15 @@ def run_demo(out: Path, *, quiet: bool = False, echo: Callable[[str], None] = pr
 
 
 def _verify_step(model: Path, written: list[Path], out: Path, echo: Callable[[str], None]) -> list[Path]:
-    """A verify report for every converted output (small settings: a few seconds each)."""
+    """A verify report for every converted output, at verify's defaults (a few seconds each)."""
     from qconvert.core.checkpoint import open_checkpoint
     from qconvert.core.lora import with_loras
+    from qconvert.running.defaults import VERIFY
+    from qconvert.running.report import shown
     from qconvert.running.sample import SampleOptions
     from qconvert.running.verify import run_verify
 
-    options = SampleOptions(height=64, width=64, steps=2, cfg=1.0, schedule="lightning")
+    options = SampleOptions(**VERIFY)
     lora = next((p for p in written if p.name.endswith("lora.safetensors")), None)
     reports = []
     for path in written:
@@ -51,13 +53,10 @@ def _verify_step(model: Path, written: list[Path], out: Path, echo: Callable[[st
         folder = out / "reports" / path.name.replace(".", "-")
         with reference:
             r = run_verify(path, reference, options, folder, echo=lambda _: None)
-        pixels = f"pixel PSNR {_db(r['pixels']['psnr_db'])}, " if r["pixels"] else ""
-        echo(f"verify          {folder}/index.html  ({pixels}latent PSNR {_db(r['latents']['psnr_db'])}, worst "
-             f"layer error {r['weights']['worst_rel_rmse']:.3g})")
+        pixels = f"pixel PSNR {shown(r['pixels'], 'psnr_db', 1, ' dB')}, " if r["pixels"] else ""
+        echo(f"verify          {folder}/index.html  ({pixels}latent PSNR {shown(r['latents'], 'psnr_db', 1, ' dB')}"
+             f" over {r['latents']['samples']} samples, worst layer error {r['weights']['worst_rel_rmse']:.3g})")
         reports.append(folder)
     echo(f"                qconvert verify OUTPUT --reference {model} --report DIR  (add --baseline to gate)")
     return reports
 
-
-def _db(psnr) -> str:
-    return "identical" if psnr is None or psnr == float("inf") else f"{psnr:.1f} dB"

@@ -70,7 +70,13 @@ class Plan:
 
 
 def verify_key(o: Output) -> str:
-    return manifest.digest({"verify": o.verify_settings(), "qconvert": __version__})
+    """What a report's figures depend on besides the file: the output's settings, the defaults under them, the
+    report's schema (a report made under other defaults or another schema is measured again)."""
+    from qconvert.running.defaults import VERIFY
+    from qconvert.running.report import SCHEMA_VERSION
+
+    return manifest.digest({"verify": o.verify_settings(), "defaults": VERIFY, "schema": SCHEMA_VERSION,
+                            "qconvert": __version__})
 
 
 def output_key(o: Output, fingerprint: str, lora_hashes: list, calibration: str | None) -> str:

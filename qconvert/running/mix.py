@@ -123,11 +123,17 @@ def plan_lines(errors: dict, sizes: dict, choice: dict, limit: int = 40) -> list
 
 
 def mixed_options(source, *, target_size: float | None = None, max_error: float | None = None, calib=None,
-                  keep=(), device="cpu", echo=print, measure: str | None = None):
+                  keep=(), device="cpu", echo=print, measure: str | None = None, runtime: str | None = None):
     """``ComfyOptions`` of fmt "mix" for ``source``, and a summary of the choice (sizes exact).
     ``measure``: "block" (``comfy_sensitivity``, the default) or "weight" (this module's weight-space error,
-    the default when ``calib`` is given)."""
+    the default when ``calib`` is given).  ``runtime``: what the choice is made for, recorded in the file:
+    "native" (the default for the block measure: inputs quantized as each format's matmul does) or
+    "dequantized"; the weight measure sees weights only, so it chooses for the dequantized runtime."""
     measure = measure or ("weight" if calib is not None else "block")
+    if measure == "weight" and runtime == "native":
+        raise QConvertError("--sensitivity weight measures weights alone, so its choice is for --runtime "
+                            "dequantized; for the native runtime use --sensitivity block (without --calib)")
+    runtime = runtime or ("native" if measure == "block" else "dequantized")
     from dataclasses import replace
 
     from qconvert.core.io import safetensors_size
@@ -141,22 +147,25 @@ def mixed_options(source, *, target_size: float | None = None, max_error: float 
         if calib is not None:
             raise QConvertError("--sensitivity block measures on its own reference run; --calib is for the "
                                 "weight-space measure (give one or the other)")
-        echo(f"to-comfy mix: measuring {len(layers)} linears in {len(CANDIDATES)} formats each by their blocks' "
-             "output error")
-        errors = block_sensitivity(source, layers, device=device, echo=echo)
+        how = ("inputs quantized as each format's native matmul does" if runtime == "native"
+               else "dequantized weights, full-precision inputs")
+        echo(f"to-comfy mix: chosen for the {runtime} runtime: measuring {len(layers)} linears in {len(CANDIDATES)} "
+             f"formats each by their blocks' output error ({how})")
+        errors = block_sensitivity(source, layers, device=device, runtime=runtime, echo=echo)
     else:
         importance = None
         if calib is not None:
             from qconvert.formats.calibration import read_stats
 
             importance = {m: s.sq_sum / max(s.seen, 1) for m, s in read_stats(calib, source, layers).items()}
-        echo(f"to-comfy mix: measuring {len(layers)} linears in {len(CANDIDATES)} formats each "
+        echo(f"to-comfy mix: chosen for the dequantized runtime: measuring {len(layers)} linears in "
+             f"{len(CANDIDATES)} formats each "
              f"({'weighted by ' + str(calib) if calib else 'unweighted: pass --calib for activation-weighted errors'})")
         errors = sensitivity(source, layers, importance, device=device)
     if FIRST_MODULATION in errors:  # comfy-quants keeps it BF16 in every FP format: the most sensitive linear
         errors[FIRST_MODULATION] = {"bf16": 0.0}
     sizes = {m: {f: layer_bytes(tuple(source.tensors[f"{m}.weight"].shape), f) for f in errors[m]} for m in layers}
-    all_bf16 = ComfyOptions("mix", tuple(keep), tuple((m, "bf16") for m in layers))
+    all_bf16 = ComfyOptions("mix", tuple(keep), tuple((m, "bf16") for m in layers), chosen_for=runtime)
     entries, meta, _ = plan(source, all_bf16, dry_run=True)
     fixed = safetensors_size(entries, meta) - sum(sizes[m]["bf16"] for m in layers)
     budget = None if target_size is None else int(target_size * 1e9) - fixed - 256 * len(layers)
@@ -168,7 +177,8 @@ def mixed_options(source, *, target_size: float | None = None, max_error: float 
         if target_size is None or size <= target_size * 1e9:
             break
         budget -= size - int(target_size * 1e9)  # the header grew more than allowed for: tighten and rechoose
-    summary = {"target_size_gb": target_size, "max_error": max_error, "bytes": size,
+    summary = {"target_size_gb": target_size, "max_error": max_error, "bytes": size, "runtime": runtime,
+               "measure": measure,
                "mean_error": sum(errors[m][f] for m, f in choice.items()) / len(choice),
                "layers": {m: {"format": f, "error": errors[m][f], "bytes": sizes[m][f],
                               "candidates": errors[m]} for m, f in sorted(choice.items())}}

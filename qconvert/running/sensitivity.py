@@ -12,6 +12,14 @@ every linear is put in each candidate format alone and the block run again:
 its error is the block's output error it causes (image and text streams; the
 image only in the last block), relative and summed over the recorded steps.
 One block's weights in memory at a time.
+
+Each candidate is run as the target runtime computes it (``runtime``):
+``native`` (the default, as verify's) also quantizes the layer's input as
+that format's matmul does (NVFP4 and MXFP8 in blocks, INT8 per row), which
+is what a GPU with the kernels runs; ``dequantized`` multiplies the stored
+weights by full-precision inputs, as GPUs without them do.  A choice made
+under one runtime can lose under the other: on the tiny model the mix chosen
+on dequantized weights verified below uniform NVFP4 at the native runtime.
 """
 
 from __future__ import annotations
@@ -21,7 +29,7 @@ import time
 import torch
 
 from qconvert.codecs.comfyui.registry import MIX_CANDIDATES as CANDIDATES
-from qconvert.codecs.comfyui.registry import roundtrip
+from qconvert.codecs.comfyui.registry import as_run
 from qconvert.formats.comfyui.writer import fitting
 
 
@@ -31,12 +39,31 @@ def _relative(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float((x.double() - ref).pow(2).sum()) / denom if denom else 0.0
 
 
+class _Inputs:
+    """Dense weights from a state dict; the layers in ``inputs`` first pass their input through its function
+    (a format's native activation quantization)."""
+
+    def __init__(self, state, *, device):
+        from qconvert.running.providers import StateDictProvider
+
+        self.dense = StateDictProvider(state, device=device)
+        self.inputs: dict = {}
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self.dense.tensor(name)
+
+    def linear(self, module: str):
+        run, quantize = self.dense.linear(module), self.inputs.get(module)
+        return run if quantize is None else (lambda x: run(quantize(x)))
+
+
 def block_sensitivity(source, layers: list[str], *, size: int = 256, steps: int = 2, seed: int = 0,
-                      device: str = "cpu", echo=print) -> dict[str, dict[str, float]]:
-    """{layer: {format: the block-output error that format alone causes}} for every candidate that fits."""
+                      device: str = "cpu", runtime: str = "native", echo=print) -> dict[str, dict[str, float]]:
+    """{layer: {format: the block-output error that format alone causes, run as ``runtime`` runs it}} for every
+    candidate that fits."""
     from qconvert.running import inputs
     from qconvert.running.model import Block, QwenImageTransformer
-    from qconvert.running.providers import DenseProvider, StateDictProvider
+    from qconvert.running.providers import DenseProvider
     from qconvert.running.sample import SampleOptions
     from qconvert.running.verify import Batch, measured_steps, sample_latents
 
@@ -66,7 +93,7 @@ def block_sensitivity(source, layers: list[str], *, size: int = 256, steps: int 
                  "in all")
         prefix = f"transformer_blocks.{i}."
         weights = {n: source.load(n).to(dev, torch.float32) for n in source.tensors if n.startswith(prefix)}
-        provider = StateDictProvider(weights, device=dev)
+        provider = _Inputs(weights, device=dev)
         args = [(s.img, s.txt, s.temb, s.mask, s.freqs, s.modulate_index) for s in states]
         with torch.no_grad():
             reference = [Block(provider, i, config)(*a) for a in args]
@@ -76,16 +103,19 @@ def block_sensitivity(source, layers: list[str], *, size: int = 256, steps: int 
                 original = weights[name]
                 row = table.setdefault(module, {})
                 for fmt in (fitting(f, original.shape) for f in CANDIDATES):
-                    weights[name] = roundtrip(original, fmt).to(original.dtype)
-                    if torch.equal(weights[name], original):  # BF16 of a BF16 source: nothing to run
+                    weight, inputs_as = as_run(original, fmt, runtime)
+                    weights[name] = weight.to(original.dtype)
+                    if inputs_as is None and torch.equal(weights[name], original):  # BF16 of a BF16 source
                         row[fmt] = 0.0
                         continue
+                    provider.inputs = {module: inputs_as} if inputs_as is not None else {}
                     error = 0.0
                     for a, (ref_img, ref_txt) in zip(args, reference):
                         img, txt = Block(provider, i, config)(*a)
                         error += _relative(img, ref_img) + (0.0 if last else _relative(txt, ref_txt))
                     row[fmt] = error / len(args)
                 weights[name] = original
+                provider.inputs = {}
         for s, (img, txt) in zip(states, reference):
             s.img, s.txt = img, txt
         del weights, provider

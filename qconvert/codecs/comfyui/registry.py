@@ -43,3 +43,23 @@ def activations(x: torch.Tensor, comfy_format: str, conf: dict, input_scale: tor
         return x
     fmt = BY_COMFY_FORMAT.get(comfy_format)
     return x if fmt is None else fmt.activations(x, conf, input_scale)
+
+
+RUNTIMES = ("native", "dequantized")
+
+
+def as_run(w: torch.Tensor, name: str, runtime: str = "native"):
+    """(the weight ComfyUI multiplies by after storing ``w`` in format ``name``, what its matmul does to the
+    layer's input): under ``native`` the input is quantized as that format's native matmul quantizes it (none
+    for BF16, or an FP8 layer asking for full precision); under ``dequantized`` it is left as it is."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime {runtime!r}: choose {' or '.join(RUNTIMES)}")
+    if name == BF16:
+        return w.to(torch.bfloat16).float(), None
+    fmt = FORMATS[name]
+    tensors, conf = fmt.encode(w)
+    weight = fmt.decode(tensors, tuple(w.shape), conf)
+    if runtime == "dequantized" or conf.get("full_precision_matrix_mult"):
+        return weight, None
+    input_scale = tensors.get("input_scale")
+    return weight, lambda x: activations(x, fmt.comfy_format, conf, input_scale).to(x.dtype)

@@ -44,6 +44,7 @@ class ComfyOptions:
     fmt: str = "nvfp4"  # one format for the policy's layers, or "mix": the formats in ``mix``
     keep: tuple = ()
     mix: tuple = ()  # ((layer, format or "bf16"), ...) for fmt "mix" (comfy_mix.choose makes it)
+    chosen_for: str = ""  # mix: the runtime its formats were measured under (native or dequantized)
 
     def kept_roles(self) -> frozenset:
         return frozenset().union(*(qi.ROLE_GROUPS[g] for g in self.keep))
@@ -55,6 +56,8 @@ class ComfyOptions:
             for _, f in self.mix:
                 counts[f] = counts.get(f, 0) + 1
             out["layers"] = dict(sorted(counts.items()))
+            if self.chosen_for:
+                out["chosen_for_runtime"] = self.chosen_for
         return out
 
     def formats(self) -> set:
