@@ -42,7 +42,8 @@ def recipe_run_cmd(recipe, source, out, only, executor, address, dry_run, reprod
     qconvert recipe run recipes/qwen-image-gguf.toml --source ./Qwen-Image --out release/
     qconvert recipe run recipes/nunchaku-qwen-image.toml --executor ray --address head-node:6379
     """
-    from qconvert.releases import recipes, release
+    from qconvert.core.errors import QConvertError
+    from qconvert.releases import gates, recipes, release
 
     if address and executor != "ray":
         raise click.UsageError("--address is for --executor ray")
@@ -69,11 +70,16 @@ def recipe_run_cmd(recipe, source, out, only, executor, address, dry_run, reprod
     if not (quiet or as_json):
         echo("\n".join(release.format_plan(plan)))
     record = release.run(plan, kind=executor, address=address, quiet=quiet or as_json, say=say)
+    failed = gates.failed(record)
     if as_json:
-        emit_json(release.summary(plan, record))
+        emit_json({**release.summary(plan, record), "failed_gates": failed})
     elif not quiet:
-        echo(f"wrote {out}/manifest.json ({len(record['outputs'])} outputs); publish with: "
-             f"qconvert publish {out} --repo OWNER/NAME")
+        echo(f"wrote {out}/manifest.json ({len(record['outputs'])} outputs); "
+             + ("publish with: " if not failed else "publish refuses it until its gates pass (or --force): ")
+             + f"qconvert publish {out} --repo OWNER/NAME")
+    if failed:
+        raise QConvertError(f"{out}: {len(failed)} gate(s) failed, recorded in manifest.json: {failed[0]}"
+                            + (f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""))
 
 
 @cli.command("publish")
@@ -84,10 +90,12 @@ def recipe_run_cmd(recipe, source, out, only, executor, address, dry_run, reprod
 @click.option("--dry-run", is_flag=True, help="Print the model card and the upload; touch no network, write nothing.")
 @click.option("--require-reproduced", is_flag=True, help="Refuse unless every output was rebuilt to the same bytes "
               "(recipe run --reproduce).")
+@click.option("--force", is_flag=True, help="Publish although a gate failed or an output has no verify report; the "
+              "card says so.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan/result as one JSON object on stdout.")
 @quiet_option
 @debug_option
-def publish_cmd(folder, repo, private, create_pr, dry_run, require_reproduced, as_json, quiet):
+def publish_cmd(folder, repo, private, create_pr, dry_run, require_reproduced, force, as_json, quiet):
     """Write FOLDER/README.md (the model card) from FOLDER/manifest.json and upload the release to the Hub.
 
     The token comes from HF_TOKEN or `hf auth login`; it is never printed or written.  Re-running resumes
@@ -98,7 +106,7 @@ def publish_cmd(folder, repo, private, create_pr, dry_run, require_reproduced, a
     qconvert publish release/ --repo you/Qwen-Image-GGUF --private
     """
     from qconvert.core.errors import QConvertError
-    from qconvert.releases import hub, manifest
+    from qconvert.releases import gates, hub, manifest
     from qconvert.releases.recipes import REPO
 
     say = (lambda m: None) if (quiet or as_json) else (lambda m: click.echo(m, err=True))
@@ -109,13 +117,18 @@ def publish_cmd(folder, repo, private, create_pr, dry_run, require_reproduced, a
     if require_reproduced and unproven:
         raise QConvertError(f"{folder}: {', '.join(unproven)} not rebuilt to the same bytes (--require-reproduced); "
                             "run qconvert recipe run RECIPE --out FOLDER --reproduce first")
+    problems = gates.publish_problems(m)
+    if problems and not force:
+        raise QConvertError(f"{folder}: {problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1
+                                                          else "") + "; publish refuses it (--force publishes, and "
+                            "the card says so)")
     repo = repo or m.get("hub", {}).get("repo")
     if not repo:
         raise click.UsageError("give --repo OWNER/NAME (the recipe has no [hub] repo)")
     if not REPO.fullmatch(repo):
         raise click.UsageError(f"--repo {repo}: write OWNER/NAME")
     private = private or bool(m.get("hub", {}).get("private", False))
-    card = hub.render_card(m, repo)
+    card = hub.render_card(m, repo, forced=problems)
     ops = hub.operations(folder, m)
     if dry_run:
         if as_json:

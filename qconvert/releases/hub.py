@@ -102,7 +102,35 @@ def _yaml(meta: dict) -> str:
     return "\n".join(lines)
 
 
-def render_card(m: dict, repo: str | None = None) -> str:
+def _with_interval(v: dict, figure: str, digits: int, unit: str = "") -> str:
+    """A card's figure: the mean and its 95% interval, "—" when not measured."""
+    section, key = figure.split(".")
+    value = (v.get(section) or {}).get(key)
+    if value is None:
+        return "—"
+    low, high = (v.get("intervals") or {}).get(figure, (None, None))
+    text = f"{value:.{digits}f}{unit}"
+    if low is not None and high is not None and v.get("samples", 1) > 1:
+        text += f" ({low:.{digits}f}–{high:.{digits}f})"
+    return text
+
+
+def _gate_lines(outputs: dict, order: list) -> list[str]:
+    rows = [(name, g) for name in order for g in outputs[name].get("gates") or []]
+    if not rows:
+        return []
+    out = ["## Gates", "", "Each judged on the 95% interval's bound (a gap: paired over the same samples).", "",
+           "| File | Gate | Measured | Verdict |", "|---|---|---|---|"]
+    for name, g in rows:
+        interval = g.get("interval")
+        measured = "—" if g.get("mean") is None else f"{g['mean']:.4g}" + (
+            f" ({interval[0]:.4g} to {interval[1]:.4g})" if interval and None not in interval else "")
+        verdict = "passed" if g.get("passed") else f"**failed**: {g.get('why')}"
+        out.append(f"| `{outputs[name]['file']}` | {g.get('gate')} | {measured} | {verdict} |")
+    return out + [""]
+
+
+def render_card(m: dict, repo: str | None = None, forced: list | None = None) -> str:
     meta = card_metadata(m)
     card, outputs = m.get("card", {}), m["outputs"]
     base = meta["base_model"] if isinstance(meta["base_model"], str) else meta["base_model"][0]
@@ -111,24 +139,26 @@ def render_card(m: dict, repo: str | None = None) -> str:
     out = ["---", _yaml(meta), "---", "", f"# {title}", ""]
     if m["recipe"].get("description"):
         out += [m["recipe"]["description"], ""]
+    if forced:
+        out += [f"**Published with `--force`** although: {'; '.join(forced)}.", ""]
     out += [f"Quantized from [{base}](https://huggingface.co/{base}) with qconvert {m['qconvert_version']} "
             f"(recipe `{m['recipe']['file']}`). Every file was compared with the original by `qconvert verify`: "
-            "the same prompt, seed and sampler through both, figures below (higher PSNR/SSIM is closer).", ""]
+            "each prompt and seed sampled through both on the same noise; each figure below is the mean over those "
+            "samples with its 95% interval in brackets (higher PSNR is closer).", ""]
     out += ["## Files", "", "| File | Format | Size | Latent PSNR | Pixel PSNR | Runs natively on |",
             "|---|---|---|---|---|---|"]
     for name in order:
         e = outputs[name]
         v = e.get("verify") or {}
-        lat = (v.get("latents") or {}).get("psnr_db")
-        px = (v.get("pixels") or {}).get("psnr_db")
         loras = ", ".join(Path(lora["spec"].rsplit(":", 1)[0] if re.search(r":[\d.]+$", lora["spec"])
                                 else lora["spec"]).name for lora in e.get("loras", []))
         level = e.get("options", {}).get("level") if e["format"] == "gguf" else None
         shown_fmt = e["format"] + (f" {level}" if level else "") + (f" + {loras}" if loras else "")
         out.append(f"| `{e['file']}` | {shown_fmt} | {_size(e['bytes'])} | "
-                   f"{'%.2f dB' % lat if lat is not None else '—'} | {'%.2f dB' % px if px is not None else '—'} | "
-                   f"{guide(e['format'])[2]} |")
-    out += ["", "## ComfyUI", "", "| Format | Put the file in | Load it with |", "|---|---|---|"]
+                   f"{_with_interval(v, 'latents.psnr_db', 2, ' dB')} | "
+                   f"{_with_interval(v, 'pixels.psnr_db', 2, ' dB')} | {guide(e['format'])[2]} |")
+    out += [""] + _gate_lines(outputs, order)
+    out += ["## ComfyUI", "", "| Format | Put the file in | Load it with |", "|---|---|---|"]
     for fmt in sorted({outputs[n]["format"] for n in order}):
         where, node, _ = guide(fmt)
         out.append(f"| {fmt} | `{where}` | {node} |")
@@ -137,8 +167,13 @@ def render_card(m: dict, repo: str | None = None) -> str:
     out += _library_usage(outputs, order, repo, base)
     settings = next((outputs[n]["verify"].get("settings") for n in order if outputs[n].get("verify")), None)
     if settings:
-        shown = ", ".join(f"{k} {settings[k]}" for k in ("height", "width", "steps", "schedule", "seed", "runtime")
+        shown = ", ".join(f"{k} {settings[k]}" for k in ("height", "width", "steps", "schedule", "runtime")
                           if k in settings)
+        if isinstance(settings.get("prompts"), list) and isinstance(settings.get("seeds"), list):
+            shown += (f", {len(settings['prompts'])} prompts x {len(settings['seeds'])} seeds "
+                      f"({', '.join(str(p) for p in settings['prompts'][:4])}"
+                      f"{', ...' if len(settings['prompts']) > 4 else ''}; seeds "
+                      f"{', '.join(str(x) for x in settings['seeds'][:8])})")
         out += ["## How close each file is to the original", "", f"`qconvert verify` ({shown}): the reference "
                 "run, this file's run, and their difference.", ""]
         for name in order:

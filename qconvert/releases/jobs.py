@@ -290,5 +290,9 @@ def figures(report_json: Path) -> dict:
                        ("weights", ("mean_rel_rmse", "worst_rel_rmse", "changed_tensors", "changed_mean_rel_rmse"))):
         values = r.get(part) or {}
         out[part] = {k: values.get(k) for k in keys if values.get(k) is not None}
+        for k, bounds in (values.get("interval") or {}).items():
+            if k in keys:
+                out.setdefault("intervals", {})[f"{part}.{k}"] = list(bounds)
+    out["samples"] = len(r.get("samples") or []) or 1
     out["pictures"] = sorted(p.name for p in report_json.parent.glob("*.png"))
     return out

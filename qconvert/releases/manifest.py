@@ -159,10 +159,25 @@ def entry_problem(entry) -> str | None:
             if not isinstance(figures, dict) or not all(
                     isinstance(v, (int, float)) and not isinstance(v, bool) for v in figures.values()):
                 return f"verify.{part} must hold numbers"
+        intervals = verify.get("intervals", {})
+        if not isinstance(intervals, dict) or not all(
+                isinstance(v, list) and len(v) == 2 and all(_number_or_null(x) for x in v) for v in intervals.values()):
+            return "verify.intervals must map figures to [low, high]"
+        if not isinstance(verify.get("samples", 1), int):
+            return "verify.samples must be a whole number"
         pictures = verify.get("pictures", [])
         if not _strings(pictures) or not all(_plain_name(p) for p in pictures):
             return "verify.pictures must be file names"
+    gates = entry.get("gates", [])
+    if not isinstance(gates, list) or not all(
+            isinstance(g, dict) and isinstance(g.get("passed"), bool) and isinstance(g.get("gate"), str)
+            and isinstance(g.get("why") or "", str) for g in gates):
+        return "gates must be verdicts {gate, passed, why}"
     return None
+
+
+def _number_or_null(x) -> bool:
+    return x is None or (isinstance(x, (int, float)) and not isinstance(x, bool))
 
 
 def _plain_name(name: str) -> bool:

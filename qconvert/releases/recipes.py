@@ -39,6 +39,14 @@ A mistake is one line naming the file, the line and the key.
     lora = ["hf://lightx2v/Qwen-Image-Lightning/Qwen-Image-Lightning-4steps-V1.0.safetensors:1.0"]
     verify = { steps = 4, schedule = "lightning" }
 
+    [[output]]
+    name = "nvfp4"
+    converter = "to-comfy"
+    format = "nvfp4"
+    file = "qwen-image-nvfp4.safetensors"
+    gate = [{ figure = "latents.psnr_db", min = 25 },              # judged on the 95% interval's bound
+            { figure = "latents.psnr_db", max_gap = 3, to = "Q8_0" }]  # paired: loses at most 3 dB to Q8_0
+
 Output options are the converter's long options without ``--`` (``keep``,
 ``activations``, ``precision`` ...).  Relative paths in options, LoRAs and the
 source are taken from the current folder, as on the command line, and made
@@ -57,6 +65,7 @@ from qconvert.converters.base import Param
 from qconvert.converters.registry import CONVERTERS as REGISTRY
 from qconvert.core import untrusted
 from qconvert.core.errors import QConvertError
+from qconvert.releases import gates
 
 # converter -> the file suffix its recipe outputs must have (the converters that write one file)
 CONVERTERS = {c.name: c.suffix for c in REGISTRY.values() if c.suffix}
@@ -77,7 +86,7 @@ TABLES = {"recipe": {"name", "source", "description"},
           "hub": {"repo", "private"},
           "build": {"device", "cpus"},
           "verify": set(VERIFY_OPTIONS)}
-OUTPUT_KEYS = {"name", "converter", "file", "level", "levels", "lora", "verify"}
+OUTPUT_KEYS = {"name", "converter", "file", "level", "levels", "lora", "verify", "gate"}
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
 FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,199}")
 REPO = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
@@ -98,6 +107,7 @@ class Output:
     loras: tuple = ()  # "FILE[:STRENGTH]" or "hf://OWNER/REPO/PATH[:STRENGTH]"
     verify: tuple = ()  # ((verify option, value), ...): the recipe's [verify] with this output's overrides
     line: int = 0
+    gates: tuple = ()  # gates.Gate, ...: what its verify figures must show before the release is published
 
     @property
     def level(self) -> str | None:
@@ -208,6 +218,14 @@ def parse(data: dict, path: Path, text: str = "", sha256: str = "") -> Recipe:
     outputs: list[Output] = []
     for index, raw in enumerate(raw_outputs):
         outputs += _outputs(where, raw, index, verify_defaults, calibrate is not None)
+    by_name = {o.name: o for o in outputs}
+    for o in outputs:
+        for g in o.gates:
+            problem = gates.reference_problem(g, o, by_name) if g.to else None
+            if problem is None and o.verify_settings().get("enabled") is False:
+                problem = f"gate on {g.figure}: the output is not verified (verify enabled = false)"
+            if problem:
+                raise RecipeError(f"{path}:{o.line}: output {o.name}: {problem}")
     seen: dict = {}
     for o in outputs:
         for kind, value in (("name", o.name), ("file", o.file)):
@@ -235,6 +253,9 @@ def _outputs(where, raw, index: int, verify_defaults: dict, has_calibrate: bool)
     if not isinstance(loras, list) or not all(isinstance(x, str) and x for x in loras):
         raise where.error("lora must be a list of \"FILE[:STRENGTH]\" strings", "lora", **at)
     verify = {**verify_defaults, **_verify(where, raw.get("verify", {}), index=index)}
+    checks = gates.parse(raw["gate"]) if "gate" in raw else ()
+    if isinstance(checks, str):
+        raise where.error(checks, "gate", **at)
     options = _options(where, converter, {k: v for k, v in raw.items() if k not in OUTPUT_KEYS}, **at)
     wants = CALIBRATION_OPTION[converter]
     if dict(options).get(wants) == FROM_RECIPE and not has_calibrate:
@@ -254,7 +275,7 @@ def _outputs(where, raw, index: int, verify_defaults: dict, has_calibrate: bool)
         names = [_level(where, x, **at) for x in levels]
         return [Output(level, converter, _file(where, file_template.replace("{level}", level), converter, **at),
                        (*options, ("level", level)), tuple(loras), tuple(sorted(verify.items())),
-                       where.line("levels", **at)) for level in names]
+                       where.line("levels", **at), checks) for level in names]
     if converter == "to-gguf":
         if "level" not in raw:
             raise where.error("a to-gguf output needs level (or levels)", None, **at)
@@ -266,7 +287,7 @@ def _outputs(where, raw, index: int, verify_defaults: dict, has_calibrate: bool)
                           "name", **at)
     file = _file(where, file_template.replace("{level}", dict(options).get("level", "")), converter, **at)
     return [Output(name, converter, file, tuple(options), tuple(loras), tuple(sorted(verify.items())),
-                   where.line("name" if "name" in raw else "converter", **at))]
+                   where.line("name" if "name" in raw else "converter", **at), checks)]
 
 
 def converter_params(converter: str) -> dict[str, Param]:

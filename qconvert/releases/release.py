@@ -28,7 +28,7 @@ from qconvert.converters.base import Source
 from qconvert.converters.registry import CONVERTERS
 from qconvert.core.errors import QConvertError
 from qconvert.core.lora import parse_spec
-from qconvert.releases import manifest
+from qconvert.releases import gates, manifest
 from qconvert.releases.executors import executor
 from qconvert.releases.jobs import (
     HF_PREFIX,
@@ -273,6 +273,10 @@ def run(plan: Plan, *, kind: str = "local", address: str | None = None, quiet: b
                 plan.planned_bytes.update(planned_sizes(waiting))  # exact now that the statistics exist
                 plan.approximate.clear()
             ex.run([(run_job, job) for job in plan.jobs], plan.out, done)
+    failed = gates.judge_release(plan.recipe.outputs, plan.out, record)
+    manifest.write(plan.out, record)
+    for line in failed:
+        say(f"gate failed: {line}")
     return record
 
 
