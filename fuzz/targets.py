@@ -278,13 +278,14 @@ def imatrix_file(data: bytes) -> None:
         read_imatrix(path, model)
 
 
-BASELINE_SETTINGS = {"height": 32, "width": 48, "steps": 2, "cfg": 1.0, "schedule": "lightning", "seed": 0,
-                     "embeds": "synthetic", "decode": "off", "dtype": "float32", "runtime": "native"}
+BASELINE_SETTINGS = {"height": 32, "width": 48, "steps": 2, "cfg": 1.0, "schedule": "lightning",
+                     "prompts": ["synthetic:0"], "seeds": [0, 1], "decode": "off", "dtype": "float32",
+                     "runtime": "native"}
 
 
 def verify_baseline(data: bytes) -> None:
     """A report.json given to ``qconvert verify --baseline``: read, then gated against."""
-    from qconvert.running.verify import gate, read_baseline
+    from qconvert.running.report import gate, read_baseline
 
     path = _file("report.json", data)
     with expected_errors():
@@ -295,6 +296,30 @@ def verify_baseline(data: bytes) -> None:
 _REPORT = {"complete": True, "weights": {"worst_rel_rmse": 0.01, "mean_rel_rmse": 0.001, "worst_layer": "x"},
            "blocks": {"worst_rel_rmse": 0.02, "worst_block": 0},
            "latents": {"psnr_db": 40.0, "ssim": 0.99, "rel_rmse": 0.02}}
+
+
+def _baseline_report() -> dict:
+    from qconvert.running.report import SCHEMA_VERSION
+
+    samples = [{"prompt": "synthetic:0", "seed": seed, "latents": {"psnr_db": 40.0 + seed, "ssim": 0.99,
+                                                                   "cosine": 0.999, "rel_rmse": 0.02}}
+               for seed in (0, 1)]
+    return {"schema_version": SCHEMA_VERSION, "settings": BASELINE_SETTINGS, **_REPORT, "samples": samples,
+            "per_layer": [{"name": "x", "role": "img_q", "rel_rmse": 0.01, "cosine": 0.99}]}
+
+
+def gate_report(data: bytes) -> None:
+    """A release's reports/NAME/report.json as the gates read it: every gate judged, against itself too."""
+    from qconvert.releases import gates
+
+    folder = scratch() / "release"
+    (folder / "reports" / "o").mkdir(parents=True, exist_ok=True)
+    (folder / "reports" / "o" / "report.json").write_bytes(data)
+    report = gates.read_report(folder, {"report": "reports/o"})
+    for gate in (gates.Gate("latents.psnr_db", "min", 30.0), gates.Gate("weights.worst_rel_rmse", "max", 0.1),
+                 gates.Gate("pixels.lpips", "max", 0.1), gates.Gate("latents.ssim", "max_gap", 0.01, "o")):
+        verdict = gates.judge(gate, report, report)
+        assert isinstance(verdict["passed"], bool) and (verdict["passed"] or verdict["why"])
 
 
 def vae_config(data: bytes) -> None:
@@ -374,6 +399,7 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "fp8": fp8_file,
     "sampler-inputs": sampler_inputs,
     "verify-baseline": verify_baseline,
+    "gate-report": gate_report,
     "imatrix": imatrix_file,
     "vae-config": vae_config,
     "svdquant": svdquant_file,
@@ -415,9 +441,11 @@ def seeds(name: str) -> list[bytes]:
     if name == "verify-baseline":
         import json
 
-        report = {"schema_version": 2, "settings": BASELINE_SETTINGS, **_REPORT,
-                  "per_layer": [{"name": "x", "role": "img_q", "rel_rmse": 0.01, "cosine": 0.99}]}
-        return [json.dumps(report, indent=2).encode()]
+        return [json.dumps(_baseline_report(), indent=2).encode()]
+    if name == "gate-report":
+        import json
+
+        return [json.dumps(_baseline_report(), indent=2).encode()]
     if name == "svdquant":
         from qconvert.converters.svdquant import SvdqOptions, convert
         from qconvert.core.checkpoint import open_checkpoint

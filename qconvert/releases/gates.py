@@ -26,12 +26,13 @@ publishes, and the card says so).
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from qconvert.running.report import FIGURES, SAMPLED, finite
+from qconvert.core.checkpoint import read_json_file
+from qconvert.core.errors import QConvertError
+from qconvert.running.report import FIGURES, REPORT_LIMITS, SAMPLED, finite
 from qconvert.running.stats import paired_gap, summary
 
 BETTER = dict(FIGURES) | {f"latents.{k}": "higher" for k in ("cosine",)}
@@ -126,25 +127,30 @@ def reference_problem(gate: Gate, output, others: dict) -> str | None:
 
 # ------------------------------------------------------------------ judging
 
+def _samples(report: dict) -> list:
+    samples = report.get("samples")
+    return [s for s in samples if isinstance(s, dict)] if isinstance(samples, list) else []
+
+
 def _per_sample(report: dict, figure: str) -> list | None:
     """The figure on each sample (an exact sample's PSNR, null in JSON, as infinity); None when not measured."""
     section, key = figure.split(".")
     values = []
-    for s in report.get("samples") or []:
-        part = s.get(section) or {}
-        if key not in part:
+    for s in _samples(report):
+        part = s.get(section)
+        if not isinstance(part, dict) or key not in part:
             return None
         value = part[key]
         if value is None and key == "psnr_db":
             value = math.inf
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value):
             return None
         values.append(float(value))
     return values or None
 
 
 def _keys(report: dict) -> list:
-    return [(s.get("prompt"), s.get("seed")) for s in report.get("samples") or []]
+    return [(s.get("prompt"), s.get("seed")) for s in _samples(report)]
 
 
 def judge(gate: Gate, report: dict | None, other: dict | None = None) -> dict:
@@ -154,14 +160,16 @@ def judge(gate: Gate, report: dict | None, other: dict | None = None) -> dict:
         return {**verdict, "why": "no verify report"}
     section = gate.figure.split(".")[0]
     if section not in SAMPLED:  # a weight or block figure: one value
-        value = (report.get(section) or {}).get(gate.figure.split(".")[1])
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
+        part = report.get(section)
+        value = part.get(gate.figure.split(".")[1]) if isinstance(part, dict) else None
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or math.isnan(value):
             return {**verdict, "why": f"{gate.figure} not measured"}
         ok = value >= gate.bound if gate.kind == "min" else value <= gate.bound
         return {**verdict, "passed": bool(ok), "mean": value, "why": None if ok else f"{value:.6g}"}
     values = _per_sample(report, gate.figure)
     if values is None:
-        why = (report.get("pixels_skipped") if section == "pixels" else None) or "no per-sample figures"
+        skipped = report.get("pixels_skipped") if section == "pixels" else None
+        why = skipped if isinstance(skipped, str) else "no per-sample figures"
         return {**verdict, "why": f"{gate.figure} not measured ({why})"}
     if gate.kind == "max_gap":
         if other is None:
@@ -186,10 +194,13 @@ def read_report(folder: Path, entry: dict | None) -> dict | None:
     if not entry or not entry.get("report"):
         return None
     path = Path(folder) / entry["report"] / "report.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+    if not path.is_file():
         return None
+    try:
+        data = read_json_file(path, REPORT_LIMITS)  # a hostile file like any other
+    except QConvertError:
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def judge_release(outputs, folder: Path, record: dict) -> list[str]:
