@@ -1,0 +1,298 @@
+"""Every quality table of the README, measured: ``docs/quality.md`` is this script's output.
+
+    python3 benchmarks/bench_quality.py [--work DIR] [--sections all|NAME,...] [--readme] [--pixels]
+
+It makes the test models, converts them with the CLI a user runs, verifies
+each file with ``qconvert verify --json`` and writes docs/quality.md: each
+table with the settings it was measured under, the commit, and each figure
+as the mean over the samples (prompts x seeds, the reference and the file
+on the same noise) with its bootstrap 95% interval.  ``--readme`` also
+replaces the README's tables between ``<!-- quality:NAME -->`` markers with
+this run's; a test checks that every number in those tables is in
+docs/quality.md, so the README's figures are never typed by hand.
+
+Tables: ComfyUI formats at both runtimes, the size-budgeted mixes, GGUF
+levels, SVDQuant LoRA modes (the tiny model, about 10 minutes on a 2-core
+CPU; the default sections), and the formats and mixes on a model of full
+width with two blocks (``--sections full-width-formats,full-width-mixes``:
+most of an hour there).  Sections not asked for are kept as they were, each
+with the commit it was measured at.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ["--synthetic", "4", "--seeds", "2"]  # 8 held-out samples a file
+PIXELS = {"on": False}  # --pixels: decode every sample with the tiny VAE too (about 3x the time on a CPU)
+
+
+def qconvert(*args, capture: bool = True) -> str:
+    cmd = [sys.executable, "-m", "qconvert", *map(str, args)]
+    done = subprocess.run(cmd, capture_output=capture, text=True, cwd=ROOT)
+    if done.returncode != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{done.stderr}")
+    return done.stdout
+
+
+def verify(path: Path, model: Path, work: Path, *extra) -> dict:
+    report = work / "reports" / f"{path.name}-{'-'.join(str(e).strip('-') for e in extra) or 'default'}"
+    decode = [] if PIXELS["on"] else ["--no-decode"]
+    return json.loads(qconvert("verify", path, "--reference", model, "--report", report, *SAMPLES, *extra,
+                               *decode, "--json", "-q"))
+
+
+def pixel_head() -> tuple[str, str]:
+    return (" pixel PSNR (dB) |", "---|") if PIXELS["on"] else ("", "")
+
+
+def pixel_cell(r: dict) -> str:
+    return f" {cell(r.get('pixels'))} |" if PIXELS["on"] else ""
+
+
+def cell(section: dict | None, key: str = "psnr_db", digits: int = 2) -> str:
+    if not section or section.get(key) is None:
+        return "identical" if section else "—"
+    low, high = section["interval"][key]
+    return f"{section[key]:.{digits}f} ({low:.{digits}f}–{high:.{digits}f})"
+
+
+def size_of(path: Path) -> str:
+    return f"{path.stat().st_size:,}"
+
+
+# ------------------------------------------------------------------ tables
+
+FORMATS = ("fp8", "nvfp4", "mxfp8", "int8", "int8-row", "int8-tensor", "convrot-w4a4")
+
+
+def comfy_formats(model: Path, work: Path, formats=FORMATS, both_runtimes: bool = True) -> tuple[list[str], dict]:
+    """Every ComfyUI format at the native and (``both_runtimes``) the dequantized runtime."""
+    rows, files = [], {}
+    for fmt in formats:
+        path = work / f"{model.name}-{fmt}.safetensors"
+        qconvert("to-comfy", model, "--format", fmt, "-o", path, "-q")
+        files[fmt] = path
+        native = verify(path, model, work)
+        dequantized = verify(path, model, work, "--runtime", "dequantized") if both_runtimes else None
+        rows.append(f"| `{fmt}` | {size_of(path)} | {cell(native['latents'])} |"
+                    + (f" {cell(dequantized['latents'])} |" if dequantized else "") + pixel_cell(native))
+    px, rule = pixel_head()
+    head = ["| `--format` | bytes | latent PSNR, native (dB) |" + (" latent PSNR, dequantized (dB) |" if both_runtimes
+                                                                  else "") + px,
+            "|---|---|---|" + ("---|" if both_runtimes else "") + rule]
+    return head + rows, files
+
+
+MEASURES = (("block, native (default)", []), ("block, chosen for dequantized", ["--runtime", "dequantized"]),
+            ("weight", ["--sensitivity", "weight"]))
+
+
+def mixes(model: Path, work: Path, files: dict, fractions=(0.25, 0.6), measures=MEASURES) -> list[str]:
+    """Mixes at budgets between the NVFP4 and INT8 sizes, each measure, verified at the native runtime."""
+    nvfp4, int8 = files["nvfp4"].stat().st_size, files["int8"].stat().st_size
+    rows = []
+    for name, path in (("NVFP4", files["nvfp4"]), ("ConvRot W4A4", files["convrot-w4a4"])):
+        r = verify(path, model, work)
+        rows.append(f"| {name} | {size_of(path)} | {cell(r['latents'])} |" + pixel_cell(r))
+    for fraction in fractions:
+        target = (nvfp4 + (int8 - nvfp4) * fraction) / 1e9
+        for label, extra in measures:
+            path = work / f"{model.name}-mix-{fraction}-{'-'.join(extra).strip('-') or 'native'}.safetensors"
+            qconvert("to-comfy", model, "--format", "mix", "--target-size", f"{target:.6f}", *extra, "-o", path,
+                     "-q")
+            r = verify(path, model, work)
+            rows.append(f"| mix {target * 1e3:.3f} MB, {label} | {size_of(path)} | {cell(r['latents'])} |"
+                        + pixel_cell(r))
+    for name, key in (("FP8", "fp8"), ("INT8 ConvRot", "int8"), ("MXFP8", "mxfp8")):
+        r = verify(files[key], model, work)
+        rows.append(f"| {name} | {size_of(files[key])} | {cell(r['latents'])} |" + pixel_cell(r))
+    px, rule = pixel_head()
+    return ["| file | bytes | latent PSNR (dB) |" + px, "|---|---|---|" + rule] + rows
+
+
+def gguf_levels(model: Path, work: Path) -> list[str]:
+    levels = ["Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_1", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_1", "Q4_0", "Q3_K_M",
+              "Q3_K_S", "Q2_K"]
+    folder = work / "gguf"
+    qconvert("to-gguf", model, "--level", ",".join(levels), "-o", folder, "-q")
+    rows = []
+    for level in levels:
+        path = next(folder.glob(f"*-{level}.gguf"))
+        r = verify(path, model, work)
+        rows.append(f"| {level} | {size_of(path)} | {cell(r['latents'])} |" + pixel_cell(r))
+    px, rule = pixel_head()
+    return ["| level | bytes | latent PSNR (dB) |" + px, "|---|---|---|" + rule] + rows
+
+
+def svdquant_lora(model: Path, work: Path) -> list[str]:
+    """A LoRA three ways into an SVDQuant INT4 file (rank 16), verified against the source through the LoRA."""
+    lora = work / "style-lora.safetensors"
+    subprocess.run([sys.executable, "-c", "import sys; from qconvert.core import tiny; "
+                    "tiny.make_tiny_lora(sys.argv[1], sys.argv[2])", str(lora), str(model)], check=True, cwd=ROOT)
+    base = work / "svdq-base.safetensors"
+    qconvert("to-svdquant", model, "--rank", "16", "-o", base, "-q")
+    ways = {"baked, then quantized (`--lora`)": ["to-svdquant", model, "--rank", "16", "--lora", lora],
+            "appended to the branch (`--lora-mode lowrank`)": ["to-svdquant", model, "--rank", "16", "--lora", lora,
+                                                               "--lora-mode", "lowrank"],
+            "baked into the SVDQuant file (`bake-lora`, back to rank 16)": ["bake-lora", base, "--lora", lora]}
+    rows = []
+    for i, (label, args) in enumerate(ways.items()):
+        path = work / f"svdq-lora-{i}.safetensors"
+        qconvert(*args, "-o", path, "-q")
+        r = verify(path, model, work, "--lora", lora)
+        rows.append(f"| {label} | {size_of(path)} | {cell(r['latents'])} |" + pixel_cell(r))
+    px, rule = pixel_head()
+    return ["| the LoRA | bytes | latent PSNR (dB) |" + px, "|---|---|---|" + rule] + rows
+
+
+# ------------------------------------------------------------------ output
+
+def provenance() -> str:
+    """Where and from what a section was measured."""
+    import torch
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                           cwd=ROOT).stdout.strip()
+    return (f"Measured at commit {commit.stdout.strip()}{' (with uncommitted changes)' if dirty else ''}, "
+            f"{datetime.date.today().isoformat()}, torch {torch.__version__}, {platform.machine()} CPU, "
+            f"{os.cpu_count()} cores, by `python3 benchmarks/bench_quality.py --sections NAME"
+            f"{' --pixels' if PIXELS['on'] else ''}`.")
+
+
+def header() -> list[str]:
+    defaults = json.loads(subprocess.run([sys.executable, "-c", "import json; from qconvert.running.defaults "
+                                          "import VERIFY; print(json.dumps(VERIFY))"], capture_output=True,
+                                         text=True, cwd=ROOT).stdout)
+    shown = ", ".join(f"{k} {v}" for k, v in defaults.items() if k not in ("synthetic", "seeds"))
+    return ["# Measured quality", "",
+            "Generated by `python3 benchmarks/bench_quality.py`; do not edit by hand, run it again (`--sections` "
+            "measures some tables again and keeps the others).", "",
+            f"- verify at its defaults ({shown}) over {SAMPLES[1]} held-out synthetic prompts x {SAMPLES[3]} seeds: "
+            f"each figure is the mean over those {int(SAMPLES[1]) * int(SAMPLES[3])} samples, the reference and the "
+            "file on the same noise, and in brackets its bootstrap 95% interval",
+            "- the tiny model is `qconvert make-tiny` (3 blocks, inner dim 256); the full-width one has two blocks "
+            "of the real width (`make-tiny --layers 2 --heads 24 --head-dim 128 --text-dim 3584`)", ""]
+
+
+def kept_sections(path: Path) -> dict:
+    """{name: (title, the lines under it)} of an existing docs/quality.md."""
+    if not path.exists():
+        return {}
+    found = {}
+    for part in re.split(r"^## ", path.read_text(), flags=re.M)[1:]:
+        title, _, body = part.partition("\n")
+        name = re.search(r"<!-- table:([\w-]+) -->", body)
+        if name:
+            found[name.group(1)] = (title, body.strip("\n").splitlines())
+    return found
+
+
+def replace_readme(sections: dict) -> None:
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    for name, lines in sections.items():
+        pattern = re.compile(rf"(<!-- quality:{name} -->\n).*?(<!-- /quality:{name} -->)", re.S)
+        if not pattern.search(text):
+            print(f"README has no <!-- quality:{name} --> block; left as it is", file=sys.stderr)
+            continue
+        text = pattern.sub(lambda m: m.group(1) + "\n".join(lines) + "\n" + m.group(2), text)
+    readme.write_text(text)
+
+
+TITLES = {"comfy-formats": "ComfyUI formats, tiny model",
+          "mixes": "Size-budgeted mixes, tiny model (native runtime; budgets a quarter and 60% of the way from the "
+                   "NVFP4 size to the INT8 one)",
+          "gguf-levels": "GGUF levels, tiny model",
+          "svdquant-lora": "SVDQuant INT4 with a LoRA, tiny model (rank 16, a rank-4 LoRA; verified against the "
+                           "source through the LoRA)",
+          "full-width-formats": "ComfyUI formats, full-width model of two blocks (native runtime)",
+          "full-width-mixes": "Size-budgeted mixes, full-width model of two blocks (native runtime; budgets a "
+                              "quarter and 60% of the way from the NVFP4 size to the INT8 one)"}
+TINY = ("comfy-formats", "mixes", "gguf-levels", "svdquant-lora")
+WIDE = ("full-width-formats", "full-width-mixes")
+
+
+def measure(names: set, work: Path) -> dict:
+    """{section: table lines} for the sections asked for."""
+    out = {}
+    if names & set(TINY):
+        tiny = work / "tiny"
+        if not tiny.exists():
+            qconvert("make-tiny", tiny, "--vae", "-q")
+        files = None
+        if names & {"comfy-formats", "mixes"}:
+            print("ComfyUI formats (tiny) ...", file=sys.stderr)
+            out["comfy-formats"], files = comfy_formats(tiny, work)
+        if "mixes" in names:
+            print("mixes (tiny) ...", file=sys.stderr)
+            out["mixes"] = mixes(tiny, work, files)
+        if "gguf-levels" in names:
+            print("GGUF levels (tiny) ...", file=sys.stderr)
+            out["gguf-levels"] = gguf_levels(tiny, work)
+        if "svdquant-lora" in names:
+            print("SVDQuant LoRA modes (tiny) ...", file=sys.stderr)
+            out["svdquant-lora"] = svdquant_lora(tiny, work)
+    if names & set(WIDE):
+        wide = work / "full-width"
+        if not wide.exists():
+            qconvert("make-tiny", wide, "--layers", 2, "--heads", 24, "--head-dim", 128, "--text-dim", 3584, "-q")
+        print("full width ...", file=sys.stderr)
+        # the formats the mixes are measured against, at the native runtime; the mix as its default chooses
+        lines, wide_files = comfy_formats(wide, work, ("fp8", "nvfp4", "mxfp8", "int8", "convrot-w4a4"), False)
+        out["full-width-formats"] = lines
+        if "full-width-mixes" in names:
+            out["full-width-mixes"] = mixes(wide, work, wide_files, measures=MEASURES[:1])
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, default=None, help="Folder for the models and files (default: temp)")
+    parser.add_argument("--sections", default=",".join(TINY),
+                        help=f"Comma list of tables to measure (the others are kept): {', '.join(TITLES)}, or all")
+    parser.add_argument("--readme", action="store_true", help="Replace the README's quality tables with these")
+    parser.add_argument("--pixels", action="store_true", help="Decode every sample with the tiny VAE too (slower)")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "quality.md")
+    args = parser.parse_args()
+    PIXELS["on"] = args.pixels
+    names = set(TITLES) if args.sections == "all" else {n.strip() for n in args.sections.split(",") if n.strip()}
+    unknown = names - set(TITLES)
+    if unknown:
+        parser.error(f"--sections: no table {sorted(unknown)[0]} (choose {', '.join(TITLES)})")
+    work = args.work or Path(tempfile.mkdtemp(prefix="qconvert-quality-"))
+    work.mkdir(parents=True, exist_ok=True)
+    kept = kept_sections(args.out)
+    made = measure(names, work)
+    where = provenance()
+    out = header()
+    tables = {}
+    for name, title in TITLES.items():
+        if name in made:
+            body = [where, "", f"<!-- table:{name} -->", *made[name]]
+        elif name in kept:
+            body = kept[name][1]
+        else:
+            continue
+        out += [f"## {title}", "", *body, ""]
+        marker = body.index(f"<!-- table:{name} -->")
+        tables[name] = body[marker + 1:]
+    args.out.write_text("\n".join(out))
+    print(f"wrote {args.out}", file=sys.stderr)
+    if args.readme:
+        replace_readme(tables)
+
+
+if __name__ == "__main__":
+    main()
