@@ -46,21 +46,49 @@ class Fp8CommandOptions:
     calib: Path | None = option(None, kind=Path, show_default=False,
                                 help="With --activations calibrated: statistics from qconvert calibrate.")
     margin: float = option(1.25, help="With --activations calibrated: input_scale = margin * calibrated amax / 448.")
+    input_tolerance: float = option(2.0, help="With --activations calibrated: a layer keeps its FP8 matmul when, "
+                                              "measured on a short reference run as the native runtime computes "
+                                              "it, its error is at most 1 + this times the full-precision "
+                                              "matmul's; else full precision.")
 
 
 def run(source: Source, o: Fp8CommandOptions, output=None, *, dry_run: bool = False, quiet: bool = False,
         echo: Callable[[str], None] = silent) -> Result:
     try:
-        options = fp8.make_options(o.layout, o.dtype, o.keep, o.activations, o.margin)
+        options = fp8.make_options(o.layout, o.dtype, o.keep, o.activations, o.margin, o.input_tolerance)
     except QConvertError as exc:
         raise UsageError(str(exc)) from None
     if (o.activations == "calibrated") != (o.calib is not None):
         raise UsageError("--activations calibrated and --calib FILE go together")
+    measured = None
     with source.open() as src:
         if o.calib is not None:
-            options = fp8.with_input_scales(options, src, o.calib)
+            options, measured = _measured_scales(src, options, o.calib, source.device, echo)
         report = fp8.convert(src, output, options, device=source.device, dry_run=dry_run, quiet=quiet)
-    return Result(report, fp8.format_report(report), [Path(report["output"])])
+    if measured is not None:
+        report["fp8_matmul"] = measured
+    text = fp8.format_report(report)
+    if measured is not None:
+        kept = measured["full_precision"]
+        text = (f"FP8 matmuls chosen for the native runtime: {measured['layers'] - len(kept)} of {measured['layers']} "
+                f"layers; full precision for {len(kept)}" + (f" ({', '.join(kept[:6])}"
+                                                             f"{', ...' if len(kept) > 6 else ''})" if kept else "")
+                + "\n" + text)
+    return Result(report, text, [Path(report["output"])])
+
+
+def _measured_scales(src, options, calib, device: str, echo) -> tuple:
+    """Calibrated options whose full-precision layers were chosen by measuring each FP8 matmul as the native
+    runtime computes it (``running.fp8_matmul``), and what was measured."""
+    from qconvert.running.fp8_matmul import full_precision_layers, matmul_errors
+
+    scales = dict(fp8.static_scales(options, src, calib))
+    errors = matmul_errors(src, scales, options.dtype, device=device, echo=echo)
+    unseen = {m for m, s in scales.items() if s is None}
+    keep = full_precision_layers(errors, options.input_tolerance) | unseen
+    measured = {"runtime": "native", "tolerance": options.input_tolerance, "layers": len(scales),
+                "full_precision": sorted(keep), "errors": errors}
+    return fp8.with_input_scales(options, src, calib, frozenset(keep)), measured
 
 
 def demo_step(model: Path, out: Path, quiet: bool, echo: Callable[[str], None]) -> list[Path]:

@@ -27,6 +27,7 @@ naming the settings that differ.
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from dataclasses import dataclass
 
@@ -86,14 +87,23 @@ def check_sampling(options) -> None:
     if prompts * options.seeds > MAX_SAMPLES:
         raise QConvertError(f"{prompts} prompts x {options.seeds} seeds = {prompts * options.seeds} samples; verify "
                             f"runs at most {MAX_SAMPLES} in one batch")
-    if not -(1 << 62) < options.seed < (1 << 62) - options.seeds:
-        raise QConvertError(f"--seed {options.seed}: give a seed that fits in 63 bits")
+    if not 0 <= options.seed < (1 << 62) - options.seeds:
+        raise QConvertError(f"--seed {options.seed}: give a seed from 0 that fits in 62 bits")
+    seen: dict = {}
+    for f in options.prompt_files:
+        key = os.path.realpath(f)
+        if key in seen:
+            raise QConvertError(f"--embeds {f}: given twice (also as {seen[key]}); each prompt once")
+        seen[key] = f
 
 
 def _label(path) -> str:
     """A prompt file by name and content: a baseline made with another file of the same name is refused."""
-    digest = hashlib.sha256(open(path, "rb").read(1 << 26)).hexdigest()[:12]
-    return f"{path.name}#{digest}"
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return f"{path.name}#{digest.hexdigest()[:12]}"
 
 
 def load_batch(options, config) -> Batch:

@@ -429,8 +429,11 @@ def test_inspect_names_each_layout(outputs, tmp_path):
 # ----------------------------------------------------- activation modes
 
 def test_activation_modes(tmp_path, capsys):
+    """calibrated: each layer's FP8 matmul measured as the native runtime computes it; the layers it would cost
+    too much keep full precision, and the file verifies at the native runtime far closer than one that puts
+    every layer on an FP8 matmul."""
     from qconvert.formats.calibration import read_stats
-    from qconvert.formats.comfyui.fp8 import FP8_TYPES, static_scale_holds
+    from qconvert.running import stats as figures
     from tests.cli_helpers import run
 
     model = tiny.make_tiny(tmp_path / "m", layers=2)
@@ -438,34 +441,48 @@ def test_activation_modes(tmp_path, capsys):
     code, out, err = run(["calibrate", model, "--synthetic", "1", "--height", 128, "--width", 128, "--steps", 2,
                           "-o", calib], capsys)
     assert code == 0 and "saw inputs beyond ±448" in out, err
-    paths = {}
-    for mode, extra in (("unit", []), ("calibrated", ["--calib", calib, "--margin", "1.5"])):
+    paths, reports = {}, {}
+    for mode, extra in (("unit", []), ("calibrated", ["--calib", calib, "--margin", "1.5"]),
+                        ("every-fp8-matmul", ["--calib", calib, "--margin", "1.5", "--input-tolerance", "1000"])):
         paths[mode] = tmp_path / f"{mode}.safetensors"
-        code, _, err = run(["to-fp8", model, "--activations", mode, *extra, "-o", paths[mode], "-q"], capsys)
+        activations = "unit" if mode == "unit" else "calibrated"
+        code, out, err = run(["to-fp8", model, "--activations", activations, *extra, "-o", paths[mode], "--json",
+                              "-q"], capsys)
         assert code == 0, err
+        reports[mode] = json.loads(out)
     unit = load_file(paths["unit"])
     layer = "transformer_blocks.1.attn.to_q"
     assert unit[f"{layer}.comfy_quant"].numpy().tobytes() == b'{"format": "float8_e4m3fn"}'
     calibrated = load_file(paths["calibrated"])
+    measured = reports["calibrated"]["fp8_matmul"]
+    assert measured["runtime"] == "native" and measured["tolerance"] == 2.0
     source = open_checkpoint(model)
     layers = sorted({qi.describe(n).module for n in block_linears(source.tensors)})
     stats = read_stats(calib, source, layers)
-    static = 0
+    kept = set(measured["full_precision"])
+    assert 0 < len(kept) < len(layers)
     for name in layers:
         conf = json.loads(calibrated[f"{name}.comfy_quant"].numpy().tobytes())
-        st = stats[name]
-        amax, rms = float(st.absmax.max()), float((st.sq_sum / st.seen).mean().sqrt())
-        if static_scale_holds(amax, rms, FP8_TYPES["e4m3fn"], 1.5):
-            static += 1
-            assert conf == {"format": "float8_e4m3fn"}
-            assert float(calibrated[f"{name}.input_scale"]) == pytest.approx(1.5 * amax / 448, rel=1e-6)
-        else:
+        errors = measured["errors"][name]
+        if name in kept:
             assert conf["full_precision_matrix_mult"] is True and f"{name}.input_scale" not in calibrated
-    assert static > 0
-    code, _, err = run(["verify", paths["calibrated"], "--reference", model, "--report", tmp_path / "r",
-                        "--height", 32, "--width", 32, "--steps", 2, "--no-decode"], capsys)
-    assert code == 0, err  # the loader reads input_scale beside the weights
-    assert not static_scale_holds(1e6, 1.0, FP8_TYPES["e4m3fn"], 1.0)  # typical input below e4m3's normals
+            assert errors["fp8_matmul"] > 3 * errors["full_precision"]
+        else:
+            assert conf == {"format": "float8_e4m3fn"} and errors["fp8_matmul"] <= 3 * errors["full_precision"]
+            amax = float(stats[name].absmax.max())
+            assert float(calibrated[f"{name}.input_scale"]) == pytest.approx(1.5 * amax / 448, rel=1e-6)
+    assert reports["every-fp8-matmul"]["fp8_matmul"]["full_precision"] == []
+    psnr = {}
+    for mode in ("calibrated", "every-fp8-matmul"):
+        code, _, err = run(["verify", paths[mode], "--reference", model, "--report", tmp_path / mode, "--no-decode"],
+                           capsys)  # at verify's defaults
+        assert code == 0, err  # the loader reads input_scale beside the weights
+        psnr[mode] = [s["latents"]["psnr_db"] for s in
+                      json.loads((tmp_path / mode / "report.json").read_text())["samples"]]
+    assert figures.paired_gap(psnr["calibrated"], psnr["every-fp8-matmul"])["low"] > 0
+    with safe_open(paths["calibrated"], "pt") as f:
+        options = json.loads(f.metadata()["qconvert"])["options"]
+    assert options["chosen_for_runtime"] == "native" and options["full_precision_layers"] == len(kept)
     code, _, err = run(["to-fp8", model, "--activations", "calibrated", "-o", tmp_path / "x.safetensors"], capsys)
     assert code == 2 and "--calib" in err
     code, _, err = run(["to-fp8", model, "--format", "plain", "--activations", "unit", "-o",

@@ -131,3 +131,10 @@ def test_intervals_with_exact_samples_and_paired_gaps():
     assert stats.paired_gap([math.inf], [math.inf])["mean"] == 0.0
     with pytest.raises(ValueError):
         stats.paired_gap([1.0], [1.0, 2.0])
+
+
+def test_a_prompt_given_twice_is_refused(tmp_path, capsys, setup):
+    _, _, (short, _) = setup
+    code, err, _ = verify(capsys, setup, tmp_path / "r", "--embeds", short, "--embeds", short)
+    assert_one_line_error(code, err, "given twice", "each prompt once")
+    assert not (tmp_path / "r").exists()

@@ -17,8 +17,9 @@ Layouts (``--format``; facts from shared/specs/fp8-lora-sampler.md §3-§5):
     to each layer's JSON, as Comfy-Org's exporter does: ComfyUI dequantizes
     and runs a BF16 matmul.  ``calibrated`` writes ``input_scale = margin ·
     amax / 448`` from ``qconvert calibrate`` statistics and keeps the flag on
-    layers whose typical input would fall below FP8's normal range under that
-    static scale.  ``unit`` is the layout qconvert wrote before (no flag, no
+    the layers whose FP8 matmul, measured as the native runtime computes it
+    on a short reference run (``running/fp8_matmul.py``), errs more than
+    ``1 + input_tolerance`` times the full-precision matmul.  ``unit`` is the layout qconvert wrote before (no flag, no
     scale), for comparisons only.  By default the 840 block linears are
     quantized; ``--keep mod`` (any ``ROLE_GROUPS`` name) keeps groups in BF16.
     Everything else (biases, norms, img_in/txt_in, timestep MLP, norm_out,
@@ -140,6 +141,7 @@ class Fp8Options:
     activations: str = "full-precision"  # comfy layout: how ComfyUI treats each layer's input (module docstring)
     input_scales: tuple = ()  # calibrated: ((layer, input_scale or None for full precision), ...), sorted
     margin: float = 1.25
+    input_tolerance: float = 2.0  # calibrated: how much more error an FP8 matmul may make (running/fp8_matmul.py)
 
     def layer_config(self, layer: str) -> tuple[dict, float | None]:
         """(the layer's comfy_quant JSON object, its input_scale or None)."""
@@ -159,14 +161,16 @@ class Fp8Options:
     def to_json(self) -> dict:
         extra = {"activations": self.activations} if self.layout == "comfy" else {}
         if self.activations == "calibrated" and self.layout == "comfy":
-            extra.update(margin=self.margin, full_precision_layers=sum(1 for _, v in self.input_scales if v is None))
+            extra.update(margin=self.margin, full_precision_layers=sum(1 for _, v in self.input_scales if v is None),
+                         input_tolerance=self.input_tolerance, chosen_for_runtime="native")
         return {"layout": self.layout, "dtype": self.dtype, "keep": list(self.keep), **extra,
                 "scale": "per-tensor amax/max" if self.layout != "plain" else "none",
                 "rounding": "nearest-even, clamped to the format's range"}
 
 
 def make_options(layout: str = "comfy", dtype: str = "e4m3fn", keep: Iterable[str] = (),
-                 activations: str = "full-precision", margin: float = 1.25) -> Fp8Options:
+                 activations: str = "full-precision", margin: float = 1.25,
+                 input_tolerance: float = 2.0) -> Fp8Options:
     """Validated options; ``keep`` items may be comma-separated ("mod,v").  Calibrated input scales are
     added by ``with_input_scales`` once the source is open."""
     if activations not in ACTIVATION_MODES:
@@ -176,6 +180,9 @@ def make_options(layout: str = "comfy", dtype: str = "e4m3fn", keep: Iterable[st
                             "per-layer activation settings)")
     if not 1.0 <= margin <= 16:
         raise QConvertError(f"--margin {margin}: give 1 to 16 (the calibrated maximum is multiplied by it)")
+    if not 0 <= input_tolerance <= 1000:
+        raise QConvertError(f"--input-tolerance {input_tolerance}: give 0 to 1000 (how many times the weight's own "
+                            "error an FP8 matmul may add)")
     if layout not in LAYOUTS:
         raise QConvertError(f"unknown FP8 layout {layout!r}; choose from {', '.join(LAYOUTS)}")
     if dtype not in FP8_TYPES:
@@ -187,32 +194,29 @@ def make_options(layout: str = "comfy", dtype: str = "e4m3fn", keep: Iterable[st
     if layout == "scaled" and dtype != "e4m3fn":
         raise QConvertError("--format scaled supports only --dtype e4m3fn: current ComfyUI reads every legacy "
                             "scaled file as e4m3fn; use --format comfy for e5m2")
-    return Fp8Options(layout, dtype, tuple(groups), activations, (), margin)
+    return Fp8Options(layout, dtype, tuple(groups), activations, (), margin, input_tolerance)
 
 
-# Under a static scale s = margin·amax/M a typical input (its RMS) lands at M·rms/(margin·amax); below the
-# format's smallest normal it keeps fewer than the mantissa's bits, so such layers keep full precision.
-def static_scale_holds(amax: float, rms: float, fp8: Fp8Type, margin: float) -> bool:
-    smallest_normal = float(torch.finfo(fp8.dtype).smallest_normal)
-    return amax > 0 and fp8.max * rms / (margin * amax) >= smallest_normal
-
-
-def with_input_scales(options: Fp8Options, source, calib) -> Fp8Options:
-    """``calibrated`` options with each quantized layer's input_scale (None: full precision) from ``calib``."""
+def with_input_scales(options: Fp8Options, source, calib, full_precision=frozenset()) -> Fp8Options:
+    """``calibrated`` options with each quantized layer's input_scale from ``calib``: margin · amax / max, or
+    None (a full-precision matmul) for the layers in ``full_precision`` and those that saw no input."""
     from dataclasses import replace
 
+    return replace(options, input_scales=tuple((layer, None if layer in full_precision else scale)
+                                               for layer, scale in static_scales(options, source, calib)))
+
+
+def static_scales(options: Fp8Options, source, calib) -> list[tuple[str, float | None]]:
+    """[(layer, margin · calibrated amax / the format's max, or None when the layer saw no input)] in order."""
     from qconvert.formats.calibration import read_stats
 
     layers = sorted(qi.describe(n).module for n in quantized_names(source, options))
     stats = read_stats(calib, source, layers)
-    scales = []
+    out = []
     for layer in layers:
-        st = stats[layer]
-        amax = float(st.absmax.max())
-        rms = float((st.sq_sum / max(st.seen, 1)).mean().sqrt())
-        holds = static_scale_holds(amax, rms, options.fp8, options.margin)
-        scales.append((layer, options.margin * amax / options.fp8.max if holds else None))
-    return replace(options, input_scales=tuple(scales))
+        amax = float(stats[layer].absmax.max())
+        out.append((layer, options.margin * amax / options.fp8.max if amax > 0 else None))
+    return out
 
 
 # --------------------------------------------------------------------- plan
