@@ -45,11 +45,25 @@ def qconvert(*args, capture: bool = True) -> str:
     return done.stdout
 
 
+REUSE = {"on": False}  # --reuse: keep files and reports a killed run left in --work
+
+
 def verify(path: Path, model: Path, work: Path, *extra) -> dict:
+    """verify --json of ``path``; a report already made of this very file (newer than it) is read instead."""
     report = work / "reports" / f"{path.name}-{'-'.join(str(e).strip('-') for e in extra) or 'default'}"
+    made = report / "report.json"
+    if made.exists() and made.stat().st_mtime > path.stat().st_mtime:
+        return json.loads(made.read_text())
     decode = [] if PIXELS["on"] else ["--no-decode"]
     return json.loads(qconvert("verify", path, "--reference", model, "--report", report, *SAMPLES, *extra,
                                *decode, "--json", "-q"))
+
+
+def convert(path: Path, *args) -> None:
+    """One ``qconvert`` conversion to ``path`` (skipped with --reuse when a killed run already made it)."""
+    if REUSE["on"] and path.exists():
+        return
+    qconvert(*args, "-o", path, "-q")
 
 
 def pixel_head() -> tuple[str, str]:
@@ -81,7 +95,7 @@ def comfy_formats(model: Path, work: Path, formats=FORMATS, both_runtimes: bool 
     rows, files = [], {}
     for fmt in formats:
         path = work / f"{model.name}-{fmt}.safetensors"
-        qconvert("to-comfy", model, "--format", fmt, "-o", path, "-q")
+        convert(path, "to-comfy", model, "--format", fmt)
         files[fmt] = path
         native = verify(path, model, work)
         dequantized = verify(path, model, work, "--runtime", "dequantized") if both_runtimes else None
@@ -109,8 +123,7 @@ def mixes(model: Path, work: Path, files: dict, fractions=(0.25, 0.6), measures=
         target = (nvfp4 + (int8 - nvfp4) * fraction) / 1e9
         for label, extra in measures:
             path = work / f"{model.name}-mix-{fraction}-{'-'.join(extra).strip('-') or 'native'}.safetensors"
-            qconvert("to-comfy", model, "--format", "mix", "--target-size", f"{target:.6f}", *extra, "-o", path,
-                     "-q")
+            convert(path, "to-comfy", model, "--format", "mix", "--target-size", f"{target:.6f}", *extra)
             r = verify(path, model, work)
             rows.append(f"| mix {target * 1e3:.3f} MB, {label} | {size_of(path)} | {cell(r['latents'])} |"
                         + pixel_cell(r))
@@ -264,9 +277,10 @@ def main() -> None:
                         help=f"Comma list of tables to measure (the others are kept): {', '.join(TITLES)}, or all")
     parser.add_argument("--readme", action="store_true", help="Replace the README's quality tables with these")
     parser.add_argument("--pixels", action="store_true", help="Decode every sample with the tiny VAE too (slower)")
+    parser.add_argument("--reuse", action="store_true", help="Keep the files a killed run left in --work")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "quality.md")
     args = parser.parse_args()
-    PIXELS["on"] = args.pixels
+    PIXELS["on"], REUSE["on"] = args.pixels, args.reuse
     names = set(TITLES) if args.sections == "all" else {n.strip() for n in args.sections.split(",") if n.strip()}
     unknown = names - set(TITLES)
     if unknown:
