@@ -45,7 +45,8 @@ def summary(values) -> dict:
         raise ValueError("no samples")
     if np.isnan(v).any():
         raise ValueError("a NaN figure cannot be summarised; verify refuses non-finite outputs before this")
-    mean = float(v.mean()) if np.isfinite(v).all() else _mean_with_infinities(v)
+    with np.errstate(invalid="ignore"):  # +inf and -inf together (never from verify) would give NaN
+        mean = float(v.mean())
     if v.size == 1:
         return {"mean": mean, "low": mean, "high": mean, "n": 1}
     draws = _bootstrap_means(v)
@@ -53,12 +54,6 @@ def summary(values) -> dict:
     low = draws[int(math.floor(tail * RESAMPLES))]
     high = draws[min(RESAMPLES - 1, int(math.ceil((1 - tail) * RESAMPLES)) - 1)]
     return {"mean": mean, "low": float(low), "high": float(high), "n": int(v.size)}
-
-
-def _mean_with_infinities(v: np.ndarray) -> float:
-    with np.errstate(invalid="ignore"):
-        m = float(v.mean())
-    return m if not math.isnan(m) else math.nan
 
 
 def paired_gap(a, b) -> dict:
