@@ -83,13 +83,15 @@ def inspect_cmd(path, as_json):
 @cli.command("demo")
 @click.option("--out", type=click.Path(path_type=Path), default=Path("qconvert-demo"), show_default=True,
               help="Folder for the tiny model and every output.")
+@click.option("--no-reports", is_flag=True, help="Skip the verify report of each file (about half the time; the "
+              "release still verifies its own files).")
 @quiet_option
 @debug_option
-def demo_cmd(out, quiet):
+def demo_cmd(out, no_reports, quiet):
     """Make a tiny model and run every conversion on it, saying how to load each file."""
     from qconvert.releases.demo import run_demo
 
-    run_demo(out, quiet=quiet, echo=echo)
+    run_demo(out, quiet=quiet, echo=echo, reports=not no_reports)
 
 
 # The converters' commands are made from the converter registry when asked for (cli/convert.py, through
