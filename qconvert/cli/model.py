@@ -114,8 +114,8 @@ def sample_cmd(source, embeds, synthetic_embeds, height, width, steps, cfg, sche
 @quiet_option
 @debug_option
 def verify_cmd(output, reference, report_dir, baseline, tolerance, embeds, synthetic, seeds, height, width, steps, cfg,
-               schedule, seed, max_minutes, loras, ignore_unmatched, vae, no_decode, runtime, device, dtype, cache_gb, as_json,
-               quiet):
+               schedule, seed, max_minutes, loras, ignore_unmatched, vae, no_decode, runtime, device, dtype, cache_gb,
+               as_json, quiet):
     """Measure an output against its source: per-layer weight error, end-to-end figures over prompts x seeds
     with 95% intervals; gate on a baseline.
 

@@ -41,7 +41,7 @@ class ComfyCommandOptions:
                                  help="mix: block (default): the error each layer's format causes in its block's "
                                       "output on a short reference run, which sees which layers matter; weight "
                                       "(default with --calib): each layer's weight error, about half the time.")
-    runtime: str | None = option(None, choices=("native", "dequantized"), show_default=False,
+    runtime: str | None = option(None, choices=registry.RUNTIMES, show_default=False,
                                  help="mix: the runtime the formats are chosen for: native (default with the block "
                                       "measure) runs each candidate with its inputs quantized as its matmul does "
                                       "(RTX 40/50); dequantized (GPUs without the kernels; the weight measure's).")

@@ -82,13 +82,13 @@ def _measured_scales(src, options, calib, device: str, echo) -> tuple:
     runtime computes it (``running.fp8_matmul``), and what was measured."""
     from qconvert.running.fp8_matmul import full_precision_layers, matmul_errors
 
-    scales = dict(fp8.static_scales(options, src, calib))
-    errors = matmul_errors(src, scales, options.dtype, device=device, echo=echo)
-    unseen = {m for m, s in scales.items() if s is None}
+    scales = fp8.static_scales(options, src, calib)
+    errors = matmul_errors(src, dict(scales), options.dtype, device=device, echo=echo)
+    unseen = {m for m, s in scales if s is None}
     keep = full_precision_layers(errors, options.input_tolerance) | unseen
     measured = {"runtime": "native", "tolerance": options.input_tolerance, "layers": len(scales),
                 "full_precision": sorted(keep), "errors": errors}
-    return fp8.with_input_scales(options, src, calib, frozenset(keep)), measured
+    return fp8.with_input_scales(options, scales, frozenset(keep)), measured
 
 
 def demo_step(model: Path, out: Path, quiet: bool, echo: Callable[[str], None]) -> list[Path]:

@@ -27,20 +27,21 @@ import time
 import torch
 import torch.nn.functional as F
 
-from qconvert.codecs.comfyui.layouts.fp8 import FP8_TYPES, quantize_fp8
+from qconvert.codecs.comfyui.layouts.fp8 import FP8, FP8_E5M2
 from qconvert.running import inputs, sampler
 from qconvert.running.model import QwenImageTransformer
 from qconvert.running.providers import DenseProvider
 
 DEFAULT_TOLERANCE = 2.0
+LAYERS = {layer.fp8.name: layer for layer in (FP8, FP8_E5M2)}  # --dtype -> the layer format ComfyUI runs
 
 
 class _Measuring(DenseProvider):
     """Dense weights; the layers with a static input scale also measure their two FP8 variants."""
 
-    def __init__(self, source, scales: dict, fp8, **kwargs):
+    def __init__(self, source, scales: dict, layer, **kwargs):
         super().__init__(source, **kwargs)
-        self.scales, self.fp8 = scales, fp8
+        self.scales, self.layer = scales, layer
         self.sums = {m: [0.0, 0.0, 0.0] for m in scales}  # reference energy, full-precision error, FP8 matmul's
 
     def linear(self, module: str):
@@ -49,14 +50,13 @@ class _Measuring(DenseProvider):
         if scale is None:
             return run
         weight, bias = self.tensor(f"{module}.weight"), self.tensor(f"{module}.bias")
-        q, w_scale = quantize_fp8(weight, self.fp8)
-        w_fp8 = q.float() * w_scale
+        w_fp8 = self.layer.roundtrip(weight)
         s = torch.tensor(scale, dtype=torch.float32)
         sums = self.sums[module]
 
         def measured(x: torch.Tensor) -> torch.Tensor:
             y = run(x)
-            x_fp8 = (x.float() / s).clamp(-self.fp8.max, self.fp8.max).to(self.fp8.dtype).float() * s
+            x_fp8 = self.layer.activations(x.float(), {}, s)  # as ComfyUI's FP8 matmul quantizes its input
             ref = y.double()
             sums[0] += float(ref.pow(2).sum())
             sums[1] += float((F.linear(x.float(), w_fp8, bias).double() - ref).pow(2).sum())
@@ -71,7 +71,7 @@ def matmul_errors(source, scales: dict, dtype: str = "e4m3fn", *, size: int = 25
     output's, over a short reference run, with the FP8 weight and a full-precision input, and with the input
     quantized by the layer's static scale (``scales``: {layer: input_scale})."""
     config = source.config
-    provider = _Measuring(source, {m: s for m, s in scales.items() if s is not None}, FP8_TYPES[dtype],
+    provider = _Measuring(source, {m: s for m, s in scales.items() if s is not None}, LAYERS[dtype],
                           device=torch.device(device))
     model = QwenImageTransformer(config, provider)
     prompt = inputs.synthetic_prompt(config, seed).to(torch.device(device), torch.float32)

@@ -115,11 +115,11 @@ def load_batch(options, config) -> Batch:
         lacking = next(label for label, p in prompts if p.neg_embeds is None)
         raise QConvertError(f"{lacking}: has no negative_prompt_embeds while other prompts do; with --cfg "
                             f"{options.cfg:g} every prompt needs one (or run with --cfg 1)")
+    if options.cfg <= 1:  # no CFG: the negatives are not run
+        prompts = [(label, inputs.Prompt(p.embeds, p.mask)) for label, p in prompts]
     seeds = [options.seed + i for i in range(options.seeds)]
     order = [(label, prompt, seed) for label, prompt in prompts for seed in seeds]
     batch = inputs.batch_prompts([prompt for _, prompt, _ in order])
-    if options.cfg <= 1 or len(negatives) == 2:
-        batch = inputs.Prompt(batch.embeds, batch.mask)
     noise = torch.cat([inputs.seeded_noise(seed, options.height, options.width) for _, _, seed in order])
     return Batch(batch, noise, [{"prompt": label, "seed": seed} for label, _, seed in order])
 

@@ -54,12 +54,12 @@ def as_run(w: torch.Tensor, name: str, runtime: str = "native"):
     for BF16, or an FP8 layer asking for full precision); under ``dequantized`` it is left as it is."""
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime {runtime!r}: choose {' or '.join(RUNTIMES)}")
-    if name == BF16:
-        return w.to(torch.bfloat16).float(), None
+    if name == BF16 or runtime == "dequantized":
+        return roundtrip(w, name), None
     fmt = FORMATS[name]
     tensors, conf = fmt.encode(w)
     weight = fmt.decode(tensors, tuple(w.shape), conf)
-    if runtime == "dequantized" or conf.get("full_precision_matrix_mult"):
+    if conf.get("full_precision_matrix_mult"):
         return weight, None
     input_scale = tensors.get("input_scale")
     return weight, lambda x: activations(x, fmt.comfy_format, conf, input_scale).to(x.dtype)

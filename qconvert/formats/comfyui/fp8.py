@@ -19,8 +19,8 @@ Layouts (``--format``; facts from shared/specs/fp8-lora-sampler.md §3-§5):
     amax / 448`` from ``qconvert calibrate`` statistics and keeps the flag on
     the layers whose FP8 matmul, measured as the native runtime computes it
     on a short reference run (``running/fp8_matmul.py``), errs more than
-    ``1 + input_tolerance`` times the full-precision matmul.  ``unit`` is the layout qconvert wrote before (no flag, no
-    scale), for comparisons only.  By default the 840 block linears are
+    ``1 + input_tolerance`` times the full-precision matmul.  ``unit`` is the
+    layout qconvert wrote before (no flag, no scale), for comparisons only.  By default the 840 block linears are
     quantized; ``--keep mod`` (any ``ROLE_GROUPS`` name) keeps groups in BF16.
     Everything else (biases, norms, img_in/txt_in, timestep MLP, norm_out,
     proj_out) is BF16.  Needs a ComfyUI recent enough to read ``comfy_quant``.
@@ -197,13 +197,13 @@ def make_options(layout: str = "comfy", dtype: str = "e4m3fn", keep: Iterable[st
     return Fp8Options(layout, dtype, tuple(groups), activations, (), margin, input_tolerance)
 
 
-def with_input_scales(options: Fp8Options, source, calib, full_precision=frozenset()) -> Fp8Options:
-    """``calibrated`` options with each quantized layer's input_scale from ``calib``: margin · amax / max, or
-    None (a full-precision matmul) for the layers in ``full_precision`` and those that saw no input."""
+def with_input_scales(options: Fp8Options, scales: list, full_precision=frozenset()) -> Fp8Options:
+    """``calibrated`` options with each quantized layer's input_scale (``static_scales``), or None (a
+    full-precision matmul) for the layers in ``full_precision`` and those that saw no input."""
     from dataclasses import replace
 
     return replace(options, input_scales=tuple((layer, None if layer in full_precision else scale)
-                                               for layer, scale in static_scales(options, source, calib)))
+                                               for layer, scale in scales))
 
 
 def static_scales(options: Fp8Options, source, calib) -> list[tuple[str, float | None]]:
