@@ -150,7 +150,7 @@ def mixed_options(source, *, target_size: float | None = None, max_error: float 
         how = ("inputs quantized as each format's native matmul does" if runtime == "native"
                else "dequantized weights, full-precision inputs")
         echo(f"to-comfy mix: chosen for the {runtime} runtime: measuring {len(layers)} linears in {len(CANDIDATES)} "
-             f"formats each by their blocks' output error ({how})")
+             f"formats each by the image-stream error after the next block ({how})")
         errors = block_sensitivity(source, layers, device=device, runtime=runtime, echo=echo)
     else:
         importance = None

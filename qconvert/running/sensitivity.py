@@ -9,20 +9,27 @@ ends there, so only ``txt_mod.1``'s first shift and scale reach the image,
 through the keys and values).  Here a short reference sampling run (verify's
 machinery) records each block's inputs at a few steps; then, block by block,
 every linear is put in each candidate format alone and the block run again:
-its error is the block's output error it causes (image and text streams; the
-image only in the last block), relative and summed over the recorded steps.
-One block's weights in memory at a time.
+its error is the relative error it causes in the image stream (see below),
+averaged over the recorded steps.
+
+Each candidate is judged where its error reaches the image: by the image
+stream after the *following* block (the last block's own image output for
+that block's layers).  Summing the text stream's relative error with the
+image's, as this measure first did, spent bytes on text-side layers whose
+large relative errors (NVFP4 rounds the text embeddings' outliers coarsely)
+barely reach the image: on the tiny model the 6.0 MB mix verified at 38.6
+dB that way and 42.5 dB judged after the next block; the 6.9 MB one 43.3 and
+50.4 dB (docs/quality.md has the current figures).  The next block is where
+a text-side error first meets the image (a text query, the text MLP, the
+text output projection touch the image only through the later blocks'
+attention); errors that take longer to arrive are not seen.  Two blocks'
+weights in memory at a time, and each candidate runs two blocks.
 
 Each candidate is run as the target runtime computes it (``runtime``):
 ``native`` (the default, as verify's) also quantizes the layer's input as
 that format's matmul does (NVFP4 and MXFP8 in blocks, INT8 per row), which
 is what a GPU with the kernels runs; ``dequantized`` multiplies the stored
-weights by full-precision inputs, as GPUs without them do.  Measured so
-far (the tiny model in docs/quality.md, the full-width one in issue 20's
-note), the native measure's choice verifies *below* the dequantized
-measure's even at the native runtime, probably because each layer is
-measured alone against the dense block while q, k and v round one shared
-input, so per-layer errors do not add up.  Open in issue 20.
+weights by full-precision inputs, as GPUs without them do.
 """
 
 from __future__ import annotations
@@ -60,10 +67,26 @@ class _Inputs:
         return run if quantize is None else (lambda x: run(quantize(x)))
 
 
+def _block_weights(source, i: int, dev) -> dict:
+    prefix = f"transformer_blocks.{i}."
+    return {n: source.load(n).to(dev, torch.float32) for n in source.tensors if n.startswith(prefix)}
+
+
+def _image_after(weights: dict | None, i: int, config, dev):
+    """``judge(img, txt, rest)``: the image stream after block ``i`` (dense ``weights``) run on block ``i -
+    1``'s outputs and the sample's other inputs ``rest``; the image itself where there is no block ``i``."""
+    if weights is None:
+        return lambda img, txt, rest: img
+    from qconvert.running.model import Block
+
+    block = Block(_Inputs(weights, device=dev), i, config)
+    return lambda img, txt, rest: block(img, txt, *rest)[0]
+
+
 def block_sensitivity(source, layers: list[str], *, size: int = 256, steps: int = 2, seed: int = 0,
                       device: str = "cpu", runtime: str = "native", echo=print) -> dict[str, dict[str, float]]:
-    """{layer: {format: the block-output error that format alone causes, run as ``runtime`` runs it}} for every
-    candidate that fits."""
+    """{layer: {format: the image-stream error that format alone causes after the following block, run as
+    ``runtime`` runs it}} for every candidate that fits."""
     from qconvert.running import inputs
     from qconvert.running.model import Block, QwenImageTransformer
     from qconvert.running.providers import DenseProvider
@@ -79,7 +102,7 @@ def block_sensitivity(source, layers: list[str], *, size: int = 256, steps: int 
     start = time.monotonic()
     sample_latents(source, source, options, batch, record=(measured_steps(steps), along))
     echo(f"  reference run for the block inputs: {time.monotonic() - start:.1f} s; then {len(layers)} linears x "
-         f"{len(CANDIDATES)} formats x {len(along)} steps, one block run each")
+         f"{len(CANDIDATES)} formats x {len(along)} steps, each its block and the next")
     dev = torch.device(device)
     prompt = prompt.to(dev, torch.float32)
     shapes = [(1, size // 16, size // 16)]
@@ -89,19 +112,21 @@ def block_sensitivity(source, layers: list[str], *, size: int = 256, steps: int 
     wanted = set(layers)
     table: dict[str, dict[str, float]] = {}
     first = time.monotonic()
+    following = _block_weights(source, 0, dev)
     for i in range(config.num_layers):
         if i == 1:
             took = time.monotonic() - first
             echo(f"  block 1 of {config.num_layers} took {took:.1f} s; about {took * config.num_layers / 60:.1f} min "
                  "in all")
-        prefix = f"transformer_blocks.{i}."
-        weights = {n: source.load(n).to(dev, torch.float32) for n in source.tensors if n.startswith(prefix)}
+        weights, last = following, i == config.num_layers - 1
+        following = None if last else _block_weights(source, i + 1, dev)
         provider = _Inputs(weights, device=dev)
         args = [(s.img, s.txt, s.temb, s.mask, s.freqs, s.modulate_index) for s in states]
         with torch.no_grad():
             reference = [Block(provider, i, config)(*a) for a in args]
-            last = i == config.num_layers - 1
-            for module in sorted(m for m in wanted if m.startswith(prefix)):
+            judge = _image_after(following, i + 1, config, dev)
+            wanted_images = [judge(img, txt, a[2:]) for a, (img, txt) in zip(args, reference)]
+            for module in sorted(m for m in wanted if m.startswith(f"transformer_blocks.{i}.")):
                 name = f"{module}.weight"
                 original = weights[name]
                 row = table.setdefault(module, {})
@@ -112,10 +137,8 @@ def block_sensitivity(source, layers: list[str], *, size: int = 256, steps: int 
                         row[fmt] = 0.0
                         continue
                     provider.inputs = {module: inputs_as} if inputs_as is not None else {}
-                    error = 0.0
-                    for a, (ref_img, ref_txt) in zip(args, reference):
-                        img, txt = Block(provider, i, config)(*a)
-                        error += _relative(img, ref_img) + (0.0 if last else _relative(txt, ref_txt))
+                    error = sum(_relative(judge(*Block(provider, i, config)(*a), a[2:]), want)
+                                for a, want in zip(args, wanted_images))
                     row[fmt] = error / len(args)
                 weights[name] = original
                 provider.inputs = {}

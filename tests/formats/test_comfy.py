@@ -371,7 +371,8 @@ def test_unaligned_model_round_trips_through_comfyui(tmp_path, capsys):
 
 
 def test_block_sensitivity_sees_which_layers_matter(tmp_path):
-    """The last block's text side never reaches the output; its image modulation scales the whole stream."""
+    """The last block's text side never reaches the output; its image modulation scales the whole stream; an
+    earlier block's text side is judged where it reaches the image, after the next block."""
     from qconvert.running import mix as comfy_mix
     from qconvert.running.sensitivity import block_sensitivity
 
@@ -386,6 +387,8 @@ def test_block_sensitivity_sees_which_layers_matter(tmp_path):
     in_last = [m for m in table if m.startswith(last)]
     assert max(in_last, key=lambda m: table[m]["nvfp4"]) == last + "img_mod.1"
     assert all(row["bf16"] == 0.0 for row in table.values())  # a BF16 source stored in BF16 is exact
+    assert all(table["transformer_blocks.0." + text][f] > 0 for text in ("attn.to_add_out", "txt_mlp.net.2")
+               for f in ("fp8", "nvfp4"))
 
 
 @pytest.mark.slow
