@@ -29,8 +29,8 @@ qconvert to-gguf ./qwen-image --level all -o gguf/ --dry-run
 @dataclass(frozen=True)
 class GgufOptions:
     level: str = option(required=True, metavar="LEVEL", show_default=False,
-                        help="BF16, F16, Q8_0, Q6_K, Q5_K_M, Q5_K_S, Q5_1, Q5_0, Q4_K_M, Q4_K_S, Q4_1, Q4_0, Q3_K_M, "
-                             "Q3_K_S, Q2_K, all, or a list (Q8_0,Q4_K_M): several levels read the source once.")
+                        help="BF16, F16, Q8_0, Q6_K, Q5_K_M, Q5_K_S, Q5_1, Q5_0, Q4_K_M, Q4_K_S, Q4_1, IQ4_NL, Q4_0, "
+                             "IQ4_XS, Q3_K_M, Q3_K_S, Q2_K, all, or a list (Q8_0,Q4_K_M): several levels read the source once.")
     policy: str = option("city96", choices=("city96", "quantstack", "uniform"),
                          help="Per-tensor types: city96's published files, QuantStack's (blocks 0/last at Q5_K), "
                               "or every block linear at the level's base type.")

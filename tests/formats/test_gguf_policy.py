@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import replace
 
@@ -45,11 +46,14 @@ EXPECTED_COUNTS = {
     "Q4_1": {"Q4_1": 840}, "Q4_0": {"Q4_0": 720, "Q4_1": 120},
     "Q3_K_M": {"Q3_K": 580, "Q4_K": 260}, "Q3_K_S": {"Q3_K": 812, "Q4_K": 28},
     "Q2_K": {"Q2_K": 696, "Q3_K": 116, "Q4_K": 28},
+    # llama.cpp's IQ4 rule: without an imatrix the ffn-down of blocks 0-6 (the first eighth) at Q5_K
+    "IQ4_NL": {"IQ4_NL": 826, "Q5_K": 14}, "IQ4_XS": {"IQ4_XS": 826, "Q5_K": 14},
 }
 
 # §3.2: llama.cpp's LlamaFileType per level.
 EXPECTED_FILE_TYPES = {"F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10, "Q3_K_S": 11,
-                       "Q3_K_M": 12, "Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_S": 16, "Q5_K_M": 17, "Q6_K": 18, "BF16": 32}
+                       "Q3_K_M": 12, "Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_S": 16, "Q5_K_M": 17, "Q6_K": 18, "IQ4_NL": 25,
+                       "IQ4_XS": 30, "BF16": 32}
 
 
 def block_linear_counts(types: dict) -> dict:
@@ -138,7 +142,29 @@ def test_small_and_unknown_tensors_are_never_quantized():
     assert policy.tensor_type(qi.ADDITION_T_EMBEDDING, (2, 3072), "Q2_K", FULL) == T.BF16
 
 
-@pytest.mark.parametrize("level", policy.LEVELS)
+def test_iq4_levels_with_an_imatrix_keep_every_linear_at_the_base_type():
+    for level in policy.IQ4_LEVELS:
+        types = policy.assign_types(FULL_SHAPES, level, FULL, has_imatrix=True)
+        assert block_linear_counts(types) == {level: 840}
+    assert policy.row_fallback(T.IQ4_XS, 3072 + 32) == T.IQ4_NL  # llama-quantize's fallback, then F16
+    assert policy.row_fallback(T.IQ4_XS, 3072 + 16) == T.F16
+
+
+def test_iq4_full_size_bytes(full_size_sparse):
+    """No published file to compare with: IQ4_NL stores 18 bytes per 32 as Q4_0 does, so its uniform file
+    is Q4_0's size; IQ4_XS 136 per 256; the 14 early ffn-down layers at Q5_K (176 per 256) add the rest."""
+    source = open_checkpoint(full_size_sparse)
+    q4_0 = plan_gguf(source, "Q4_0", policy="uniform").bytes
+    down = 3072 * 12288
+    assert plan_gguf(source, "IQ4_NL", policy="uniform").bytes == q4_0
+    assert plan_gguf(source, "IQ4_NL", policy="city96").bytes == q4_0 + 14 * down * (176 * 32 - 18 * 256) // 8192
+    linears = sum(math.prod(s) for n, s in FULL_SHAPES.items() if qi.describe(n).is_block_linear)
+    xs = plan_gguf(source, "IQ4_XS", policy="uniform").bytes
+    assert xs == q4_0 - linears * (18 * 8 - 136) // 256
+    assert plan_gguf(source, "IQ4_XS", policy="city96").bytes == xs + 14 * down * (176 - 136) // 256
+
+
+@pytest.mark.parametrize("level", sorted(EXPECTED_BYTES))
 def test_full_size_bytes_match_the_published_files(full_size_sparse, level, monkeypatch):
     source = open_checkpoint(full_size_sparse)
     monkeypatch.setattr(type(source), "load", lambda *a: pytest.fail("planning must not read tensor data"))

@@ -22,6 +22,7 @@ from gguf import GGMLQuantizationType as QT
 from qconvert.codecs.gguf import quants as quants_module
 from qconvert.codecs.gguf.quants import (
     FLOAT_TYPES,
+    IQ_QUANTS,
     K_QUANTS,
     LEGACY_QUANTS,
     SUPPORTED_TYPES,
@@ -76,7 +77,8 @@ def with_devices(types) -> list:
 
 
 EXACT_TYPES = sorted(FLOAT_TYPES - {QT.F32} | LEGACY_QUANTS, key=int)
-ALL_QUANTS = sorted(LEGACY_QUANTS | K_QUANTS, key=int)
+FITTED = K_QUANTS | IQ_QUANTS  # scales fitted by search: a near-tie may flip off the CPU
+ALL_QUANTS = sorted(LEGACY_QUANTS | FITTED, key=int)
 N = 1024  # row length: 4 super-blocks, 32 legacy blocks
 
 
@@ -157,7 +159,7 @@ def assert_same_blocks(ours: np.ndarray, ggml: np.ndarray, qtype: QT, backend: s
     ts = type_size(qtype)
     same = (ours.reshape(-1, ts) == ggml.reshape(-1, ts)).all(1)
     differ = f"{qtype.name} {backend} on {device}: {(~same).sum()} of {same.size} blocks differ from ggml"
-    if device == "cpu" or qtype not in K_QUANTS:
+    if device == "cpu" or qtype not in FITTED:
         assert same.all(), f"{differ}, the first is block {np.argmin(same)}"
         return same
     assert same.mean() >= 0.999, f"{differ}, more than the 0.1% allowed off the CPU"
@@ -195,7 +197,7 @@ def test_roundtrip_through_gguf_py_matches_ggml(qtype: QT, data: np.ndarray):
 
 @oracle_test
 @pytest.mark.slow
-@pytest.mark.parametrize(("qtype", "backend", "device"), with_devices(K_QUANTS))
+@pytest.mark.parametrize(("qtype", "backend", "device"), with_devices(FITTED))
 def test_full_size_layer_identical_to_ggml(qtype: QT, backend: str, device: str):
     """A 3072x3072 layer (36,864 super-blocks) of trained-looking weights."""
     x = trained_weights(np.random.default_rng(3072), 3072, 3072)
@@ -205,7 +207,7 @@ def test_full_size_layer_identical_to_ggml(qtype: QT, backend: str, device: str)
 
 
 @oracle_test
-@pytest.mark.parametrize(("qtype", "backend"), with_backends(LEGACY_QUANTS | K_QUANTS))
+@pytest.mark.parametrize(("qtype", "backend"), with_backends(LEGACY_QUANTS | FITTED))
 def test_chunks_starting_inside_a_row_match_ggml(qtype: QT, backend: str):
     """Rows of 3 super-blocks (24 legacy blocks): the 2^18-element chunks the
     encoders work in start inside a row, so each block must find its own
@@ -248,6 +250,9 @@ def test_shape_dtype_and_bytes_per_row(qtype: QT):
 def test_type_sets():
     assert K_QUANTS == {QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K}
     assert LEGACY_QUANTS == {QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0}
+    assert IQ_QUANTS == {QT.IQ4_NL, QT.IQ4_XS}
+    assert type_size(QT.IQ4_XS) == 136 and block_size(QT.IQ4_XS) == 256
+    assert type_size(QT.IQ4_NL) == 18 and block_size(QT.IQ4_NL) == 32
     assert type_size(QT.Q4_K) == 144 and block_size(QT.Q4_K) == 256
 
 
@@ -311,7 +316,8 @@ def test_worker_pool_leaves_the_callers_thread_count_alone(backend: str):
 # ggml-identical encoders give without an imatrix (a regression guard that
 # needs no oracle).
 RMSE_CEILING = {QT.Q2_K: 0.41, QT.Q3_K: 0.225, QT.Q4_K: 0.11, QT.Q5_K: 0.055, QT.Q6_K: 0.03,
-                QT.Q4_0: 0.155, QT.Q4_1: 0.12, QT.Q5_0: 0.08, QT.Q5_1: 0.057, QT.Q8_0: 0.01}
+                QT.Q4_0: 0.155, QT.Q4_1: 0.12, QT.Q5_0: 0.08, QT.Q5_1: 0.057, QT.Q8_0: 0.01,
+                QT.IQ4_NL: 0.12, QT.IQ4_XS: 0.12}
 
 
 @pytest.mark.parametrize("with_imatrix", [False, True], ids=["ref", "imatrix"])

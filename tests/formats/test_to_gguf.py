@@ -31,7 +31,7 @@ from tests import ggml_oracle
 from tests.cli_helpers import assert_one_line_error, run
 
 # One of each family, written side by side; `--level all` runs in the slow test.
-FAST_LEVELS = ["BF16", "F16", "Q8_0", "Q5_0", "Q4_K_S"]
+FAST_LEVELS = ["BF16", "F16", "Q8_0", "Q5_0", "Q4_K_S", "IQ4_NL", "IQ4_XS"]
 
 
 def sha256(path: Path) -> str:
@@ -137,8 +137,10 @@ def test_values_round_trip(written):
                 np.testing.assert_array_equal(got, want)
             elif t.tensor_type == T.F16:
                 np.testing.assert_allclose(got, want, rtol=0, atol=2.0 ** -25)  # half an F16 subnormal step
-            else:
-                assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.05, (plan.level, t.name)
+            else:  # 4-bit types err about 0.1 on trained-looking weights, 5 bits and more under 0.05
+                bound = 0.12 if t.tensor_type in (T.IQ4_NL, T.IQ4_XS, T.Q4_0, T.Q4_K) else 0.05
+                error = np.linalg.norm(got - want) / np.linalg.norm(want)
+                assert error < bound, (plan.level, t.name, error)
 
 
 def test_provenance_metadata_is_deterministic(small_model, tmp_path, capsys):

@@ -1,8 +1,8 @@
 """ggml's quantizers compiled with numba, for the CPU (``types.GgmlType.cpu`` names each type's kernels).
 
 Split by what a reader looks for: ``_cpu_core`` (float32 scalar helpers,
-ggml's scale fitting, groups in lanes), ``_cpu_kquants`` (Q2_K ... Q6_K) and
-``_cpu_legacy`` (Q8_0, Q4_0 ... Q5_1).
+ggml's scale fitting, groups in lanes), ``_cpu_kquants`` (Q2_K ... Q6_K),
+``_cpu_legacy`` (Q8_0, Q4_0 ... Q5_1) and ``_cpu_iquants`` (IQ4_NL, IQ4_XS).
 
 The torch port (``_kquants``/``_legacy``/``_fit``) spends a memory pass on
 every float32 operation, while ggml's routines are short loops over 16-32
@@ -57,6 +57,12 @@ second.
 from __future__ import annotations
 
 # Importing the kernel modules is how ``quants._cpu_backend`` finds out whether numba works here.
+from qconvert.codecs.gguf._cpu_iquants import (  # noqa: F401
+    quantize_row_iq4_nl_impl,
+    quantize_row_iq4_nl_ref,
+    quantize_row_iq4_xs_impl,
+    quantize_row_iq4_xs_ref,
+)
 from qconvert.codecs.gguf._cpu_kquants import (  # noqa: F401
     quantize_row_q2_k_impl,
     quantize_row_q2_k_ref,

@@ -41,12 +41,13 @@ from gguf import GGMLQuantizationType as QT
 from torch import Tensor
 
 from qconvert.codecs.gguf._fit import F32, div, seq_sum
-from qconvert.codecs.gguf.types import FLOAT, LEGACY, TYPES, K, cpu_kernels, of_family
+from qconvert.codecs.gguf.types import FLOAT, IQ, LEGACY, TYPES, K, cpu_kernels, of_family
 from qconvert.core.errors import QuantizationError
 from qconvert.core.pipeline import all_finite, nonfinite_error
 
 __all__ = [
     "FLOAT_TYPES",
+    "IQ_QUANTS",
     "K_QUANTS",
     "LEGACY_QUANTS",
     "SUPPORTED_TYPES",
@@ -58,6 +59,7 @@ __all__ = [
 ]
 
 K_QUANTS = of_family(K)
+IQ_QUANTS = of_family(IQ)
 LEGACY_QUANTS = of_family(LEGACY)
 FLOAT_TYPES = of_family(FLOAT)
 SUPPORTED_TYPES = frozenset(TYPES)
@@ -276,7 +278,7 @@ def _torch_encoder(qtype: QT, rows: Tensor, qw: Tensor | None, dev: torch.device
         return torch.arange(b0, b0 + x.shape[0], device=dev)
 
     impl = t.impl
-    if t.family == K:
+    if t.family != LEGACY:
         return lambda x, b0: impl(x, qw_blocks[block_index(x, b0) % blocks_per_row])
     sigma2 = _row_mean_square(rows, dev)
     return lambda x, b0: impl(x, qw_blocks[block_index(x, b0) % blocks_per_row],
@@ -332,7 +334,7 @@ def _numba_encoder(qtype: QT, kernels: tuple, rows: Tensor, qw: Tensor | None) -
     if qw is None or impl is None:
         return lambda x, b0, dst: ref(_c_array(x), dst)
     qw_blocks = _c_array(qw).reshape(-1, block_size(qtype))
-    if qtype in K_QUANTS:
+    if TYPES[qtype].family != LEGACY:
         return lambda x, b0, dst: impl(_c_array(x), dst, qw_blocks, b0)
     sigma2 = _c_array(_row_mean_square(rows, torch.device("cpu")))
     return lambda x, b0, dst: impl(_c_array(x), dst, qw_blocks, b0, sigma2)

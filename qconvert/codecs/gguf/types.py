@@ -3,7 +3,7 @@
 Each entry names ggml's two quantizers for the type, ported twice: in torch (``_legacy``, ``_kquants``:
 any device) and compiled with numba (``_cpu``: the CPU, 3-15x faster), ``ref`` (ggml's
 ``quantize_row_*_ref``, no importance matrix) and ``impl`` (``quantize_row_*_impl``, with one; Q8_0 has
-none, as in ggml).  A new type (IQ4_NL, say) is its kernels' modules, one entry here and its ggml-oracle
+none, as in ggml).  A new type (IQ4_NL was) is its kernels' modules, one entry here and its ggml-oracle
 tests; ``quants``, the writer, the type policy's sizes, inspect and verify need no change (a llama.cpp level
 that uses it is a line in ``formats/gguf/policy.py``).
 """
@@ -16,16 +16,18 @@ from typing import Callable
 
 from gguf import GGMLQuantizationType as QT
 
+from qconvert.codecs.gguf import _iquants as iq
 from qconvert.codecs.gguf import _kquants as kq
 from qconvert.codecs.gguf import _legacy as lq
 
-FLOAT, LEGACY, K = "float", "legacy", "k"
+# IQ: a codebook, not a linear scale; its imatrix path takes blocks' importances as K's does
+FLOAT, LEGACY, K, IQ = "float", "legacy", "k", "iq"
 
 
 @dataclass(frozen=True)
 class GgmlType:
     qtype: QT
-    family: str  # FLOAT (a checked cast), LEGACY (impl also takes each row's mean square) or K
+    family: str  # FLOAT (a checked cast), LEGACY (impl also takes each row's mean square), K or IQ
     ref: Callable | None = None  # torch: (B, block) float32 blocks -> (B, type_size) uint8
     impl: Callable | None = None  # torch, with an importance matrix (blocks, importance[, row mean squares])
     cpu: str | None = None  # "module:name": numba's quantize_row_{name}_ref (and _impl, if any) in module
@@ -51,6 +53,8 @@ TYPES: dict[QT, GgmlType] = {t.qtype: t for t in (
     GgmlType(QT.Q4_K, K, kq.quantize_q4_k, kq.quantize_q4_k_impl, "_cpu_kquants:q4_k"),
     GgmlType(QT.Q5_K, K, kq.quantize_q5_k, kq.quantize_q5_k_impl, "_cpu_kquants:q5_k"),
     GgmlType(QT.Q6_K, K, kq.quantize_q6_k, kq.quantize_q6_k_impl, "_cpu_kquants:q6_k"),
+    GgmlType(QT.IQ4_NL, IQ, iq.quantize_iq4_nl, iq.quantize_iq4_nl_impl, "_cpu_iquants:iq4_nl"),
+    GgmlType(QT.IQ4_XS, IQ, iq.quantize_iq4_xs, iq.quantize_iq4_xs_impl, "_cpu_iquants:iq4_xs"),
 )}
 
 

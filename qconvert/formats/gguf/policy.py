@@ -14,6 +14,9 @@ model map), its shape, the level and the config:
 ``uniform``
     Every block linear at the level's base type, like ``llama-quantize --pure``.
 
+city96's tools predate the IQ4 levels; there ``city96`` and ``quantstack``
+apply llama-quantize's own rule for them (:data:`IQ4_EARLY_FFN_DOWN`).
+
 In every policy 1-D tensors are F32, the six embedding/final weights stay BF16
 and only the 14 linears of each transformer block are ever quantized.
 """
@@ -32,7 +35,7 @@ T = GGMLQuantizationType
 
 # Largest first: the order of `--level all` and of the published file lists.
 LEVELS = ("BF16", "F16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_1", "Q5_0",
-          "Q4_K_M", "Q4_K_S", "Q4_1", "Q4_0", "Q3_K_M", "Q3_K_S", "Q2_K")
+          "Q4_K_M", "Q4_K_S", "Q4_1", "IQ4_NL", "Q4_0", "IQ4_XS", "Q3_K_M", "Q3_K_S", "Q2_K")
 ALL = "all"
 POLICIES = ("city96", "quantstack", "uniform")
 DEFAULT_POLICY = "city96"
@@ -46,7 +49,14 @@ BASE_TYPE: Mapping[str, T] = {
     "Q5_K_M": T.Q5_K, "Q5_K_S": T.Q5_K, "Q5_1": T.Q5_1, "Q5_0": T.Q5_0,
     "Q4_K_M": T.Q4_K, "Q4_K_S": T.Q4_K, "Q4_1": T.Q4_1, "Q4_0": T.Q4_0,
     "Q3_K_M": T.Q3_K, "Q3_K_S": T.Q3_K, "Q2_K": T.Q2_K,
+    "IQ4_NL": T.IQ4_NL, "IQ4_XS": T.IQ4_XS,
 }
+
+# llama.cpp's one rule for the IQ4 file types that a Qwen-Image block meets (its attn-v bump needs
+# grouped-query attention, which MMDiT has not): without an importance matrix, the ffn-down of the first
+# eighth of the blocks goes up to Q5_K.
+IQ4_LEVELS = ("IQ4_NL", "IQ4_XS")
+IQ4_EARLY_FFN_DOWN = T.Q5_K
 
 # city96 rule 5 ("ffn-down"): every MLP down projection, whatever its block.
 FFN_DOWN_BUMP: Mapping[str, T] = {
@@ -99,9 +109,9 @@ def v_bump(level: str, v_index: int) -> T | None:
 
 
 def tensor_type(name: str, shape: tuple, level: str, config: qi.QwenImageConfig, *,
-                policy: str = DEFAULT_POLICY, v_index: int = 0) -> T:
+                policy: str = DEFAULT_POLICY, v_index: int = 0, has_imatrix: bool = False) -> T:
     """The GGML type of one tensor.  ``v_index`` matters only for v projections (see
-    :func:`assign_types`, which counts them in file order)."""
+    :func:`assign_types`, which counts them in file order); ``has_imatrix`` only for the IQ4 levels."""
     info = qi.describe(name) if qi.is_known(name) else None
     if len(shape) <= 1:
         # ComfyUI-GGUF breaks on 1-D BF16 before its Dec 2025 fix, and its
@@ -112,7 +122,10 @@ def tensor_type(name: str, shape: tuple, level: str, config: qi.QwenImageConfig,
         # time_text_embed, norm_out or proj_out: they keep the base file's type.
         return T.F32 if math.prod(shape) <= F32_MAX_ELEMENTS else T.BF16
     qtype = BASE_TYPE[level]
-    if policy != "uniform":
+    if policy != "uniform" and level in IQ4_LEVELS:
+        if info.role in qi.MLP_DOWN and info.block < config.num_layers // 8 and not has_imatrix:
+            qtype = IQ4_EARLY_FFN_DOWN
+    elif policy != "uniform":
         if info.role in qi.V_PROJECTIONS:
             qtype = v_bump(level, v_index) or qtype
         elif info.role in qi.MLP_DOWN:
@@ -124,13 +137,16 @@ def tensor_type(name: str, shape: tuple, level: str, config: qi.QwenImageConfig,
 
 def row_fallback(qtype: T, row: int) -> T:
     """city96's llama-quantize writes F16 when a K-quant does not divide the row
-    (rule 7); convert.py does the same for any block type (its QuantError path)."""
+    (rule 7); convert.py does the same for any block type (its QuantError path).
+    IQ4_XS first falls back to IQ4_NL (blocks of 32), as llama-quantize does."""
+    if qtype == T.IQ4_XS and row % GGML_QUANT_SIZES[qtype][0]:
+        qtype = T.IQ4_NL
     block, _ = GGML_QUANT_SIZES[qtype]
     return T.F16 if row % block else qtype
 
 
 def assign_types(shapes: Mapping[str, tuple], level: str, config: qi.QwenImageConfig, *,
-                 policy: str = DEFAULT_POLICY) -> dict[str, T]:
+                 policy: str = DEFAULT_POLICY, has_imatrix: bool = False) -> dict[str, T]:
     """Every tensor's type, in sorted (file) order, counting v projections as
     llama-quantize does: blocks 0, 1, 10, 11, ... in string order."""
     if level not in LEVELS:
@@ -140,7 +156,8 @@ def assign_types(shapes: Mapping[str, tuple], level: str, config: qi.QwenImageCo
     types: dict[str, T] = {}
     v_index = 0
     for name in sorted(shapes):
-        types[name] = tensor_type(name, tuple(shapes[name]), level, config, policy=policy, v_index=v_index)
+        types[name] = tensor_type(name, tuple(shapes[name]), level, config, policy=policy, v_index=v_index,
+                                  has_imatrix=has_imatrix)
         if is_v_projection(name):
             v_index += 1
     return types

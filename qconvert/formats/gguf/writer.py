@@ -88,7 +88,8 @@ def _role(name: str) -> str:
     return qi.describe(name).role.value if qi.is_known(name) else "extra"
 
 
-def plan_gguf(source, level: str, *, policy: str, metadata: Sequence[tuple[str, str]] = ()) -> GGUFPlan:
+def plan_gguf(source, level: str, *, policy: str, metadata: Sequence[tuple[str, str]] = (),
+              has_imatrix: bool = False) -> GGUFPlan:
     """Types, byte counts and file size from the source header alone."""
     shapes = source.shapes()
     for name, shape in shapes.items():  # only --allow-extra tensors can break ggml's rules
@@ -98,7 +99,7 @@ def plan_gguf(source, level: str, *, policy: str, metadata: Sequence[tuple[str, 
         if len(name.encode("utf-8")) >= GGML_MAX_NAME:
             raise QConvertError(f"tensor {name}: ggml reads GGUF tensor names shorter than {GGML_MAX_NAME} bytes: "
                                 "leave it out of the source")
-    types = assign_types(shapes, level, source.config, policy=policy)
+    types = assign_types(shapes, level, source.config, policy=policy, has_imatrix=has_imatrix)
     tensors = tuple(
         TensorPlan(name, name, tuple(shapes[name]), qtype.name, tensor_nbytes(qtype, tuple(shapes[name])),
                    _role(name))
@@ -128,7 +129,7 @@ def plan_files(source, levels: Sequence[str], *, policy: str, minimal_metadata: 
         metadata = ()
         if info is not None:
             metadata = provenance_metadata({**info, "options": {**info["options"], "level": level}})
-        plans.append(plan_gguf(source, level, policy=policy, metadata=metadata))
+        plans.append(plan_gguf(source, level, policy=policy, metadata=metadata, has_imatrix=imatrix is not None))
     return plans
 
 
