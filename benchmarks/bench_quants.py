@@ -40,7 +40,7 @@ from qconvert.codecs.gguf import quants  # noqa: E402
 from qconvert.codecs.gguf.quants import SUPPORTED_TYPES, quantize, type_size  # noqa: E402
 from qconvert.codecs.gguf.types import cpu_kernels  # noqa: E402
 
-DEFAULT_TYPES = "F16,BF16,Q8_0,Q4_0,Q4_1,Q5_0,Q5_1,Q2_K,Q3_K,Q4_K,Q5_K,Q6_K"
+DEFAULT_TYPES = "F16,BF16,Q8_0,Q4_0,Q4_1,Q5_0,Q5_1,Q2_K,Q3_K,Q4_K,Q5_K,Q6_K,IQ4_NL,IQ4_XS"
 
 
 def weights(rows: int, cols: int) -> np.ndarray:

@@ -33,20 +33,45 @@ KVALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53,
 NTRY = 7
 
 
-@njit(**JIT)
-def best_index(values, x):
-    """ggml ``best_index_int8(16, values, x)``: the nearest entry, the upper one on a tie, computed as ggml's
-    binary search ends (``val[ml] <= x < val[ml+1]``, then ``x - val[ml] < val[ml+1] - x``) but without
-    branches: ``!(x < v)`` steps up, so NaN ends at 15 as it does in ggml."""
-    ml = 0
-    for step in (8, 4, 2, 1):
-        ml = ml + step if not (x < values[ml + step]) else ml
-    ml = min(ml, 14)
-    return ml if x - values[ml] < values[ml + 1] - x else ml + 1
+def _thresholds(values: np.ndarray) -> np.ndarray:
+    """For each neighbouring pair ``(a, b)`` of the codebook, the least float32 ``x`` for which ggml's
+    ``x - a < b - x`` (each side rounded to float32) is false, i.e. where ``best_index_int8`` turns from
+    ``a`` to ``b``.  Both sides are monotone in ``x``, so below it every ``x`` picks ``a``; at the exact
+    midpoint the sides are equal (ties go up), and the steps below it find where rounding moves the turn."""
+    out = []
+    for a, b in zip(values[:-1], values[1:]):
+        def upper(x, a=a, b=b):
+            return not (F32(x - a) < F32(b - x))
+        t = F32((a + b) / 2)
+        assert upper(t)
+        while upper(np.nextafter(t, F32(-np.inf))):
+            t = np.nextafter(t, F32(-np.inf))
+        out.append(t)
+    return np.array(out, F32)
+
+
+# best_index_int8 as a count of thresholds passed, and the entry as a running sum of the codebook's steps:
+# compares and adds only, so the loops over lanes compile to SIMD (ggml's binary search gathers from the
+# table at every step, which kept these kernels at ggml's own speed)
+TURNS = _thresholds(KVALUES)
+STEPS = np.diff(KVALUES).astype(F32)
 
 
 @njit(**JIT)
-def fit_scales(X, W, G, values, mx, amax, scales, sumqx, sumq2, best, idv):
+def entries(A, G, Q, index):
+    """``Q[g]``: the codebook entry ggml's ``best_index_int8(16, kvalues, A[g])`` picks (``index``: its
+    index instead).  ``!(a < t)`` counts a NaN past every turn: index 15, as ggml's search ends for NaN."""
+    for g in range(G):
+        Q[g] = ZERO if index else KVALUES[0]
+    for k in range(TURNS.shape[0]):
+        t = TURNS[k]
+        step = ONE if index else STEPS[k]
+        for g in range(G):
+            Q[g] += ZERO if A[g] < t else step
+
+
+@njit(**JIT)
+def fit_scales(X, W, G, values, mx, amax, scales, sumqx, sumq2, best, idv, A, Q):
     """Per lane ggml's trial fit: the least-squares scale at ``-max/values[0]`` (0 where the weights are all
     0: an imatrix's unused columns), then at ``(itry +
     values[0])/max`` for ``itry`` in -7..7, the best kept (``sumqx²/sumq2`` largest); 0 for a group whose
@@ -55,28 +80,14 @@ def fit_scales(X, W, G, values, mx, amax, scales, sumqx, sumq2, best, idv):
     for g in range(G):
         d = -mx[g] / values[0]
         idv[g] = ONE / d
-        sumqx[g] = ZERO
-        sumq2[g] = ZERO
-    for i in range(X.shape[0]):
-        for g in range(G):
-            q = values[best_index(values, idv[g] * X[i, g])]
-            wq = W[i, g] * q
-            sumqx[g] += wq * X[i, g]
-            sumq2[g] += wq * q
+    _sums(X, W, G, idv, sumqx, sumq2, A, Q)
     for g in range(G):
         scales[g] = sumqx[g] / sumq2[g] if sumq2[g] > 0 else ZERO     # 0 where every weight is 0
         best[g] = scales[g] * sumqx[g]
     for itry in range(-NTRY, NTRY + 1):
         for g in range(G):
             idv[g] = F32(itry + int(values[0])) / mx[g]
-            sumqx[g] = ZERO
-            sumq2[g] = ZERO
-        for i in range(X.shape[0]):
-            for g in range(G):
-                q = values[best_index(values, idv[g] * X[i, g])]
-                wq = W[i, g] * q
-                sumqx[g] += wq * X[i, g]
-                sumq2[g] += wq * q
+        _sums(X, W, G, idv, sumqx, sumq2, A, Q)
         for g in range(G):
             if sumq2[g] > 0 and sumqx[g] * sumqx[g] > best[g] * sumq2[g]:
                 scales[g] = sumqx[g] / sumq2[g]
@@ -86,13 +97,36 @@ def fit_scales(X, W, G, values, mx, amax, scales, sumqx, sumq2, best, idv):
 
 
 @njit(**JIT)
-def pack_codes(X, g, inverse, values, y, b, off):
-    """Group ``g``'s codes against ``inverse`` (the stored scale's reciprocal) as nibbles at ``y[b, off:off
-    + 16]``: ``qs[j] = L[j] | L[j + 16] << 4``."""
+def _sums(X, W, G, idv, sumqx, sumq2, A, Q):
+    """ggml's ``sumqx += w*q*x; sumq2 += w*q*q`` over each lane's group, ``q`` the entry picked for
+    ``idv*x``."""
+    for g in range(G):
+        sumqx[g] = ZERO
+        sumq2[g] = ZERO
+    for i in range(X.shape[0]):
+        for g in range(G):
+            A[g] = idv[g] * X[i, g]
+        entries(A, G, Q, False)
+        for g in range(G):
+            wq = W[i, g] * Q[g]
+            sumqx[g] += wq * X[i, g]
+            sumq2[g] += wq * Q[g]
+
+
+@njit(**JIT)
+def codes(X, G, inverse, A, L):
+    """``L[i, g]``: every element's index against ``inverse[g]`` (its group's stored scale's reciprocal)."""
+    for i in range(X.shape[0]):
+        for g in range(G):
+            A[g] = inverse[g] * X[i, g]
+        entries(A, G, L[i], True)
+
+
+@njit(**JIT)
+def pack_nibbles(L, g, y, b, off):
+    """Group ``g``'s indices as nibbles at ``y[b, off:off + 16]``: ``qs[j] = L[j] | L[j + 16] << 4``."""
     for j in range(16):
-        lo = best_index(values, inverse * X[j, g])
-        hi = best_index(values, inverse * X[j + 16, g])
-        y[b, off + j] = lo | (hi << 4)
+        y[b, off + j] = np.int64(L[j, g]) | (np.int64(L[j + 16, g]) << 4)
 
 
 @njit(**JIT)
@@ -101,11 +135,12 @@ def quantize_iq4(x, y, qw, b0, with_imatrix, super_groups):
     in ``x``; the imatrix weights are ``qw * sqrtf(sigma2 + x²)`` with sigma2 twice the block's mean
     square, else ``x²``."""
     n = 32
-    values = KVALUES
     X = np.empty((n, LANES), F32)
     W = np.empty((n, LANES), F32)
-    st = np.empty((8, LANES), F32)
+    L = np.empty((n, LANES), F32)
+    st = np.empty((11, LANES), F32)
     mx, amax, scales, sumqx, sumq2, best, idv, sw = st[0], st[1], st[2], st[3], st[4], st[5], st[6], st[7]
+    inverse, A, Q = st[8], st[9], st[10]
     per = LANES // super_groups
     sigma2 = np.empty(per, F32)
     bad = 0
@@ -122,23 +157,25 @@ def quantize_iq4(x, y, qw, b0, with_imatrix, super_groups):
             for i in range(n):
                 for g in range(G):
                     W[i, g] = X[i, g] * X[i, g]
-        fit_scales(X, W, G, values, mx, amax, scales, sumqx, sumq2, best, idv)
+        fit_scales(X, W, G, KVALUES, mx, amax, scales, sumqx, sumq2, best, idv, A, Q)
         for s in range(S):
-            b = s0 + s
             if super_groups == 1:
                 d = scales[s]
-                store_fp16(y, b, 0, d)
-                pack_codes(X, s, ONE / d if d else ZERO, values, y, b, 2)
-                continue
-            _pack_xs(X, s * super_groups, scales, values, y, b)
+                store_fp16(y, s0 + s, 0, d)
+                inverse[s] = ONE / d if d else ZERO
+            else:
+                _xs_scales(scales, s * 8, y, s0 + s, inverse)
+        codes(X, G, inverse, A, L)
+        for g in range(G):
+            pack_nibbles(L, g, y, s0 + g // super_groups, 2 + 6 * (super_groups > 1) + 16 * (g % super_groups))
     return bad == 0
 
 
 @njit(**JIT)
-def _pack_xs(X, g0, scales, values, y, b):
-    """One IQ4_XS super-block from the 8 groups at lane ``g0``: ``d = -max_scale/32`` as f16, each group's
-    6-bit code ``nearest_int(scale/d)`` clamped to -32..31 and stored +32 (low nibbles in ``scales_l``,
-    high 2 bits in ``scales_h``), and the codes against ``d * l``."""
+def _xs_scales(scales, g0, y, b, inverse):
+    """One IQ4_XS super-block's scales from the 8 groups at lane ``g0``: ``d = -max_scale/32`` as f16, each
+    group's 6-bit code ``nearest_int(scale/d)`` clamped to -32..31 and stored +32 (low nibbles in
+    ``scales_l``, high 2 bits in ``scales_h``); ``inverse`` gets each group's ``1/(d*l)``."""
     max_scale = ZERO
     amax_scale = ZERO
     for ib in range(8):
@@ -148,12 +185,12 @@ def _pack_xs(X, g0, scales, values, y, b):
             max_scale = scales[g0 + ib]
     d = -max_scale / F32(32.0)
     store_fp16(y, b, 0, d)
-    inverse = ONE / d if d else ZERO
+    inv_d = ONE / d if d else ZERO
     high = 0
     for ib in range(8):
-        l = min(max(nearest_int(inverse * scales[g0 + ib]), -32), 31)
+        l = min(max(nearest_int(inv_d * scales[g0 + ib]), -32), 31)
         dl = d * F32(l)
-        pack_codes(X, g0 + ib, ONE / dl if dl else ZERO, values, y, b, 8 + 16 * ib)
+        inverse[g0 + ib] = ONE / dl if dl else ZERO
         l += 32
         if ib % 2 == 0:
             y[b, 4 + ib // 2] = l & 0xF
