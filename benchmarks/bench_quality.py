@@ -15,7 +15,9 @@ Tables: ComfyUI formats at both runtimes, the size-budgeted mixes, GGUF
 levels, SVDQuant LoRA modes (the tiny model, about 10 minutes on a 2-core
 CPU; the default sections), and the formats and mixes on a model of full
 width with two blocks (``--sections full-width-formats,full-width-mixes``:
-most of an hour there).  Sections not asked for are kept as they were, each
+most of an hour there), and the GGUF policies at city96's sizes on the tiny
+model and on one of full width with three blocks
+(``--sections full-width-gguf-measured``: hours on a 2-core CPU).  Sections not asked for are kept as they were, each
 with the commit it was measured at.
 """
 
@@ -50,7 +52,8 @@ REUSE = {"on": False}  # --reuse: keep files and reports a killed run left in --
 
 def verify(path: Path, model: Path, work: Path, *extra) -> dict:
     """verify --json of ``path``; a report already made of this very file (newer than it) is read instead."""
-    report = work / "reports" / f"{path.name}-{'-'.join(str(e).strip('-') for e in extra) or 'default'}"
+    where = "" if path.parent == work else f"{path.parent.name}-"  # files of one name in several folders
+    report = work / "reports" / f"{where}{path.name}-{'-'.join(str(e).strip('-') for e in extra) or 'default'}"
     made = report / "report.json"
     if made.exists() and made.stat().st_mtime > path.stat().st_mtime:
         return json.loads(made.read_text())
@@ -135,8 +138,8 @@ def mixes(model: Path, work: Path, files: dict, fractions=(0.25, 0.6), measures=
 
 
 def gguf_levels(model: Path, work: Path) -> list[str]:
-    levels = ["Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_1", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_1", "Q4_0", "Q3_K_M",
-              "Q3_K_S", "Q2_K"]
+    levels = ["Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_1", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_1", "IQ4_NL", "Q4_0",
+              "IQ4_XS", "Q3_K_M", "Q3_K_S", "Q2_K"]
     folder = work / "gguf"
     qconvert("to-gguf", model, "--level", ",".join(levels), "-o", folder, "-q")
     rows = []
@@ -146,6 +149,34 @@ def gguf_levels(model: Path, work: Path) -> list[str]:
         rows.append(f"| {level} | {size_of(path)} | {cell(r['latents'])} |" + pixel_cell(r))
     px, rule = pixel_head()
     return ["| level | bytes | latent PSNR (dB) |" + px, "|---|---|---|" + rule] + rows
+
+
+MEASURED_LEVELS = ("Q4_K_M", "Q3_K_M", "Q2_K")
+
+
+def gguf_policies(model: Path, work: Path, tag: str) -> list[str]:
+    """city96's, QuantStack's and the measured policy at city96's sizes for three levels, without and with an
+    importance matrix (``calibrate --synthetic 2`` at 256x256, 4 steps: prompts verify never uses)."""
+    calib = work / f"{tag}-calib.safetensors"
+    if not (REUSE["on"] and calib.exists()):
+        qconvert("calibrate", model, "--synthetic", 2, "--height", 256, "--width", 256, "--steps", 4, "-o", calib,
+                 "-q")
+    rows = []
+    for label, extra in (("no", []), ("yes", ["--imatrix", calib])):
+        for policy in ("city96", "quantstack", "measured"):
+            folder = work / f"{tag}-gguf-{policy}{'-imatrix' if extra else ''}"
+            if not (REUSE["on"] and folder.exists()):
+                qconvert("to-gguf", model, "--level", ",".join(MEASURED_LEVELS), "--policy", policy, "-o", folder,
+                         "-q", *extra)
+        for level in MEASURED_LEVELS:
+            for policy in ("city96", "quantstack", "measured"):
+                path = next((work / f"{tag}-gguf-{policy}{'-imatrix' if extra else ''}").glob(f"*-{level}.gguf"))
+                r = verify(path, model, work)
+                shown = "**measured**" if policy == "measured" else policy
+                rows.append(f"| {level} | {shown} | {label} | {size_of(path)} | {cell(r['latents'])} |"
+                            + pixel_cell(r))
+    px, rule = pixel_head()
+    return ["| level | `--policy` | imatrix | bytes | latent PSNR (dB) |" + px, "|---|---|---|---|---|" + rule] + rows
 
 
 def svdquant_lora(model: Path, work: Path) -> list[str]:
@@ -194,8 +225,9 @@ def header() -> list[str]:
             f"- verify at its defaults ({shown}) over {SAMPLES[1]} held-out synthetic prompts x {SAMPLES[3]} seeds: "
             f"each figure is the mean over those {int(SAMPLES[1]) * int(SAMPLES[3])} samples, the reference and the "
             "file on the same noise, and in brackets its bootstrap 95% interval",
-            "- the tiny model is `qconvert make-tiny` (3 blocks, inner dim 256); the full-width one has two blocks "
-            "of the real width (`make-tiny --layers 2 --heads 24 --head-dim 128 --text-dim 3584`)", ""]
+            "- the tiny model is `qconvert make-tiny` (3 blocks, inner dim 256); the full-width ones have the real "
+            "width (`make-tiny --layers 2 --heads 24 --head-dim 128 --text-dim 3584`; `--layers 3` for the GGUF "
+            "policies)", ""]
 
 
 def kept_sections(path: Path) -> dict:
@@ -231,9 +263,13 @@ TITLES = {"comfy-formats": "ComfyUI formats, tiny model",
                            "source through the LoRA)",
           "full-width-formats": "ComfyUI formats, full-width model of two blocks (native runtime)",
           "full-width-mixes": "Size-budgeted mixes, full-width model of two blocks (native runtime; budgets a "
-                              "quarter and 60% of the way from the NVFP4 size to the INT8 one)"}
-TINY = ("comfy-formats", "mixes", "gguf-levels", "svdquant-lora")
+                              "quarter and 60% of the way from the NVFP4 size to the INT8 one)",
+          "gguf-measured": "GGUF policies at city96's sizes, tiny model (`--policy measured` within city96's "
+                           "file size at each level)",
+          "full-width-gguf-measured": "GGUF policies at city96's sizes, full-width model of three blocks"}
+TINY = ("comfy-formats", "mixes", "gguf-levels", "gguf-measured", "svdquant-lora")
 WIDE = ("full-width-formats", "full-width-mixes")
+WIDE3 = ("full-width-gguf-measured",)
 
 
 def measure(names: set, work: Path) -> dict:
@@ -253,6 +289,9 @@ def measure(names: set, work: Path) -> dict:
         if "gguf-levels" in names:
             print("GGUF levels (tiny) ...", file=sys.stderr)
             out["gguf-levels"] = gguf_levels(tiny, work)
+        if "gguf-measured" in names:
+            print("GGUF policies (tiny) ...", file=sys.stderr)
+            out["gguf-measured"] = gguf_policies(tiny, work, "tiny")
         if "svdquant-lora" in names:
             print("SVDQuant LoRA modes (tiny) ...", file=sys.stderr)
             out["svdquant-lora"] = svdquant_lora(tiny, work)
@@ -266,6 +305,12 @@ def measure(names: set, work: Path) -> dict:
         out["full-width-formats"] = lines
         if "full-width-mixes" in names:
             out["full-width-mixes"] = mixes(wide, work, wide_files, measures=MEASURES[:1])
+    if names & set(WIDE3):
+        wide3 = work / "full-width-3"
+        if not wide3.exists():
+            qconvert("make-tiny", wide3, "--layers", 3, "--heads", 24, "--head-dim", 128, "--text-dim", 3584, "-q")
+        print("full width, three blocks ...", file=sys.stderr)
+        out["full-width-gguf-measured"] = gguf_policies(wide3, work, "wide3")
     return out
 
 

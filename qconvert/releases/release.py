@@ -178,7 +178,8 @@ def _status(o: Output, entry: dict | None, out: Path, key: str, progress: Callab
 def planned_sizes(jobs) -> dict:
     """Exact bytes of each output from its converter's own dry run (planned on the CPU, LoRAs from the Hub left
     out: baking one does not change a size; a calibration not made yet left out too).  A mix is chosen only
-    when built (its target is its bound), and so is what needs a calibration to plan (calibrated FP8)."""
+    when built (its target is its bound), and so is what needs a calibration to plan (calibrated FP8); a
+    measured GGUF is planned at its bound (city96's size at the level, or its --target-size)."""
     sizes = {}
     for job in jobs:
         options = dict(job.outputs[0].options)
@@ -187,6 +188,12 @@ def planned_sizes(jobs) -> dict:
             continue
         if job.calibration and not Path(job.calibration).is_file():
             job = dataclasses.replace(job, calibration=None)
+        measured = job.converter == "to-gguf" and options.get("policy") == "measured"
+        if measured:  # chosen when built, within city96's size at each level (or its --target-size)
+            job = dataclasses.replace(job, outputs=tuple(
+                dataclasses.replace(o, options=(*((k, "city96" if k == "policy" else v) for k, v in o.options
+                                                   if k not in ("target-size", "minimal-metadata")),
+                                                 ("minimal-metadata", True))) for o in job.outputs))
         target = Path(".") if job.converter == "to-gguf" else Path(job.outputs[0].file)
         conv, source, options = build_request(job, lora_paths(job.outputs[0].loras, fetch=False), device="cpu")
         try:
@@ -198,8 +205,13 @@ def planned_sizes(jobs) -> dict:
             raise QConvertError(f"{job.label}: {exc}") from None
         files = report.get("files", [report])
         for o, f in zip(job.outputs, files):
-            sizes[o.name] = int(f["bytes"])
+            sizes[o.name] = bound_bytes(o) if measured and bound_bytes(o) else int(f["bytes"])
     return sizes
+
+
+def is_measured(o: Output) -> bool:
+    """A GGUF whose types the block measure chooses when it is built."""
+    return o.converter == "to-gguf" and dict(o.options).get("policy") == "measured"
 
 
 def bound_bytes(o: Output) -> int:
@@ -225,6 +237,8 @@ def format_plan(plan: Plan) -> list[str]:
         shared = f"; reads the source once with {len(job.outputs) - 1} other level(s)" if len(job.outputs) > 1 else ""
         bound = bound_bytes(o)
         about = "about " if o.name in plan.approximate else ""
+        if size is not None and is_measured(o):
+            about = "at most "
         shown = f"{about}{size:,} bytes" if size is not None else (
             f"at most {bound:,} bytes, chosen when built" if bound else "size chosen when built")
         lines.append(f"  build  {o.name:<24} {o.file}  ({o.converter}, {shown}; {reason}{shared})")

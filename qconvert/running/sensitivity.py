@@ -1,4 +1,8 @@
-"""Block-measured sensitivity for the ComfyUI mix: each linear judged by what its format does to its block.
+"""Block-measured sensitivity for the size-budgeted mixes: each linear judged by what its format does.
+
+One measure serves the ComfyUI mix (``mix``, :data:`COMFY`) and the GGUF
+``--policy measured`` (``gguf_mix``): a :class:`Candidates` names the
+formats and how each stores and runs a weight.
 
 The weight-space error (``comfy_mix.sensitivity``) treats every linear alike;
 the network does not.  Measured on the tiny model, one layer moved from NVFP4
@@ -35,12 +39,30 @@ weights by full-precision inputs, as GPUs without them do.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from qconvert.codecs.comfyui.registry import MIX_CANDIDATES as CANDIDATES
 from qconvert.codecs.comfyui.registry import as_run
 from qconvert.formats.comfyui.writer import fitting
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """The formats a mix chooses among.  ``fitting(fmt, shape)``: the format a layer of that shape stores
+    when ``fmt`` is asked for (a fallback), or None where it cannot; ``as_run(module, weight, fmt)``: the
+    weight the runtime multiplies by, and what its matmul does to the layer's input (None: nothing)."""
+
+    names: tuple
+    fitting: Callable[[str, tuple], str | None]
+    as_run: Callable[[str, torch.Tensor, str], tuple]
+
+
+def comfy_candidates(runtime: str) -> Candidates:
+    """ComfyUI's formats, run as ``runtime`` runs them."""
+    return Candidates(CANDIDATES, fitting, lambda module, w, fmt: as_run(w, fmt, runtime))
 
 
 def _relative(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -84,9 +106,11 @@ def _image_after(weights: dict | None, i: int, config, dev):
 
 
 def block_sensitivity(source, layers: list[str], *, size: int = 256, steps: int = 2, seed: int = 0,
-                      device: str = "cpu", runtime: str = "native", echo=print) -> dict[str, dict[str, float]]:
-    """{layer: {format: the image-stream error that format alone causes after the following block, run as
-    ``runtime`` runs it}} for every candidate that fits."""
+                      device: str = "cpu", runtime: str = "native", echo=print,
+                      candidates: Candidates | None = None) -> dict[str, dict[str, float]]:
+    """{layer: {format: the image-stream error that format alone causes after the following block}} for every
+    candidate that fits: ``candidates`` (default ComfyUI's, run as ``runtime`` runs them)."""
+    candidates = candidates or comfy_candidates(runtime)
     from qconvert.running import inputs
     from qconvert.running.model import Block, QwenImageTransformer
     from qconvert.running.providers import DenseProvider
@@ -102,7 +126,7 @@ def block_sensitivity(source, layers: list[str], *, size: int = 256, steps: int 
     start = time.monotonic()
     sample_latents(source, source, options, batch, record=(measured_steps(steps), along))
     echo(f"  reference run for the block inputs: {time.monotonic() - start:.1f} s; then {len(layers)} linears x "
-         f"{len(CANDIDATES)} formats x {len(along)} steps, each its block and the next")
+         f"{len(candidates.names)} formats x {len(along)} steps, each its block and the next")
     dev = torch.device(device)
     prompt = prompt.to(dev, torch.float32)
     shapes = [(1, size // 16, size // 16)]
@@ -130,8 +154,9 @@ def block_sensitivity(source, layers: list[str], *, size: int = 256, steps: int 
                 name = f"{module}.weight"
                 original = weights[name]
                 row = table.setdefault(module, {})
-                for fmt in (fitting(f, original.shape) for f in CANDIDATES):
-                    weight, inputs_as = as_run(original, fmt, runtime)
+                fits = (candidates.fitting(f, tuple(original.shape)) for f in candidates.names)
+                for fmt in dict.fromkeys(f for f in fits if f is not None):
+                    weight, inputs_as = candidates.as_run(module, original, fmt)
                     weights[name] = weight.to(original.dtype)
                     if inputs_as is None and torch.equal(weights[name], original):  # BF16 of a BF16 source
                         row[fmt] = 0.0

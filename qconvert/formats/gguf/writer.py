@@ -26,7 +26,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable, Sequence
+from typing import BinaryIO, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -89,8 +89,9 @@ def _role(name: str) -> str:
 
 
 def plan_gguf(source, level: str, *, policy: str, metadata: Sequence[tuple[str, str]] = (),
-              has_imatrix: bool = False) -> GGUFPlan:
-    """Types, byte counts and file size from the source header alone."""
+              has_imatrix: bool = False, chosen: Mapping[str, GGMLQuantizationType] | None = None) -> GGUFPlan:
+    """Types, byte counts and file size from the source header alone; ``chosen`` (``--policy measured``)
+    gives the block linears' types, the rest keep the fixed rules'."""
     shapes = source.shapes()
     for name, shape in shapes.items():  # only --allow-extra tensors can break ggml's rules
         if not 1 <= len(shape) <= GGML_MAX_DIMS:
@@ -99,7 +100,9 @@ def plan_gguf(source, level: str, *, policy: str, metadata: Sequence[tuple[str, 
         if len(name.encode("utf-8")) >= GGML_MAX_NAME:
             raise QConvertError(f"tensor {name}: ggml reads GGUF tensor names shorter than {GGML_MAX_NAME} bytes: "
                                 "leave it out of the source")
-    types = assign_types(shapes, level, source.config, policy=policy, has_imatrix=has_imatrix)
+    types = assign_types(shapes, level, source.config, policy="uniform" if chosen else policy,
+                         has_imatrix=has_imatrix)
+    types.update(chosen or {})
     tensors = tuple(
         TensorPlan(name, name, tuple(shapes[name]), qtype.name, tensor_nbytes(qtype, tuple(shapes[name])),
                    _role(name))
@@ -119,17 +122,20 @@ def provenance_metadata(info: dict) -> tuple[tuple[str, str], ...]:
 
 
 def plan_files(source, levels: Sequence[str], *, policy: str, minimal_metadata: bool = False,
-               dry_run: bool = False, imatrix: str | None = None) -> list[GGUFPlan]:
+               dry_run: bool = False, imatrix: str | None = None, chosen: Mapping | None = None,
+               measured: dict | None = None) -> list[GGUFPlan]:
     """One plan per level.  Provenance (which fingerprints the source) is computed once.
-    ``imatrix`` is how provenance names the importance matrix ("calib.safetensors sha256:…")."""
-    options = {"policy": policy, **({"imatrix": imatrix} if imatrix else {})}
+    ``imatrix`` is how provenance names the importance matrix ("calib.safetensors sha256:…");
+    ``chosen`` maps a level to its measured types, ``measured`` says what they were measured on."""
+    options = {"policy": policy, **({"imatrix": imatrix} if imatrix else {}), **(measured or {})}
     info = None if minimal_metadata else provenance(source, fmt="gguf", options=options, dry_run=dry_run)
     plans = []
     for level in levels:
         metadata = ()
         if info is not None:
             metadata = provenance_metadata({**info, "options": {**info["options"], "level": level}})
-        plans.append(plan_gguf(source, level, policy=policy, metadata=metadata, has_imatrix=imatrix is not None))
+        plans.append(plan_gguf(source, level, policy=policy, metadata=metadata, has_imatrix=imatrix is not None,
+                               chosen=(chosen or {}).get(level)))
     return plans
 
 
