@@ -125,6 +125,20 @@ def store_fp16(y, b, off, f):
 # ---------------------------------------------------------------- scale fitting
 
 @njit(**JIT)
+def largest_scale(scales, g0, n):
+    """ggml's running ``if (fabsf(s) > amax) { amax = fabsf(s); max = s; }`` from ``amax = max = 0`` over
+    ``scales[g0:g0+n]``: ``(the first signed value of largest magnitude, that magnitude)``."""
+    signed = ZERO
+    amax = ZERO
+    for j in range(n):
+        a = abs(scales[g0 + j])
+        if a > amax:
+            amax = a
+            signed = scales[g0 + j]
+    return signed, amax
+
+
+@njit(**JIT)
 def first_abs_max(X, G, amax, mx):
     """Per group ggml's ``if (fabsf(x[i]) > amax) { amax = fabsf(x[i]); max =
     x[i]; }`` from ``amax = max = 0``: the largest |x| and the first value

@@ -22,6 +22,7 @@ from qconvert.codecs.gguf._cpu_core import (
     ZERO,
     first_abs_max,
     imatrix_lanes,
+    largest_scale,
     nearest_int,
     nonfinite,
     store_fp16,
@@ -176,14 +177,7 @@ def _xs_scales(scales, g0, y, b, inverse):
     """One IQ4_XS super-block's scales from the 8 groups at lane ``g0``: ``d = -max_scale/32`` as f16, each
     group's 6-bit code ``nearest_int(scale/d)`` clamped to -32..31 and stored +32 (low nibbles in
     ``scales_l``, high 2 bits in ``scales_h``); ``inverse`` gets each group's ``1/(d*l)``."""
-    max_scale = ZERO
-    amax_scale = ZERO
-    for ib in range(8):
-        a = abs(scales[g0 + ib])
-        if a > amax_scale:
-            amax_scale = a
-            max_scale = scales[g0 + ib]
-    d = -max_scale / F32(32.0)
+    d = -largest_scale(scales, g0, 8)[0] / F32(32.0)
     store_fp16(y, b, 0, d)
     inv_d = ONE / d if d else ZERO
     high = 0

@@ -16,6 +16,7 @@ from qconvert.codecs.gguf._cpu_core import (
     ZERO,
     imatrix_lanes,
     int8_of,
+    largest_scale,
     make_q3_quants,
     make_qkx2_quants,
     make_qp_quants,
@@ -320,13 +321,7 @@ def ref_codes_q3_k(scales, g0, ls):
     """``_ref``: 6-bit codes of the 16 scales from lane ``g0`` against
     ``max_scale/-32`` (first signed value of largest magnitude); returns
     ``d = 1/iscale``."""
-    max_scale = ZERO
-    amax = ZERO
-    for j in range(16):
-        a = abs(scales[g0 + j])
-        if a > amax:
-            amax = a
-            max_scale = scales[g0 + j]
+    max_scale = largest_scale(scales, g0, 16)[0]
     for j in range(16):
         ls[j] = 0
     if max_scale == 0:
@@ -413,13 +408,7 @@ def codes_q6_k(scales, g0, y, b):
     192:208]``, ``d`` as f16 into ``y[b, 208:210]``; returns ``(stored d,
     whether the super-block is ggml's all-zero one)``: a largest |scale|
     below GROUP_MAX_EPS makes it all zero bytes."""
-    max_scale = ZERO
-    max_abs_scale = ZERO
-    for ib in range(16):
-        a = abs(scales[g0 + ib])
-        if a > max_abs_scale:
-            max_abs_scale = a
-            max_scale = scales[g0 + ib]
+    max_scale, max_abs_scale = largest_scale(scales, g0, 16)
     if max_abs_scale < GROUP_MAX_EPS:
         for j in range(y.shape[1]):
             y[b, j] = 0
