@@ -357,8 +357,8 @@ def test_f16_overflow_is_refused():
 
 
 def test_unsupported_type_and_input_are_refused():
-    with pytest.raises(QuantizationError, match="cannot encode IQ4_NL"):
-        quantize(np.ones((1, 256), dtype=np.float32), QT.IQ4_NL)
+    with pytest.raises(QuantizationError, match="cannot encode IQ2_XXS"):
+        quantize(np.ones((1, 256), dtype=np.float32), QT.IQ2_XXS)
     with pytest.raises(QuantizationError, match="floating-point"):
         quantize(np.ones((1, 256), dtype=np.int32), QT.Q8_0)
 
