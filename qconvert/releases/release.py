@@ -188,7 +188,7 @@ def planned_sizes(jobs) -> dict:
             continue
         if job.calibration and not Path(job.calibration).is_file():
             job = dataclasses.replace(job, calibration=None)
-        measured = job.converter == "to-gguf" and options.get("policy") == "measured"
+        measured = is_measured(job.outputs[0])
         if measured:  # chosen when built, within city96's size at each level (or its --target-size)
             job = dataclasses.replace(job, outputs=tuple(
                 dataclasses.replace(o, options=(*((k, "city96" if k == "policy" else v) for k, v in o.options
