@@ -310,3 +310,16 @@ def test_gguf_where_safetensors_is_expected(tmp_path):
     path.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + bytes(64))
     with pytest.raises(CheckpointError, match="GGUF file, not safetensors"):
         read_safetensors_header(path)
+
+
+def test_load_into_recycled_buffers_reads_the_same_tensors(tiny_model):
+    from qconvert.core.pipeline import BufferRing
+
+    ckpt = open_checkpoint(tiny_model)
+    ring = BufferRing(2)
+    names = ckpt.names()[:6]
+    for name in names:
+        got = ckpt.load_into(name, ring)
+        assert got.dtype == ckpt.load(name).dtype and torch.equal(got, ckpt.load(name)), name
+    first = ring.take(4)
+    assert ring.take(4).data_ptr() != first.data_ptr() and ring.take(4).data_ptr() == first.data_ptr()

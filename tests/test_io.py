@@ -130,3 +130,16 @@ def test_writer_refuses_off_plan_tensors(tmp_path):
         w.write("a", torch.zeros(2))
         with pytest.raises(RuntimeError, match="only 1 of 2"):
             w.close()
+
+
+def test_early_writeback_keeps_every_byte(tmp_path, monkeypatch):
+    """Writes through the file and numpy's tofile (gguf-py's way) both land, across many write-back points."""
+    import numpy as np
+
+    monkeypatch.setattr(io, "WRITEBACK_BYTES", 1000)
+    target = tmp_path / "out.bin"
+    chunks = [bytes(range(256)) * 7, np.arange(3000, dtype=np.uint16), b"tail", np.arange(5, dtype=np.uint8)]
+    with io.atomic_output(target) as f:
+        for c in chunks:
+            c.tofile(f) if isinstance(c, np.ndarray) else f.write(c)
+    assert target.read_bytes() == b"".join(c.tobytes() if isinstance(c, np.ndarray) else c for c in chunks)

@@ -20,13 +20,16 @@ import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import TYPE_CHECKING, Iterator, Mapping
 
 import torch
 
 from qconvert.core import untrusted
 from qconvert.core.errors import CheckpointError
 from qconvert.core.models import qwen_image as qi
+
+if TYPE_CHECKING:
+    from qconvert.core.pipeline import BufferRing
 
 # safetensors dtype name → (bytes per element, torch dtype)
 DTYPES: Mapping[str, tuple[int, torch.dtype]] = {
@@ -220,9 +223,13 @@ class TensorReader:
     def __init__(self) -> None:
         self._fds: dict = {}
 
-    def read(self, meta: TensorMeta) -> torch.Tensor:
-        # Uninitialised: zero-filling first (bytearray) costs as much as the read.
-        buf = torch.empty(meta.nbytes, dtype=torch.uint8)
+    def read(self, meta: TensorMeta, into: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor, in a fresh buffer or in the first bytes of ``into`` (uint8, large enough)."""
+        if into is None:
+            # Uninitialised: zero-filling first (bytearray) costs as much as the read.
+            buf = torch.empty(meta.nbytes, dtype=torch.uint8)
+        else:
+            buf = into[:meta.nbytes]
         try:
             fd = self._fds.get(meta.file)
             if fd is None:
@@ -294,6 +301,12 @@ class Checkpoint:
     def load(self, name: str) -> torch.Tensor:
         """Read one tensor (a fresh CPU tensor in its stored dtype)."""
         return self._reader.read(self.tensors[name])
+
+    def load_into(self, name: str, buffers: BufferRing) -> torch.Tensor:
+        """Read one tensor into the next of ``buffers``: a streaming writer that knows when each tensor
+        is done with saves the page faults of a fresh allocation per tensor (4x the read itself)."""
+        meta = self.tensors[name]
+        return self._reader.read(meta, into=buffers.take(meta.nbytes))
 
     def close(self) -> None:
         self._reader.close()

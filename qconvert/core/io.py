@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -41,6 +42,43 @@ def check_disk_space(target: Path, needed: int) -> None:
             "free some space or choose another output folder with -o")
 
 
+WRITEBACK_BYTES = 64 * 1024 * 1024
+
+
+class _EarlyWriteback(io.BufferedWriter):
+    """A file that asks the kernel to start writing each 64 MiB to disk as soon as it is written.
+
+    Otherwise Linux holds the dirty pages until the final fsync (up to its
+    dirty limit, gigabytes), which then waits for the whole file: measured
+    here, 2 s of a 5.5 s Q8_0 conversion.  ``POSIX_FADV_DONTNEED`` on a
+    written range starts its writeback without waiting, and drops the pages
+    once clean, so an output of many GB does not push the source being read
+    out of the page cache.  Where the call does not exist, a plain file."""
+
+    def __init__(self, fd: int):
+        super().__init__(io.FileIO(fd, "wb"), buffer_size=1 << 20)
+        self._written_back = 0
+
+    def write(self, data) -> int:
+        n = super().write(data)
+        self._write_back()
+        return n
+
+    def flush(self) -> None:
+        # numpy's ``tofile`` (gguf-py writes tensors with it) flushes, then writes to the descriptor itself.
+        super().flush()
+        self._write_back()
+
+    def _write_back(self) -> None:
+        end = self.tell()
+        if end - self._written_back >= WRITEBACK_BYTES:
+            super().flush()
+            with contextlib.suppress(OSError):
+                os.posix_fadvise(self.fileno(), self._written_back, end - self._written_back,
+                                 os.POSIX_FADV_DONTNEED)
+            self._written_back = end
+
+
 @contextlib.contextmanager
 def atomic_output(target: str | os.PathLike, *, expected_bytes: int | None = None) -> Iterator[BinaryIO]:
     """Open a temporary file beside ``target``; rename it into place on success only."""
@@ -53,7 +91,7 @@ def atomic_output(target: str | os.PathLike, *, expected_bytes: int | None = Non
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
     tmp_path = Path(tmp)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with (_EarlyWriteback(fd) if hasattr(os, "posix_fadvise") else os.fdopen(fd, "wb")) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())

@@ -427,3 +427,12 @@ def test_f16_just_past_its_range_is_refused_too():
     with pytest.raises(QuantizationError, match="F16 range"):
         quantize(np.full((1, 32), 65510.0, dtype=np.float32), QT.F16, name="edge")
     assert quantize(np.full((1, 32), 65504.0, dtype=np.float32), QT.F16).shape == (1, 64)
+
+
+def test_a_recycled_output_buffer_gets_the_same_bytes():
+    x = torch.randn(8, 512).bfloat16()
+    fresh = quantize(x, QT.Q8_0)
+    buffer = np.full(fresh.nbytes + 100, 0xAB, dtype=np.uint8)      # larger than needed, with stale bytes
+    assert np.array_equal(quantize(x, QT.Q8_0, out=buffer), fresh)
+    with pytest.raises(QuantizationError, match="at least"):
+        quantize(x, QT.Q8_0, out=np.empty(fresh.nbytes - 1, np.uint8))

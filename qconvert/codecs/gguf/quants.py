@@ -100,6 +100,7 @@ def quantize(
     name: str | None = None,
     backend: str | None = None,
     on_slow_start: Callable[[str], None] | None = None,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Encode ``data`` along its last axis as ggml's ``ggml_quantize_chunk``.
 
@@ -114,6 +115,10 @@ def quantize(
     Both write the same bytes.  A numba kernel compiles on its first use on a
     machine (then loads from numba's cache in about a second); when that
     first call runs long, ``on_slow_start`` gets a line to show the user.
+    ``out``, a uint8 buffer of at least the encoding's bytes, receives the
+    block types' bytes (a streaming writer recycles it rather than fault in
+    fresh pages per tensor); the float types always return a new array or the
+    source itself.
     """
     qtype = QT(qtype)
     label = name or "<unnamed>"
@@ -141,7 +146,12 @@ def quantize(
     encode = (_encoder(qtype, rows, qw, dev, label) if kernels is None
               else _numba_encoder(qtype, kernels, rows, qw))
 
-    out = np.empty((n_rows * n // bs, ts), dtype=np.uint8)
+    nbytes = n_rows * n // bs * ts
+    if out is None:
+        out = np.empty(nbytes, dtype=np.uint8)
+    elif out.dtype != np.uint8 or out.ndim != 1 or out.size < nbytes:
+        raise QuantizationError(f"tensor {label}: out must be a uint8 vector of at least {nbytes} bytes")
+    out = out[:nbytes].reshape(n_rows * n // bs, ts)
     flat = rows.reshape(-1, bs)
     chunk = TYPES[qtype].cpu_chunk if dev.type == "cpu" else _GPU_CHUNK
     per_chunk = max(1, chunk // bs)

@@ -6,7 +6,8 @@ gets by laying out the header with the same gguf-py ``GGUFWriter`` that later
 writes it.  ``write_gguf`` then reads each source tensor once, quantizes it to
 every type the planned files need, and appends it to each file through
 ``GGUFWriter.write_tensor_data``: several levels are written side by side,
-tensor by tensor, so memory holds one source tensor and one encoding of it.
+tensor by tensor, so memory holds a few tensors whatever the model's size: three
+recycled read buffers (read ahead, encoding, written behind) and two encodings.
 
 Layout (spec ``gguf.md`` §3, §11): bare diffusers names in sorted order;
 ``general.architecture = "qwen_image"``, ``general.quantization_version = 2``,
@@ -34,10 +35,11 @@ from gguf import GGML_QUANT_SIZES, GGML_QUANT_VERSION, GGUF_DEFAULT_ALIGNMENT, G
 from gguf.gguf_writer import WriterState
 
 from qconvert.codecs.gguf import quants
+from qconvert.core.checkpoint import Checkpoint
 from qconvert.core.errors import QConvertError
 from qconvert.core.io import atomic_output, check_disk_space
 from qconvert.core.models import qwen_image as qi
-from qconvert.core.pipeline import TensorPlan, parse_device, prefetched, progress, provenance, type_counts
+from qconvert.core.pipeline import BufferRing, TensorPlan, parse_device, prefetched, progress, provenance, type_counts
 
 from .policy import FILE_TYPE, LEVELS, assign_types, tensor_nbytes
 from .reader import GGML_MAX_DIMS, GGML_MAX_NAME
@@ -204,12 +206,13 @@ class GGUFFileWriter:
 # ------------------------------------------------------------------- encoding
 
 def encode(name: str, x: torch.Tensor, qtype: GGMLQuantizationType, *, device: str | None = None,
-           on_slow_start: Callable[[str], None] | None = None, imatrix: torch.Tensor | None = None) -> np.ndarray:
+           on_slow_start: Callable[[str], None] | None = None, imatrix: torch.Tensor | None = None,
+           out: np.ndarray | None = None) -> np.ndarray:
     """One tensor (any float dtype) as the bytes GGUF stores for ``qtype``; ``imatrix`` weights the
-    block types' rounding error per input column, as llama-quantize does."""
+    block types' rounding error per input column, as llama-quantize does; ``out`` a buffer to reuse."""
     if imatrix is not None and GGML_QUANT_SIZES[qtype][0] == 1:
         imatrix = None  # float types are cast, not fitted
-    return quants.quantize(x, qtype, imatrix, device=device, name=name, on_slow_start=on_slow_start)
+    return quants.quantize(x, qtype, imatrix, device=device, name=name, on_slow_start=on_slow_start, out=out)
 
 
 def write_gguf(source, plans: Sequence[GGUFPlan], paths: Sequence[Path], *, device: str | None = None,
@@ -239,15 +242,25 @@ def write_gguf(source, plans: Sequence[GGUFPlan], paths: Sequence[Path], *, devi
 
         # In its stored dtype: quantize upcasts chunk by chunk (or lets the
         # kernels read BF16), checks for NaN/Inf, and copies BF16 to BF16 as is.
-        tensors = stack.enter_context(contextlib.closing(prefetched(source.load, names)))
+        # Read into three recycled buffers (read ahead, encoding, written behind): tensor i's buffer is
+        # refilled with tensor i+3, read once tensor i+2 is asked for, after tensor i+1's encoding waited
+        # for tensor i's write (a BF16 tensor is written from the buffer itself).
+        # Only a plain checkpoint: a wrapper (a LoRA merge) must go through its own load.
+        load = source.load
+        if isinstance(source, Checkpoint):
+            load = functools.partial(source.load_into, buffers=BufferRing(3))
+        tensors = stack.enter_context(contextlib.closing(prefetched(load, names)))
+        # Encodings alternate between two buffers: one being written behind while the next is encoded.
+        encoded = BufferRing(2)
         for i, (name, x) in enumerate(tensors):
             # Levels that share a type for this tensor share one encoding.
             by_type: dict[str, list[int]] = {}
             for k, plan in enumerate(plans):
                 by_type.setdefault(plan.tensors[i].out_type, []).append(k)
             for out_type, ks in by_type.items():
-                data = encode(name, x, GGMLQuantizationType[out_type], device=device, on_slow_start=say,
-                              imatrix=(imatrix or {}).get(name))
+                qtype = GGMLQuantizationType[out_type]
+                data = encode(name, x, qtype, device=device, on_slow_start=say, imatrix=(imatrix or {}).get(name),
+                              out=encoded.take(plans[ks[0]].tensors[i].out_bytes).numpy())
                 if pending is not None:
                     bar.update(pending.result())
                 pending = write_behind.submit(write, name, data, ks)
