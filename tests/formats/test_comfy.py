@@ -436,3 +436,51 @@ def test_mix_runtime_choices(files, tmp_path, capsys):
     assert_one_line_error(code, err, "--sensitivity weight", "--runtime dequantized")
     code, _, err = run(["to-comfy", model, "--format", "nvfp4", "--runtime", "native", "--dry-run"], capsys)
     assert code == 2 and "--runtime is for --format mix" in err
+
+
+# ------------------------------------------------------------------ FP8: bytes equal comfy-kitchen's
+
+
+def test_fp8_bytes_equal_comfy_kitchen_on_bf16_trained_weights():
+    """Spec §8.3: ``s = amax/M`` bit-exact, codes equal ``quantize_per_tensor_fp8(W.float(), s)``.  BF16
+    sources put many ``W/s`` on an FP8 rounding tie, so dividing instead of multiplying by ``1/s`` (as
+    comfy-kitchen does) shows here, while float32 random data would hide it."""
+    from qconvert.codecs.comfyui.layouts.fp8 import FP8_TYPES, quantize_fp8
+
+    ties = 0
+    for name, shape in (("transformer_blocks.0.img_mod.1.weight", (1152, 192)),
+                        ("transformer_blocks.0.attn.to_q.weight", (192, 192)),
+                        ("transformer_blocks.1.img_mlp.net.2.weight", (192, 768)),
+                        ("transformer_blocks.0.txt_mlp.net.0.proj.weight", (768, 192))):
+        w = tiny.trained_like(name, shape, 0).to(torch.bfloat16)
+        for fp8 in FP8_TYPES.values():
+            q, s = quantize_fp8(w, fp8)
+            assert float(s) == float(w.float().abs().amax() / fp8.max), name
+            want = ck.quantize_per_tensor_fp8(w.float(), s, fp8.dtype)
+            assert torch.equal(q.view(torch.uint8), want.view(torch.uint8)), (name, fp8.name)
+            divided = (w.float() / s).clamp(-fp8.max, fp8.max).to(fp8.dtype)
+            ties += int((divided.view(torch.uint8) != want.view(torch.uint8)).sum())
+    assert ties > 0        # the data is the kind that tells multiplying from dividing
+
+
+@pytest.mark.parametrize("args, scale_key", [(["to-fp8", "--format", "comfy"], "weight_scale"),
+                                             (["to-fp8", "--format", "scaled"], "scale_weight"),
+                                             (["to-comfy", "--format", "fp8"], "weight_scale")])
+def test_every_fp8_writer_equals_comfy_kitchen(args, scale_key, tiny_model, tmp_path, capsys):
+    command, *options = args
+    out = tmp_path / "out.safetensors"
+    code, _, err = run([command, tiny_model, *options, "-o", out, "-q"], capsys)
+    assert code == 0, err
+    source = open_checkpoint(tiny_model)
+    checked = 0
+    with safe_open(out, "pt") as f:
+        for key in f.keys():
+            q = f.get_tensor(key)
+            if q.dtype != torch.float8_e4m3fn or not key.endswith(".weight"):   # "scaled_fp8": a marker
+                continue
+            layer = key.removesuffix(".weight")
+            s = f.get_tensor(f"{layer}.{scale_key}").float().reshape(())
+            want = ck.quantize_per_tensor_fp8(source.load(key).float(), s, q.dtype)
+            assert torch.equal(q.view(torch.uint8), want.view(torch.uint8)), key
+            checked += 1
+    assert checked >= 30

@@ -58,8 +58,8 @@ with ``zero_cond_t`` in its config instead) gets an empty BF16 marker, because
 ComfyUI only recognises the variant by that tensor.  Tensors outside the model
 (``--allow-extra``) pass through unchanged.
 
-Casting: ``w / scale``, clamped to ±``finfo.max``, then ``.to(float8)``, which
-rounds to nearest even; the clamp makes NaN/Inf impossible whatever the torch
+Casting: ``w * (1 / scale)`` in float32 (comfy-kitchen's order), clamped to
+±``finfo.max``, then ``.to(float8)``, which rounds to nearest even; the clamp makes NaN/Inf impossible whatever the torch
 version or device.  Every source tensor goes through ``check_finite`` first.
 
 File order: by element size, then name — the order the safetensors library
