@@ -11,7 +11,7 @@ fresh process, best of ``--repeat``.  The page cache is written back (``sync``)
 before every run, so neither pays for the other's writes; qconvert's time
 includes its fsync (its output is on disk when it exits), sd-cli's does not.
 
-Printed: both whole runs, qconvert's fixed start-up (importing torch and
+Printed: both whole runs and peak memories, qconvert's fixed start-up (importing torch and
 numba, loading the kernels from numba's cache: the same whatever the model's
 size, so 0.1% of a 41 GB conversion), and the ratios with and without it.
 """
@@ -47,15 +47,21 @@ def single_file(model: Path) -> Path:
     return out
 
 
-def best_of(repeat: int, cmd: list[str], output: Path, env: dict) -> float:
-    times = []
+def best_of(repeat: int, cmd: list[str], output: Path, env: dict) -> tuple[float, float]:
+    """(least wall time, largest peak resident memory in GB) over ``repeat`` runs."""
+    times, peaks = [], []
     for _ in range(repeat):
         output.unlink(missing_ok=True)
         os.sync()
         start = time.perf_counter()
-        subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        child = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _, status, usage = os.wait4(child.pid, 0)
         times.append(time.perf_counter() - start)
-    return min(times)
+        child.returncode = os.waitstatus_to_exitcode(status)
+        if child.returncode != 0:
+            raise SystemExit(f"failed ({child.returncode}): {' '.join(cmd)}")
+        peaks.append(usage.ru_maxrss * 1024 / 1e9)     # KiB on Linux
+    return min(times), max(peaks)
 
 
 def main() -> None:
@@ -82,8 +88,8 @@ def main() -> None:
         theirs_cmd = [str(args.sd_cli), "-M", "convert", "-m", str(source), "-o", str(theirs_out), "--type",
                       SD_TYPES[args.level], "-t", str(args.threads)]
         subprocess.run(ours_cmd, check=True, env=env)      # warm-up: numba's cache, the page cache
-        ours = best_of(args.repeat, ours_cmd, ours_out, env)
-        theirs = best_of(args.repeat, theirs_cmd, theirs_out, env)
+        ours, ours_rss = best_of(args.repeat, ours_cmd, ours_out, env)
+        theirs, theirs_rss = best_of(args.repeat, theirs_cmd, theirs_out, env)
         sizes = ours_out.stat().st_size, theirs_out.stat().st_size
 
     warm = ("import torch, qconvert.cli.main, qconvert.converters.gguf\n"
@@ -94,9 +100,11 @@ def main() -> None:
 
     gb = source.stat().st_size / 1e9
     print(f"{args.level}, {args.threads} thread(s), {args.layers} full-width blocks, {gb:.2f} GB of BF16 in one file")
-    print(f"qconvert to-gguf, whole run  {ours:6.2f} s  ({sizes[0] / 1e9:.2f} GB written, fsync'ed)")
+    print(f"qconvert to-gguf, whole run  {ours:6.2f} s  ({sizes[0] / 1e9:.2f} GB written, fsync'ed; "
+          f"peak RSS {ours_rss:.2f} GB)")
     print(f"  of which fixed start-up     {startup:6.2f} s  (imports, numba kernels from cache)")
-    print(f"sd-cli -M convert            {theirs:6.2f} s  ({sizes[1] / 1e9:.2f} GB written, not synced)")
+    print(f"sd-cli -M convert            {theirs:6.2f} s  ({sizes[1] / 1e9:.2f} GB written, not synced; "
+          f"peak RSS {theirs_rss:.2f} GB)")
     print(f"speed-up (sd-cli time / qconvert time)  whole run {theirs / ours:.2f}x; "
           f"without qconvert's start-up {theirs / (ours - startup):.2f}x")
 
