@@ -100,15 +100,22 @@ def _measured(src, levels, o: GgufOptions, importance, record, device, echo):
     within = "city96's file size at the level" if o.target_size is None else f"{int(o.target_size * 1e9)} bytes"
     measured = {"measured_on": gguf_mix.MEASURED_ON, "measured_within": within}
 
+    all_bf16 = {f"{m}.weight": gguf_mix.T.BF16 for m in sizes}
+    metadata = {}   # per level, as the file will carry it: provenance (a source fingerprint) computed once
+
     def file_bytes(level, types):
-        return writer.plan_files(src, [level], policy="measured", minimal_metadata=o.minimal_metadata, dry_run=True,
-                                 imatrix=record, chosen={level: types}, measured=measured)[0].bytes
+        if level not in metadata:
+            metadata[level] = writer.plan_files(src, [level], policy="measured", minimal_metadata=o.minimal_metadata,
+                                                dry_run=True, imatrix=record, chosen={level: all_bf16},
+                                                measured=measured)[0].metadata
+        return writer.plan_gguf(src, level, policy="measured", metadata=metadata[level],
+                                has_imatrix=record is not None, chosen=types).bytes
 
     budgets = {}
     for level in levels:  # every size checked before the measuring starts
         target = (int(o.target_size * 1e9) if o.target_size is not None else  # city96's published size
                   writer.plan_files(src, [level], policy="city96", minimal_metadata=True, dry_run=True)[0].bytes)
-        budget = target - (file_bytes(level, {f"{m}.weight": gguf_mix.T.BF16 for m in sizes})
+        budget = target - (file_bytes(level, all_bf16)
                            - sum(row["BF16"] for row in sizes.values()))
         gguf_mix.check_budget(sizes, budget, f"--level {level}: a file of {target:,} bytes")
         budgets[level] = target, budget
