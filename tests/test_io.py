@@ -52,8 +52,11 @@ def test_atomic_output_keyboard_interrupt(tmp_path):
 
 def test_sigint_in_a_real_process_leaves_nothing(tmp_path):
     """Ctrl-C while a converter writes: the temporary goes, nothing under the final name."""
+    # A shell that starts the suite in the background makes its children ignore SIGINT; Python keeps
+    # that, so the child restores the default handler (Ctrl-C on a terminal always has it).
     script = textwrap.dedent(f"""
-        import sys, time
+        import signal, sys, time
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         from qconvert.core.io import atomic_output
         with atomic_output({str(tmp_path / 'out.bin')!r}) as f:
             f.write(b"x" * 1000)
