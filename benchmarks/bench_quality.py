@@ -90,7 +90,7 @@ def size_of(path: Path) -> str:
 
 # ------------------------------------------------------------------ tables
 
-FORMATS = ("fp8", "nvfp4", "mxfp8", "int8", "int8-row", "int8-tensor", "convrot-w4a4")
+FORMATS = ("fp8", "nvfp4", "mxfp8", "int8", "int8-row", "int8-tensor", "convrot-w4a4", "w4a8", "w6a8")
 
 
 def comfy_formats(model: Path, work: Path, formats=FORMATS, both_runtimes: bool = True) -> tuple[list[str], dict]:

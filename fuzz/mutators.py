@@ -65,14 +65,16 @@ _NAMES = ["img_in.weight", "txt_in.weight", "proj_out.weight", "txt_norm.weight"
           "transformer_blocks.1.attn.to_q.weight", "transformer_blocks.0.attn.to_q.lora_up.weight",
           "transformer_blocks.0.attn.to_q.lora_down.weight", "transformer_blocks.0.attn.to_q.alpha",
           "transformer_blocks.0.attn.to_q.weight_scale", "transformer_blocks.0.attn.to_q.comfy_quant",
-          "transformer_blocks.0.attn.to_q.scale_weight", "scaled_fp8", "__index_timestep_zero__",
+          "transformer_blocks.0.attn.to_q.scale_weight", "transformer_blocks.0.attn.to_q.weight_s_rel",
+          "transformer_blocks.0.attn.to_q.weight_codebook", "scaled_fp8", "__index_timestep_zero__",
           "transformer_blocks.99999.attn.to_q.weight", "model.diffusion_model.img_in.weight",
           "lora_unet_transformer_blocks_0_attn_to_q.lora_up.weight", "_quantization_metadata",
           "\ud800", "weight_map", "num_layers", "attention_head_dim", "axes_dims_rope", "layers", "format",
           "prompt_embeds", "prompt_embeds_mask", "negative_prompt_embeds", "negative_prompt_embeds_mask",
           "noise", "image_latents"]
 _VALUES = [0, 1, -1, 2, 3, 16, 32, 448, 2 ** 31, 2 ** 32, 2 ** 48, 2 ** 63, 10 ** 30, 0.5, 1e308, True, False, None,
-           "", "BF16", "F32", "U8", "F8_E4M3", "I64", "BOOL", "float8_e4m3fn", "nvfp4", "\ud800", "x" * 300,
+           "", "BF16", "F32", "U8", "F8_E4M3", "I64", "BOOL", "float8_e4m3fn", "nvfp4", "asym_w4a8_int8", "\ud800",
+           "x" * 300,
            [], {}, [0], [1, 2], [0, 2 ** 62], [16, 7, 7], [[]], {"format": "float8_e4m3fn"}, {"layers": {}},
            "diffusion_pytorch_model-00001-of-00002.safetensors", "../x.safetensors", "QwenImageTransformer2DModel"]
 

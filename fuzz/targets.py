@@ -569,7 +569,7 @@ def _fp8_seeds(work: Path) -> list[bytes]:
     from qconvert.formats.comfyui import writer as comfy
 
     with open_checkpoint(tiny.make_tiny(work / "wide", **{**SVDQ_TINY, "heads": 2})) as src:
-        for fmt in ("nvfp4", "mxfp8", "int8", "int8-tensor"):
+        for fmt in ("nvfp4", "mxfp8", "int8", "int8-tensor", "w4a8", "w6a8"):
             r = comfy.convert(src, work / f"{fmt}.safetensors", comfy.make_options(fmt), quiet=True)
             out.append(Path(r["output"]).read_bytes())
     # ComfyUI's other spelling: layer configs in __metadata__, keys under model.diffusion_model.

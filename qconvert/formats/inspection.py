@@ -54,7 +54,9 @@ def _inspect_safetensors(path: Path) -> dict:
                 config = f.layer_config(name[: -len(".weight")]) if name.endswith(".weight") else None
                 layout = registry.BY_COMFY_FORMAT.get(config[0]) if config else None
                 if layout is not None and len(shape) == 2:  # the weight's inputs, not its packed bytes
-                    tensors[name] = (dtype, (shape[0], layout.stored_columns(shape)), nbytes)
+                    layer = f"{prefix}{name[: -len('weight')]}"
+                    meta = {s: header.tensors.get(layer + s) for s in ("weight", *registry.stored_suffixes())}
+                    tensors[name] = (dtype, (shape[0], layout.stored_columns(meta)), nbytes)
     summary = _summary(str(path), "single-file", fmt, tensors, header.metadata, path.stat().st_size,
                        prefix=prefix)
     if counts is not None:

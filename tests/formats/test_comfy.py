@@ -16,17 +16,13 @@ from qconvert.core.checkpoint import open_checkpoint, read_safetensors_header
 from qconvert.core.models import qwen_image as qi
 from qconvert.formats.comfyui.loader import FP8File
 from tests.cli_helpers import assert_one_line_error, run
+from tests.formats.weights import outlier_weight
 
 ck = pytest.importorskip("comfy_kitchen", reason="comfy-kitchen (pip install comfy-kitchen) is the oracle")
 pytestmark = pytest.mark.oracle
 
 
-def weight(rows=384, cols=1024, seed=0):
-    w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)) * 0.05
-    w[3 % rows] *= 40  # an outlier row
-    w[7 % rows, :64] = 0  # zero blocks
-    w[9 % rows, 100 % cols] = 3.0  # a lone outlier
-    return w.to(torch.bfloat16).float()
+weight = outlier_weight
 
 
 @pytest.mark.parametrize("shape", [(384, 1024), (256, 3072), (128, 256)])

@@ -43,9 +43,15 @@ class LayerFormat:
     values_per_element: int = 1  # weight values in each stored weight element (two E2M1 or INT4 codes a byte)
     block: int = 0  # NVFP4 and MXFP8 zero-pad both dimensions to this (0: stored unpadded)
     needs_multiple: int = 1  # the inputs must be a multiple of this (a ConvRot group)
+    fallback: str | None = None  # the format's name for layers whose inputs needs_multiple does not divide
     mix_candidate: bool = False  # the size-budgeted mix may choose it
     in_to_comfy: bool = True  # to-comfy --format offers it (FP8 has to-fp8 and its layouts)
     in_demo: bool = False  # qconvert demo writes a file of it
+
+    @property
+    def file_suffix(self) -> str:
+        """What a whole file in this format is called after the model's name (``qwen-image-nvfp4``)."""
+        return self.name
 
     @property
     def min_comfyui(self) -> str:
@@ -82,13 +88,15 @@ class LayerFormat:
         tensors, conf = self.encode(w)
         return self.decode(tensors, tuple(w.shape), conf)
 
-    def fitting(self, shape: tuple) -> "LayerFormat":
-        """The format a layer of ``shape`` gets when this one is asked for (ConvRot INT8 falls back)."""
-        return self
+    def fitting(self, shape: tuple) -> str:
+        """The format (by name) a layer of ``shape`` gets when this one is asked for: this one, or its
+        ``fallback`` where ``needs_multiple`` does not divide the inputs (a ConvRot group that does not fit)."""
+        return self.fallback if self.fallback and shape[1] % self.needs_multiple else self.name
 
-    def stored_columns(self, stored_shape: tuple) -> int:
-        """The weight's inputs (padded, where the format pads) from its stored shape."""
-        return int(stored_shape[1]) * self.values_per_element
+    def stored_columns(self, meta) -> int:
+        """The weight's inputs (padded, where the format pads) from a stored layer's header records
+        (``meta``: suffix -> record with a ``shape``)."""
+        return int(meta["weight"].shape[1]) * self.values_per_element
 
     def nbytes(self, shape: tuple) -> int:
         """Stored bytes of a ``shape`` layer (tensor data, without the comfy_quant bytes)."""

@@ -82,6 +82,17 @@ def rotate(w: torch.Tensor, group: int) -> torch.Tensor:
     return (x @ hadamard(group).T).reshape(w.shape)
 
 
+def int8_rows(x: torch.Tensor, group: int) -> torch.Tensor:
+    """What ComfyUI's INT8 matmul does to its input, fake-quantized in float32: each row rotated (``group``
+    > 0: ConvRot), quantized to INT8 with its own scale (amax / 127), decoded and rotated back."""
+    rows = x.float().reshape(-1, x.shape[-1])
+    if group:
+        rows = rotate(rows, group)
+    scale = torch.clamp(rows.abs().amax(dim=1, keepdim=True) / 127, min=1e-30)
+    rows = torch.clamp(torch.round(rows / scale), -128, 127) * scale
+    return (rotate(rows, group) if group else rows).reshape(x.shape)
+
+
 def check_block_scale(layer, fmt: str, block: int, rows: int, cols: int,
                       logical: tuple | None) -> tuple:
     """The swizzled scale grid of a block format, checked; the weight's logical shape (cropped to the
@@ -118,7 +129,7 @@ class BlockScaled(LayerFormat):
         return self.like_weights(x)
 
     def _decoder(self, layer: StoredLayer, conf: dict, logical) -> Decoder:
-        rows, cols = layer.meta["weight"].shape[0], self.stored_columns(layer.meta["weight"].shape)
+        rows, cols = layer.meta["weight"].shape[0], self.stored_columns(layer.meta)
         shape = check_block_scale(layer, self.comfy_format, self.block, rows, cols, logical)
         scalars = {s: layer.scalar(s) for s, _, dims in self.stored((rows, cols)) if dims == ()}
         return lambda q: self.dequantize({"weight": q, "weight_scale": layer.read("weight_scale"), **scalars}, shape)

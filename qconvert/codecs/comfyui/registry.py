@@ -11,10 +11,11 @@ from qconvert.codecs.comfyui.layouts.int8 import INT8_ROW, Int8, Int8Tensor
 from qconvert.codecs.comfyui.layouts.mxfp8 import Mxfp8
 from qconvert.codecs.comfyui.layouts.nvfp4 import Nvfp4
 from qconvert.codecs.comfyui.layouts.w4a4 import ConvrotW4A4
+from qconvert.codecs.comfyui.layouts.w4a8 import W4A8, W6A8
 
 # In this order the mix tries its candidates (ties go to the first), and to-comfy lists its formats.
 FORMATS: dict[str, LayerFormat] = {f.name: f for f in (
-    FP8, Mxfp8(), Int8(), Nvfp4(), INT8_ROW, Int8Tensor(), ConvrotW4A4(), FP8_E5M2)}
+    FP8, Mxfp8(), Int8(), Nvfp4(), W4A8(), W6A8(), INT8_ROW, Int8Tensor(), ConvrotW4A4(), FP8_E5M2)}
 # ComfyUI's format string -> the format that decodes and runs it (every int8 layout reads the same)
 BY_COMFY_FORMAT: dict[str, LayerFormat] = {}
 for _f in FORMATS.values():
@@ -22,6 +23,11 @@ for _f in FORMATS.values():
 BF16 = "bf16"  # a mix's "keep this layer in full precision"
 # What the size-budgeted mix chooses from
 MIX_CANDIDATES = (BF16, *(f.name for f in FORMATS.values() if f.mix_candidate))
+
+
+def stored_suffixes() -> tuple[str, ...]:
+    """Every name a format stores beside a layer's weight (``weight_scale``, ``weight_s_rel`` ...)."""
+    return tuple(sorted({s for f in FORMATS.values() for s, _, _ in f.stored((256, 256)) if s != "weight"}))
 
 
 def layer_format(name: str) -> LayerFormat:

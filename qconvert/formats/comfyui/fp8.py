@@ -59,8 +59,8 @@ ComfyUI only recognises the variant by that tensor.  Tensors outside the model
 (``--allow-extra``) pass through unchanged.
 
 Casting: ``w * (1 / scale)`` in float32 (comfy-kitchen's order), clamped to
-±``finfo.max``, then ``.to(float8)``, which rounds to nearest even; the clamp makes NaN/Inf impossible whatever the torch
-version or device.  Every source tensor goes through ``check_finite`` first.
+±``finfo.max``, then ``.to(float8)``, which rounds to nearest even; the clamp
+makes NaN/Inf impossible whatever the torch version or device.  Every source tensor goes through ``check_finite`` first.
 
 File order: by element size, then name — the order the safetensors library
 writes — so every tensor starts aligned to its element size.  That puts the
@@ -92,6 +92,7 @@ from typing import Iterable, Mapping
 
 import torch
 
+from qconvert.codecs.comfyui import registry
 from qconvert.codecs.comfyui.layouts.fp8 import FP8_TYPES, Fp8Type, cast_fp8, quantize_fp8
 from qconvert.core.checkpoint import DTYPES
 from qconvert.core.errors import QConvertError
@@ -121,8 +122,10 @@ ACTIVATION_SCALES = ("input_scale", "scale_input")  # activation scales some wri
 SCALED_FP8_MARKER = "scaled_fp8"
 SCALED_FP8_MARKER_SHAPE = (2,)  # two elements: no FP8 matmul (see module docstring)
 QUANT_METADATA = "_quantization_metadata"  # comfy layer configs kept in __metadata__ (third-party files)
-# Every per-layer name ComfyUI's loaders give a meaning to (NVFP4 adds weight_scale_2).
-AUX_SUFFIXES = (WEIGHT_SCALE, COMFY_QUANT, SCALE_WEIGHT, *ACTIVATION_SCALES, "weight_scale_2")
+# Every per-layer name ComfyUI's loaders give a meaning to (the block formats add theirs: NVFP4's
+# weight_scale_2, W4A8's weight_s_rel ...).
+AUX_SUFFIXES = tuple(dict.fromkeys((WEIGHT_SCALE, COMFY_QUANT, SCALE_WEIGHT, *ACTIVATION_SCALES,
+                                    *registry.stored_suffixes())))
 PROVENANCE_KEY = "qconvert"
 
 

@@ -99,7 +99,7 @@ def quantized_layers(source, options: ComfyOptions) -> dict[str, str]:
 def fitting(fmt: str, shape) -> str:
     """The format a layer of ``shape`` gets when ``fmt`` is asked for (ConvRot INT8 falls back to row-wise
     INT8 where its group does not divide the inputs; NVFP4 and MXFP8 pad instead)."""
-    return fmt if fmt == registry.BF16 else registry.layer_format(fmt).fitting(tuple(shape)).name
+    return fmt if fmt == registry.BF16 else registry.layer_format(fmt).fitting(tuple(shape))
 
 
 # -------------------------------------------------------------------- plan
@@ -200,8 +200,7 @@ def _fill(f, offset: int, value: torch.Tensor) -> None:
 # -------------------------------------------------------------- front end
 
 def default_name(source, options: ComfyOptions) -> str:
-    suffix = {"nvfp4": "nvfp4", "mxfp8": "mxfp8", "int8": "int8-convrot", "int8-row": "int8-rowwise",
-              "int8-tensor": "int8-tensorwise", "convrot-w4a4": "convrot-w4a4", "mix": "comfy-mix"}[options.fmt]
+    suffix = "comfy-mix" if options.fmt == "mix" else registry.layer_format(options.fmt).file_suffix
     return f"{source.name}-{suffix}.safetensors"
 
 
@@ -220,7 +219,9 @@ def convert(source, output=None, options: ComfyOptions = ComfyOptions(), *, devi
             dry_run: bool = False, quiet: bool = False) -> dict:
     target = output_path(source, options, output)
     entries, meta, weights = plan(source, options, dry_run=dry_run)
-    unrotated = sorted(w[: -len(".weight")] for w, f in weights.items() if f == "int8-row" and options.fmt == "int8")
+    # layers ConvRot's group does not fit, which get row-wise INT8 instead (int8's and w4a8's fallback)
+    unrotated = sorted(w[: -len(".weight")] for w, f in weights.items()
+                       if f == "int8-row" and options.fmt not in ("int8-row", "mix"))
     result = {"command": "to-comfy", "output": str(target), "format": options.fmt, "keep": list(options.keep),
               "layers": len(weights), "unrotated": unrotated, "tensor_count": len(entries),
               "bytes": safetensors_size(entries, meta),

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from qconvert.codecs.comfyui.base import Decoder, LayerFormat, StoredLayer, nonnegative, rotation_group
-from qconvert.codecs.comfyui.blocks import CONVROT_GROUP, check_width, rotate
+from qconvert.codecs.comfyui.blocks import CONVROT_GROUP, check_width, int8_rows, rotate
 from qconvert.core import untrusted
 from qconvert.core.errors import CheckpointError
 
@@ -52,6 +52,10 @@ class Int8(LayerFormat):
     mix_candidate = True
     in_demo = True
     per_row, convrot = True, True
+    file_suffix = "int8-convrot"
+    # ConvRot on a layer whose inputs its group does not divide: row-wise INT8 without the rotation, the
+    # closest stock layout (NVFP4 and MXFP8 pad instead; ``convrot-w4a4`` has no fallback).
+    fallback = "int8-row"
 
     def config(self):
         if self.convrot:
@@ -68,17 +72,9 @@ class Int8(LayerFormat):
     def decode(self, tensors, shape, conf):
         return decode_int8(tensors, shape, conf)
 
-    def fitting(self, shape):
-        """ConvRot on a layer whose inputs its group does not divide: row-wise INT8 without the rotation, the
-        closest stock layout (NVFP4 and MXFP8 pad instead; ``convrot-w4a4`` has no fallback)."""
-        return INT8_ROW if self.convrot and shape[1] % self.needs_multiple else self
-
     def activations(self, x, conf, input_scale):
         params = _params(conf)
-        group = int(params.get("convrot_groupsize", CONVROT_GROUP)) if params.get("convrot") else 0
-        rows = x.reshape(-1, x.shape[-1])
-        t, _ = encode_int8(rows, per_row=True, convrot=bool(group), group=group or CONVROT_GROUP)
-        return decode_int8(t, tuple(rows.shape), {"convrot": bool(group), "convrot_groupsize": group}).reshape(x.shape)
+        return int8_rows(x, int(params.get("convrot_groupsize", CONVROT_GROUP)) if params.get("convrot") else 0)
 
     def _decoder(self, layer: StoredLayer, conf: dict, logical) -> Decoder:
         rows, cols = layer.meta["weight"].shape
@@ -104,6 +100,8 @@ class Int8Row(Int8):
     needs_multiple = 1
     mix_candidate = in_demo = False  # the mix measures it only where ConvRot does not fit (``fitting``)
     per_row, convrot = True, False
+    file_suffix = "int8-rowwise"
+    fallback = None
 
 
 class Int8Tensor(Int8):
@@ -113,6 +111,8 @@ class Int8Tensor(Int8):
     needs_multiple = 1
     mix_candidate = in_demo = False
     per_row, convrot = False, False
+    file_suffix = "int8-tensorwise"
+    fallback = None
 
 
 INT8_ROW = Int8Row()

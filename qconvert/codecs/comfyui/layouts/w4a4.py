@@ -58,7 +58,7 @@ class ConvrotW4A4(LayerFormat):
         return decode_convrot_w4a4(t, tuple(rows.shape), c).reshape(x.shape)
 
     def _decoder(self, layer: StoredLayer, conf: dict, logical) -> Decoder:
-        rows, cols = layer.meta["weight"].shape[0], self.stored_columns(layer.meta["weight"].shape)
+        rows, cols = layer.meta["weight"].shape[0], self.stored_columns(layer.meta)
         group = rotation_group(layer.where, conf.get("convrot_groupsize", CONVROT_GROUP), cols)
         scale = layer.meta["weight_scale"]
         if scale.dtype != "F32" or tuple(scale.shape) != (rows,):
