@@ -44,6 +44,7 @@ class LayerFormat:
     block: int = 0  # NVFP4 and MXFP8 zero-pad both dimensions to this (0: stored unpadded)
     needs_multiple: int = 1  # the inputs must be a multiple of this (a ConvRot group)
     fallback: str | None = None  # the format's name for layers whose inputs needs_multiple does not divide
+    scale_suffixes: tuple = ("weight_scale",)  # what a stored layer must hold besides its weight
     mix_candidate: bool = False  # the size-budgeted mix may choose it
     in_to_comfy: bool = True  # to-comfy --format offers it (FP8 has to-fp8 and its layouts)
     in_demo: bool = False  # qconvert demo writes a file of it
@@ -110,8 +111,9 @@ class LayerFormat:
         """A checked stored layer: a function of its stored weight giving ComfyUI's float32 weight.
         ``logical`` is the module's ``(out, in)`` when known (a padded weight is cropped to it)."""
         w = layer.meta["weight"]
-        if w is None or layer.meta.get("weight_scale") is None:
-            raise CheckpointError(f"{layer.where} is {self.comfy_format} but lacks its weight or weight_scale tensor")
+        if w is None or any(layer.meta.get(s) is None for s in self.scale_suffixes):
+            *first, last = ("weight", *self.scale_suffixes)
+            raise CheckpointError(f"{layer.where} is {self.comfy_format} but lacks {', '.join(first)} or {last}")
         if len(w.shape) != 2:
             raise CheckpointError(f"{layer.where}: the weight must be 2-D, not {list(w.shape)}")
         if w.dtype != self.weight_dtype:

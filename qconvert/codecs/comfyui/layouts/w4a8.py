@@ -237,6 +237,7 @@ class W4A8(LayerFormat):
     loads_in = "ComfyUI v0.31.0 or newer (asym_w4a8_int8, #15308)"
     native_on = "INT8 matmuls from Turing (sm 7.5) on: RTX 20/30/40/50"
     weight_dtype = "I8"
+    scale_suffixes = ("weight_s_rel", "weight_s_channel")   # and at 4 bits weight_codebook, checked with them
     needs_multiple = CONVROT_GROUP
     mix_candidate = True
     in_demo = True
@@ -272,16 +273,9 @@ class W4A8(LayerFormat):
         """Rotated, then INT8 per row: the INT8 ConvRot matmul ComfyUI runs these layers on."""
         return int8_rows(x, int(conf.get("convrot_groupsize", CONVROT_GROUP)))
 
-    def decoder(self, layer: StoredLayer, conf: dict, logical) -> Decoder:
+    def _decoder(self, layer: StoredLayer, conf: dict, logical) -> Decoder:
         meta = layer.meta
-        w = meta["weight"]
-        if w is None or meta.get("weight_s_rel") is None or meta.get("weight_s_channel") is None:
-            raise CheckpointError(f"{layer.where} is {self.comfy_format} but lacks weight, weight_s_rel or "
-                                  "weight_s_channel")
-        if w.dtype != "I8" or len(w.shape) != 2:
-            raise CheckpointError(f"{layer.where}: an {self.comfy_format} weight must be 2-D I8, not {w.dtype} "
-                                  f"{list(w.shape)}")
-        rows, packed = (int(d) for d in w.shape)
+        rows, packed = (int(d) for d in meta["weight"].shape)
         s_rel = meta["weight_s_rel"]
         if s_rel.dtype not in ("F8_E4M3", "U8") or len(s_rel.shape) != 2 or int(s_rel.shape[0]) != rows:
             raise CheckpointError(f"{layer.where}: weight_s_rel must be F8_E4M3 [{rows}, K/16], not {s_rel.dtype} "
