@@ -114,7 +114,7 @@ def _measured(src, levels, o: GgufOptions, importance, record, device, echo):
     budgets = {}
     for level in levels:  # every size checked before the measuring starts
         target = (int(o.target_size * 1e9) if o.target_size is not None else  # city96's published size
-                  writer.plan_files(src, [level], policy="city96", minimal_metadata=True, dry_run=True)[0].bytes)
+                  writer.plan_gguf(src, level, policy="city96").bytes)
         budget = target - (file_bytes(level, all_bf16)
                            - sum(row["BF16"] for row in sizes.values()))
         gguf_mix.check_budget(sizes, budget, f"--level {level}: a file of {target:,} bytes")

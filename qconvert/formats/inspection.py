@@ -48,6 +48,7 @@ def _inspect_safetensors(path: Path) -> dict:
         fmt = "safetensors, plain fp8 cast"
     counts = None
     if fmt != "safetensors":
+        suffixes = ("weight", *registry.stored_suffixes())
         with FP8File(path) as f:  # every layer config and scale read and checked
             counts = f.format_counts()
             for name, (dtype, shape, nbytes) in list(tensors.items()):
@@ -55,7 +56,7 @@ def _inspect_safetensors(path: Path) -> dict:
                 layout = registry.BY_COMFY_FORMAT.get(config[0]) if config else None
                 if layout is not None and len(shape) == 2:  # the weight's inputs, not its packed bytes
                     layer = f"{prefix}{name[: -len('weight')]}"
-                    meta = {s: header.tensors.get(layer + s) for s in ("weight", *registry.stored_suffixes())}
+                    meta = {s: header.tensors.get(layer + s) for s in suffixes}
                     tensors[name] = (dtype, (shape[0], layout.stored_columns(meta)), nbytes)
     summary = _summary(str(path), "single-file", fmt, tensors, header.metadata, path.stat().st_size,
                        prefix=prefix)

@@ -250,7 +250,7 @@ def write_gguf(source, plans: Sequence[GGUFPlan], paths: Sequence[Path], *, devi
         if isinstance(source, Checkpoint):
             load = functools.partial(source.load_into, buffers=BufferRing(3))
         tensors = stack.enter_context(contextlib.closing(prefetched(load, names)))
-        # Encodings alternate between two buffers: one being written behind while the next is encoded.
+        # Block-type encodings alternate between two buffers: one written behind while the next is encoded.
         encoded = BufferRing(2)
         for i, (name, x) in enumerate(tensors):
             # Levels that share a type for this tensor share one encoding.
@@ -259,8 +259,10 @@ def write_gguf(source, plans: Sequence[GGUFPlan], paths: Sequence[Path], *, devi
                 by_type.setdefault(plan.tensors[i].out_type, []).append(k)
             for out_type, ks in by_type.items():
                 qtype = GGMLQuantizationType[out_type]
+                # the float types (blocks of one) return their own array or the source itself: no buffer
+                out = None if GGML_QUANT_SIZES[qtype][0] == 1 else encoded.take(plans[ks[0]].tensors[i].out_bytes)
                 data = encode(name, x, qtype, device=device, on_slow_start=say, imatrix=(imatrix or {}).get(name),
-                              out=encoded.take(plans[ks[0]].tensors[i].out_bytes).numpy())
+                              out=None if out is None else out.numpy())
                 if pending is not None:
                     bar.update(pending.result())
                 pending = write_behind.submit(write, name, data, ks)
