@@ -119,7 +119,7 @@ def mixes(model: Path, work: Path, files: dict, fractions=(0.25, 0.6), measures=
     """Mixes at budgets between the NVFP4 and INT8 sizes, each measure, verified at the native runtime."""
     nvfp4, int8 = files["nvfp4"].stat().st_size, files["int8"].stat().st_size
     rows = []
-    for name, path in (("NVFP4", files["nvfp4"]), ("ConvRot W4A4", files["convrot-w4a4"])):
+    for name, path in (("NVFP4", files["nvfp4"]), ("W4A8", files["w4a8"]), ("ConvRot W4A4", files["convrot-w4a4"])):
         r = verify(path, model, work)
         rows.append(f"| {name} | {size_of(path)} | {cell(r['latents'])} |" + pixel_cell(r))
     for fraction in fractions:
@@ -301,7 +301,8 @@ def measure(names: set, work: Path) -> dict:
             qconvert("make-tiny", wide, "--layers", 2, "--heads", 24, "--head-dim", 128, "--text-dim", 3584, "-q")
         print("full width ...", file=sys.stderr)
         # the formats the mixes are measured against, at the native runtime; the mix as its default chooses
-        lines, wide_files = comfy_formats(wide, work, ("fp8", "nvfp4", "mxfp8", "int8", "convrot-w4a4"), False)
+        lines, wide_files = comfy_formats(wide, work, ("fp8", "nvfp4", "mxfp8", "int8", "convrot-w4a4", "w4a8", "w6a8"),
+                                         False)
         out["full-width-formats"] = lines
         if "full-width-mixes" in names:
             out["full-width-mixes"] = mixes(wide, work, wide_files, measures=MEASURES[:1])
