@@ -449,3 +449,11 @@ def check_keys(config: QwenImageConfig, shapes: Mapping[str, tuple], *, allow_ex
         raise CheckpointError(f"{where}: unexpected tensor(s) {', '.join(extra[:5])}{more}; "
                               "pass --allow-extra to carry them through unchanged")
     return extra
+
+
+def diffusers_config(source) -> str:
+    """What to pass as ``config=`` to diffusers' from_single_file for a file made from ``source``: the source's
+    own folder when it has one."""
+    if source.layout == "diffusers":
+        return str(source.path)
+    return "Qwen/Qwen-Image" if source.variant == "qwen-image" else f"<the {source.variant} diffusers repo>"

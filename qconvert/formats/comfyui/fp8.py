@@ -477,15 +477,8 @@ def report(source, plan: Fp8Plan, target: Path, *, written: bool) -> dict:
         "roles": role_counts(tensors),
         "tensors": {p.out_name: p.out_type for p in tensors},
         "metadata": dict(plan.metadata or {}),
-        "diffusers_config": _diffusers_config(source),
+        "diffusers_config": qi.diffusers_config(source),
     }
-
-
-def _diffusers_config(source) -> str:
-    """What to pass as ``config=`` to from_single_file: the source's own folder when it has one."""
-    if source.layout == "diffusers":
-        return str(source.path)
-    return "Qwen/Qwen-Image" if source.variant == "qwen-image" else f"<the {source.variant} diffusers repo>"
 
 
 LOAD_HINTS = {

@@ -18,7 +18,6 @@ tensor.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -28,10 +27,11 @@ import torch
 
 from qconvert.codecs.comfyui import registry
 from qconvert.core.checkpoint import DTYPES
+from qconvert.core.derived import write_derived_safetensors
 from qconvert.core.errors import QConvertError
-from qconvert.core.io import SafetensorsWriter, atomic_output, safetensors_size, tensor_bytes
+from qconvert.core.io import atomic_output, safetensors_size
 from qconvert.core.models import qwen_image as qi
-from qconvert.core.pipeline import check_finite, parse_device, prefetched, progress, provenance, provenance_json
+from qconvert.core.pipeline import parse_device, provenance, provenance_json
 
 # to-comfy's own formats (FP8 files come from to-fp8, whose comfy layout --format fp8 asks for)
 FORMATS = tuple(f.name for f in registry.FORMATS.values() if f.in_to_comfy)
@@ -149,52 +149,28 @@ def plan(source, options: ComfyOptions, *, dry_run: bool = False) -> tuple[list,
 def write(source, options: ComfyOptions, target: Path, *, device="cpu", quiet: bool = False) -> dict:
     entries, meta, weights = plan(source, options)
     dev = parse_device(device)
-    loaded = [n for n, _, _ in entries if n in source.tensors]
-    with atomic_output(target, expected_bytes=safetensors_size(entries, meta)) as f, \
-            progress(sum(source.tensors[n].nbytes for n in loaded), f"to-comfy {target.name}", quiet=quiet) as bar, \
-            contextlib.closing(prefetched(source.load, loaded)) as reader:
-        writer = SafetensorsWriter(f, entries, meta)
-        pending: dict[str, int] = {}  # derived tensors written before their layer: file offsets
-        done: dict[str, torch.Tensor] = {}  # derived tensors of encoded layers, not yet reached
-        for name, dtype, shape in entries:
-            layer, _, suffix = name.rpartition(".")
-            if name in done:
-                writer.write(name, done.pop(name))
-            elif name == f"{layer}.comfy_quant" and f"{layer}.weight" in weights:
-                writer.write(name, torch.frombuffer(bytearray(_json(weights[f"{layer}.weight"])), dtype=torch.uint8))
-            elif name not in source.tensors and f"{layer}.weight" in weights:
-                pending[name] = f.tell()
-                writer.write(name, torch.zeros(shape, dtype=DTYPES[dtype][1]))
-            elif name in source.tensors:
-                _, tensor = next(reader)
-                check_finite(name, tensor)
-                if name in weights:
-                    encoded, _ = registry.layer_format(weights[name]).encode(tensor.to(dev))
-                    writer.write(name, encoded.pop("weight").cpu())
-                    for suffix_name, value in encoded.items():
-                        key = f"{layer}.{suffix_name}"
-                        if key in pending:
-                            _fill(f, pending.pop(key), value.cpu())
-                        else:
-                            done[key] = value.cpu()
-                elif dtype == HIGH:
-                    writer.write(name, tensor.to(torch.bfloat16))
-                else:
-                    writer.write(name, tensor)
-                bar.update(source.tensors[name].nbytes)
-            else:  # the Edit-2511 marker a diffusers source signals in its config
-                writer.write(name, torch.zeros(shape, dtype=DTYPES[dtype][1]))
-        writer.close()
-        if pending or done:  # pragma: no cover - a planning bug
-            raise RuntimeError(f"unwritten layer tensors: {sorted(pending) + sorted(done)}")
+    dtypes = {name: dtype for name, dtype, _ in entries}
+    derived = {name: f"{name.rpartition('.')[0]}.weight" for name, _, _ in entries
+               if name not in source.tensors and f"{name.rpartition('.')[0]}.weight" in weights
+               and not name.endswith(".comfy_quant")}
+
+    def encode(name: str, tensor: torch.Tensor) -> dict:
+        if name in weights:
+            encoded, _ = registry.layer_format(weights[name]).encode(tensor.to(dev))
+            layer = name[: -len(".weight")]
+            return {name: encoded.pop("weight"), **{f"{layer}.{s}": v for s, v in encoded.items()}}
+        return {name: tensor.to(torch.bfloat16) if dtypes[name] == HIGH else tensor}
+
+    def constant(name: str, dtype: str, shape: tuple) -> torch.Tensor:
+        layer = name[: -len(".comfy_quant")]
+        if name.endswith(".comfy_quant") and f"{layer}.weight" in weights:
+            return torch.frombuffer(bytearray(_json(weights[f"{layer}.weight"])), dtype=torch.uint8)
+        return torch.zeros(shape, dtype=DTYPES[dtype][1])  # the Edit-2511 marker a diffusers source signals
+
+    with atomic_output(target, expected_bytes=safetensors_size(entries, meta)) as f:
+        write_derived_safetensors(f, entries, meta, source, derived, encode, constant, desc=f"to-comfy {target.name}",
+                                  quiet=quiet)
     return {"entries": entries, "layers": len(weights)}
-
-
-def _fill(f, offset: int, value: torch.Tensor) -> None:
-    here = f.tell()
-    f.seek(offset)
-    f.write(tensor_bytes(value))
-    f.seek(here)
 
 
 # -------------------------------------------------------------- front end

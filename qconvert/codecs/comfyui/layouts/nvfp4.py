@@ -7,7 +7,6 @@ from __future__ import annotations
 import torch
 
 from qconvert.codecs.comfyui.blocks import (
-    FP8_MAX,
     BlockScaled,
     from_blocked,
     padded,
@@ -15,26 +14,9 @@ from qconvert.codecs.comfyui.blocks import (
     scale_grid,
     to_blocked,
 )
+from qconvert.codecs.minifloat import E2M1_MAX, FP8_MAX, e2m1_rne, e2m1_value
 
-E2M1_MAX = 6.0
 NVFP4_BLOCK = 16
-_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
-_E2M1_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
-
-
-def e2m1_rne(x: torch.Tensor) -> torch.Tensor:
-    """E2M1 codes (uint8, sign in bit 3) rounding to nearest, ties to the even code; saturating at 6."""
-    mag = x.abs().clamp(max=E2M1_MAX)
-    mids = torch.tensor(_E2M1_MIDPOINTS, dtype=mag.dtype)
-    idx = torch.bucketize(mag, mids)  # ties go to the lower code here ...
-    tie = (idx < len(_E2M1_MIDPOINTS)) & (mag == mids[idx.clamp(max=len(_E2M1_MIDPOINTS) - 1)])
-    idx = torch.where(tie & (idx % 2 == 1), idx + 1, idx)  # ... and to the even one here
-    return (idx | torch.signbit(x).to(idx.dtype) << 3).to(torch.uint8)
-
-
-def e2m1_value(codes: torch.Tensor) -> torch.Tensor:
-    table = torch.tensor(_E2M1 + tuple(-v for v in _E2M1), dtype=torch.float32)
-    return table[codes.long()]
 
 
 def encode_nvfp4(w: torch.Tensor) -> tuple[dict, dict]:
