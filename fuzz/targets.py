@@ -250,6 +250,25 @@ def fp8_file(data: bytes) -> None:
         format_summary(inspect_path(path))
 
 
+def diffusers_file(data: bytes) -> None:
+    """A diffusers-native fp8r/nvfp4 file (to-diffusers) opened as verify opens it, every tensor read as it
+    runs, and inspected."""
+    from qconvert.formats.inspection import format_summary, inspect_path
+    from qconvert.formats.opener import open_output
+
+    path = _file("diffusers.safetensors", data)
+    with expected_errors():
+        library_agrees(path)
+    with expected_errors():
+        source, _ = open_output(path)
+        for name in source.names():
+            source.load(name)
+        for layer in getattr(source, "layers", {}):
+            source.layer_tensors(layer, scales_only=True)
+    with expected_errors():
+        format_summary(inspect_path(path))
+
+
 def sampler_inputs(data: bytes) -> None:
     """A file given to ``qconvert sample``: embeddings, noise or reference latents (by the names it holds)."""
     from qconvert.core.checkpoint import read_safetensors_header
@@ -397,6 +416,7 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "gguf": gguf_file,
     "lora": lora_file,
     "fp8": fp8_file,
+    "diffusers": diffusers_file,
     "sampler-inputs": sampler_inputs,
     "verify-baseline": verify_baseline,
     "gate-report": gate_report,
@@ -434,6 +454,13 @@ def seeds(name: str) -> list[bytes]:
                                     alpha=None if s == "peft" else 1.0).read_bytes() for s in tiny.LORA_STYLES]
     if name == "fp8":
         return _fp8_seeds(work)
+    if name == "diffusers":
+        from qconvert.core.checkpoint import open_checkpoint
+        from qconvert.formats import bfl
+
+        with open_checkpoint(tiny.make_tiny(work / "model", **TINY)) as src:
+            return [Path(bfl.convert(src, work / f"{fmt}.safetensors", bfl.make_options(fmt), quiet=True)["output"])
+                    .read_bytes() for fmt in bfl.FORMATS]
     if name == "sampler-inputs":
         return _sampler_seeds(work)
     if name == "imatrix":
@@ -476,6 +503,10 @@ def hostile_seeds(name: str, good: list[bytes]) -> list[bytes]:
         return [b'[recipe]\nname = "r"\nsource = "x"\nz = ' + b"[" * 5000 + b"]" * 5000 + b"\n"]
     if name == "fp8":  # a name outside the model (an absurd block index) given to the diffusers-facing loader
         return [_with_tensors(good[0], {"transformer_blocks.999999.attn.to_q.weight": ("zeros", (4, 4))})]
+    if name == "diffusers":  # NaN scales; a scale that contradicts its weight's shape
+        scale = "transformer_blocks.0.attn.to_q.weight_scale"
+        return [_with_tensors(good[0], {scale: ("nan", None)}), _with_tensors(good[1], {scale: ("zeros", (3,))}),
+                _with_tensors(good[1], {"transformer_blocks.0.attn.to_q.input_scale": ("nan", None)})]
     if name == "svdquant":  # damaged smoothing factors; metadata whose group size contradicts the tensors
         import json
 

@@ -32,7 +32,7 @@ def test_seeds_read_without_any_error(name, monkeypatch):
         targets.TARGETS[name](data)
 
 
-@pytest.mark.parametrize("name", ["recipe", "fp8", "svdquant"])
+@pytest.mark.parametrize("name", ["recipe", "fp8", "svdquant", "diffusers"])
 def test_hostile_seeds_are_refused_in_one_line(name, monkeypatch):
     """Each class of hostile file found by hand is a seed, and its target refuses it with a QConvertError."""
     refused = []

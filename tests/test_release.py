@@ -291,6 +291,23 @@ def test_card_metadata_and_body(release, capsys):
     assert not (release / "README.md").exists()  # a dry run writes nothing
 
 
+def test_cards_of_diffusers_native_files_say_how_diffusers_loads_them():
+    """A to-diffusers output is named as such in a release, and its card shows the BFL loader, not ComfyUI's."""
+    from qconvert.releases import hub
+    from qconvert.releases.recipes import Output
+    from qconvert.releases.release import format_name
+
+    assert format_name(Output("n", "to-diffusers", "f.safetensors", (("format", "nvfp4"),))) == "diffusers-nvfp4"
+    m = {"card": {"base_model": "Qwen/Qwen-Image-2512"}, "source": {"id": "x"}, "qconvert_version": "0",
+         "recipe": {"name": "r", "file": "r.toml"},
+         "outputs": {"fp8r": {"file": "q-diffusers-fp8r.safetensors", "format": "diffusers-fp8r", "bytes": 1,
+                              "options": {"format": "fp8r"}, "loras": []}}}
+    body = hub.render_card(m, "someone/q")
+    assert "BFLQuantizationConfig" in body and "q-diffusers-fp8r.safetensors" in body and "diffusers 0.42" in body
+    assert "## ComfyUI" not in body and "RTX 40" in body
+    assert "diffusers" in hub.card_metadata(m)["tags"]
+
+
 def test_edit_cards_say_image_to_image(full_size_sparse, tmp_path):
     from qconvert.releases import hub
 

@@ -8,6 +8,7 @@ ABOUT = {
     "to-fp8": "FP8 safetensors for ComfyUI (and diffusers, through qconvert's dequantizing loader).",
     "to-comfy": "ComfyUI per-layer quantized safetensors: NVFP4, MXFP8, INT8 with ConvRot (and FP8), byte for byte "
                 "what comfy-kitchen's quantizers make, streamed tensor by tensor.",
+    "to-diffusers": "Single files diffusers loads natively quantized (fp8r, nvfp4) with BFLQuantizationConfig.",
     "to-svdquant": "SVDQuant 4-bit files (Nunchaku INT4/NVFP4), calibrated, one block in memory at a time.",
     "bake-lora": "Merge LoRAs into the weights: a checkpoint in the source's dtype and layout.",
     "calibrate": "Activation statistics of every linear layer: importance matrix, absmax, sampled input rows.",

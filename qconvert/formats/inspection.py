@@ -11,6 +11,7 @@ from qconvert.core.checkpoint import COMFY_PREFIXES, open_checkpoint, read_safet
 from qconvert.core.errors import CheckpointError
 from qconvert.core.models import qwen_image as qi
 from qconvert.core.untrusted import shown
+from qconvert.formats import bfl
 from qconvert.formats.comfyui.fp8 import is_aux_name
 from qconvert.formats.comfyui.loader import FP8File
 from qconvert.formats.opener import detect
@@ -40,6 +41,8 @@ def _inspect_safetensors(path: Path) -> dict:
     tensors = {k[len(prefix):]: (m.dtype, m.shape, m.nbytes)
                for k, m in header.tensors.items() if k.startswith(prefix)}
     fmt = "safetensors"
+    if not prefix and bfl.is_bfl(header.tensors) and not any(n.endswith(".comfy_quant") for n in tensors):
+        return _inspect_bfl(path, header)
     if any(n.endswith(".comfy_quant") for n in tensors):
         fmt = "safetensors, ComfyUI per-layer quantized (comfy_quant)"
     elif "scaled_fp8" in tensors:
@@ -63,6 +66,22 @@ def _inspect_safetensors(path: Path) -> dict:
     if counts is not None:
         summary["layer_formats"] = counts
     return summary
+
+
+def _inspect_bfl(path: Path, header) -> dict:
+    f = bfl.BFLFile(path)  # every layer's tensors checked against each other
+    try:
+        tensors = {k: (m.dtype, m.shape, m.nbytes) for k, m in header.tensors.items()}
+        for layer, info in f.layers.items():
+            w = header.tensors[f"{layer}.weight"]
+            tensors[f"{layer}.weight"] = (w.dtype, info.shape, w.nbytes)
+        summary = _summary(str(path), "single-file", "safetensors, diffusers natively quantized "
+                           f"({'+'.join(f.formats())}, BFLQuantizationConfig)", tensors, header.metadata,
+                           path.stat().st_size)
+        summary["layer_formats"] = dict(sorted(Counter(i.fmt for i in f.layers.values()).items()))
+        return summary
+    finally:
+        f.close()
 
 
 def _inspect_gguf(path: Path) -> dict:

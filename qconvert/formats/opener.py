@@ -3,7 +3,7 @@
 ``detect`` names the kind of a path from its name and header alone; ``open_output`` returns a weight source
 (``names()``, ``load(name)`` as float32 in diffusers' names) and a label for reports.  A source whose
 format computes differently from its dequantized weights names its ``runtime`` (``"comfy"``,
-``"svdquant"``): the model-running layer has a provider for each (``running.providers.native_provider``).
+``"svdquant"``, ``"bfl"``): the model-running layer has a provider for each (``running.providers.native_provider``).
 inspect, verify and bake-lora all start here, so a new file kind is added in one place.
 """
 
@@ -15,8 +15,9 @@ import numpy as np
 import torch
 
 from qconvert.codecs.gguf.quants import dequantize
-from qconvert.core.checkpoint import open_checkpoint
+from qconvert.core.checkpoint import open_checkpoint, read_safetensors_header
 from qconvert.core.errors import QConvertError
+from qconvert.formats.bfl import BFLFile, is_bfl
 from qconvert.formats.comfyui.loader import FP8File, fp8_layout
 from qconvert.formats.gguf.reader import open_gguf
 from qconvert.formats.svdquant.file import SVDQuantFile, is_svdquant
@@ -45,6 +46,9 @@ def open_output(path) -> tuple[object, str]:
         return GGUFWeights(p), "gguf"
     if kind == "safetensors":
         layout = fp8_layout(p)
+        if layout in ("plain", "none") and is_bfl(read_safetensors_header(p).tensors):
+            f = BFLFile(p)
+            return f, "diffusers-" + "+".join(f.formats())
         if layout == "comfy":
             weights = FP8Weights(p)  # every layer config and scale checked once, here
             return weights, "comfy-" + "+".join(weights.formats()) if weights.formats() else "comfy"

@@ -20,6 +20,7 @@ from pathlib import Path
 from qconvert.codecs.comfyui import registry
 from qconvert.core.errors import QConvertError
 from qconvert.core.io import atomic_output
+from qconvert.formats import bfl
 from qconvert.releases import manifest
 
 CARD = "README.md"
@@ -37,8 +38,12 @@ GUIDE = {
                       "RTX 20/30/40"),
     "svdquant-nvfp4": ("ComfyUI/models/diffusion_models/", "**Nunchaku Qwen-Image DiT Loader** of "
                        "ComfyUI-nunchaku", "RTX 50 (Blackwell)"),
+    **{f"diffusers-{fmt}": ("diffusers: `from_single_file` (see below)",
+                            f"`BFLQuantizationConfig`, {bfl.MIN_DIFFUSERS}",
+                            f"{bfl.NATIVE_ON[fmt]}; dequantized in each forward elsewhere") for fmt in bfl.FORMATS},
 }
-TAGS = {"gguf": ["gguf"], "fp8": ["fp8", "comfyui", "diffusion-single-file"],
+TAGS = {"gguf": ["gguf"], "diffusers": ["diffusers", "diffusion-single-file"],
+        "fp8": ["fp8", "comfyui", "diffusion-single-file"],
         "comfy": ["comfyui", "diffusion-single-file"], "svdquant": ["svdquant", "nunchaku", "comfyui"]}
 
 
@@ -158,12 +163,14 @@ def render_card(m: dict, repo: str | None = None, forced: list | None = None) ->
                    f"{_with_interval(v, 'latents.psnr_db', 2, ' dB')} | "
                    f"{_with_interval(v, 'pixels.psnr_db', 2, ' dB')} | {guide(e['format'])[2]} |")
     out += [""] + _gate_lines(outputs, order)
-    out += ["## ComfyUI", "", "| Format | Put the file in | Load it with |", "|---|---|---|"]
-    for fmt in sorted({outputs[n]["format"] for n in order}):
+    comfy_formats = sorted({outputs[n]["format"] for n in order} - {f"diffusers-{f}" for f in bfl.FORMATS})
+    out += ["## ComfyUI", "", "| Format | Put the file in | Load it with |", "|---|---|---|"] if comfy_formats else []
+    for fmt in comfy_formats:
         where, node, _ = guide(fmt)
         out.append(f"| {fmt} | `{where}` | {node} |")
-    out += ["", "The text encoder (Qwen2.5-VL 7B) goes in `ComfyUI/models/text_encoders/` and the VAE in "
-            "`ComfyUI/models/vae/`, as for the original model.", ""]
+    if comfy_formats:
+        out += ["", "The text encoder (Qwen2.5-VL 7B) goes in `ComfyUI/models/text_encoders/` and the VAE in "
+                "`ComfyUI/models/vae/`, as for the original model.", ""]
     out += _library_usage(outputs, order, repo, base)
     settings = next((outputs[n]["verify"].get("settings") for n in order if outputs[n].get("verify")), None)
     if settings:
@@ -206,6 +213,17 @@ def _library_usage(outputs: dict, order: list, repo: str | None, base: str) -> l
                 "transformer = QwenImageTransformer2DModel.from_single_file(",
                 f'    "https://huggingface.co/{repo}/blob/main/{gguf}",',
                 "    quantization_config=GGUFQuantizationConfig(compute_dtype=torch.bfloat16),",
+                f'    torch_dtype=torch.bfloat16, config="{base}", subfolder="transformer")',
+                f'pipe = DiffusionPipeline.from_pretrained("{base}", transformer=transformer, '
+                "torch_dtype=torch.bfloat16)", "```", ""]
+    native = next((f for fmt, f in formats.items() if fmt.startswith("diffusers-")), None)
+    if native:
+        out += ["## diffusers (natively quantized: fp8r / nvfp4)", "", f"Needs {bfl.MIN_DIFFUSERS}.", "",
+                "```python", "import torch",
+                "from diffusers import BFLQuantizationConfig, DiffusionPipeline, QwenImageTransformer2DModel", "",
+                "transformer = QwenImageTransformer2DModel.from_single_file(",
+                f'    "https://huggingface.co/{repo}/blob/main/{native}",',
+                "    quantization_config=BFLQuantizationConfig(compute_dtype=torch.bfloat16),",
                 f'    torch_dtype=torch.bfloat16, config="{base}", subfolder="transformer")',
                 f'pipe = DiffusionPipeline.from_pretrained("{base}", transformer=transformer, '
                 "torch_dtype=torch.bfloat16)", "```", ""]

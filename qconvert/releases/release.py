@@ -370,6 +370,8 @@ def format_name(o: Output) -> str:
         return f"fp8-{options.get('format', 'comfy')}"
     if o.converter == "to-comfy":
         return f"comfy-{options.get('format', 'nvfp4')}"
+    if o.converter == "to-diffusers":
+        return f"diffusers-{options.get('format', 'fp8r')}"
     return f"svdquant-{options.get('precision', 'int4')}"
 
 

@@ -20,6 +20,7 @@ from typing import Callable, Mapping, Protocol
 import torch
 import torch.nn.functional as F
 
+from qconvert.codecs import bfl
 from qconvert.codecs.comfyui.registry import activations
 from qconvert.core.errors import QuantizationError
 from qconvert.core.pipeline import all_finite
@@ -104,6 +105,18 @@ class ComfyProvider(DenseProvider):
         return lambda x: dense(activations(x, fmt, conf, input_scale).to(x.dtype))
 
 
+class BFLProvider(DenseProvider):
+    """A diffusers fp8r/nvfp4 file run as diffusers' native matmuls run it (fp8r on RTX 40+, nvfp4 on Blackwell
+    with FlashInfer): weights dequantized, each quantized layer's input quantized as its matmul does."""
+
+    def linear(self, module: str) -> Linear:
+        dense = super().linear(module)
+        found = self.source.layer_tensors(module, scales_only=True)
+        if found is None:
+            return dense
+        fmt, tensors = found
+        return lambda x: dense(bfl.inputs(fmt, x, tensors).to(x.dtype))
+
 
 class SVDQuantProvider:
     """The reference model's weights from an SVDQuant file, computed as the runtime computes them."""
@@ -151,7 +164,7 @@ class SVDQuantProvider:
 
 
 # How each weight source's ``runtime`` computes (``opener``): a provider that runs it so.
-NATIVE_PROVIDERS = {"comfy": ComfyProvider, "svdquant": SVDQuantProvider}
+NATIVE_PROVIDERS = {"comfy": ComfyProvider, "svdquant": SVDQuantProvider, "bfl": BFLProvider}
 
 
 def native_provider(source, *, dtype: torch.dtype = torch.float32, device="cpu", cache_bytes: int = 0):
