@@ -83,12 +83,31 @@ def _measured_scales(src, options, calib, device: str, echo) -> tuple:
     from qconvert.running.fp8_matmul import full_precision_layers, matmul_errors
 
     scales = fp8.static_scales(options, src, calib)
-    errors = matmul_errors(src, dict(scales), options.dtype, device=device, echo=echo)
+    seeds = held_out_seeds(calib)
+    errors = matmul_errors(src, dict(scales), options.dtype, seeds=seeds, device=device, echo=echo)
     unseen = {m for m, s in scales if s is None}
     keep = full_precision_layers(errors, options.input_tolerance) | unseen
     measured = {"runtime": "native", "tolerance": options.input_tolerance, "layers": len(scales),
+                "held_out_seeds": list(seeds),
                 "full_precision": sorted(keep), "errors": errors}
     return fp8.with_input_scales(options, scales, frozenset(keep)), measured
+
+
+def held_out_seeds(calib) -> tuple:
+    """Two synthetic prompt seeds the calibration did not draw: its own are --seed .. --seed + prompts - 1."""
+    import json
+
+    from qconvert.core.checkpoint import read_safetensors_header
+    from qconvert.running.fp8_matmul import HELD_OUT_SEEDS
+
+    try:
+        made = json.loads(read_safetensors_header(Path(calib)).metadata.get("qconvert", "{}")).get("options", {})
+        first, count = int(made.get("seed", 0)), int(made.get("prompts", 0))
+    except (ValueError, TypeError, AttributeError):  # a calibration from elsewhere: its prompts are unknown
+        return HELD_OUT_SEEDS
+    if first + count <= HELD_OUT_SEEDS[0] or first > HELD_OUT_SEEDS[-1]:
+        return HELD_OUT_SEEDS
+    return first + count, first + count + 1
 
 
 def demo_step(model: Path, out: Path, quiet: bool, echo: Callable[[str], None]) -> list[Path]:

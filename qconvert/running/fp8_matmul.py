@@ -4,9 +4,11 @@ A calibrated FP8 file gives each layer a static ``input_scale`` (margin ·
 calibrated amax / 448).  On a GPU with FP8 matmuls ComfyUI then quantizes the
 layer's input with that scale: inputs beyond ±448·scale saturate, and inputs
 far below it fall under FP8's normal range and keep fewer bits.  Whether that
-costs a layer too much is measured here, not guessed from the statistics: a
-short reference run (seeded synthetic prompt, Lightning schedule, one block
-in memory at a time) computes, at every call of every quantized layer and on
+costs a layer too much is measured here, not guessed from the statistics, and
+on prompts the calibration did not see (a static scale fitted to one set of
+activations can saturate on another: issue 22 measured exactly that in ComfyUI):
+a short reference run over held-out seeded synthetic prompts (Lightning
+schedule, one block in memory at a time) computes, at every call of every quantized layer and on
 its real input, the layer's output three ways: in full precision (the
 reference), with the FP8 weight and a full-precision input (what
 ``full_precision_matrix_mult`` runs), and with the FP8 weight and the input
@@ -65,23 +67,27 @@ class _Measuring(DenseProvider):
         return measured
 
 
-def matmul_errors(source, scales: dict, dtype: str = "e4m3fn", *, size: int = 256, steps: int = 2, seed: int = 0,
-                  device: str = "cpu", echo=print) -> dict[str, dict[str, float]]:
+HELD_OUT_SEEDS = (1000, 1001)  # calibrate's synthetic prompts are seeds --seed (default 0), --seed + 1, ...
+
+
+def matmul_errors(source, scales: dict, dtype: str = "e4m3fn", *, size: int = 256, steps: int = 2,
+                  seeds=HELD_OUT_SEEDS, device: str = "cpu", echo=print) -> dict[str, dict[str, float]]:
     """{layer: {"full_precision": e, "fp8_matmul": e}}: each layer's output error energy relative to its
     output's, over a short reference run, with the FP8 weight and a full-precision input, and with the input
-    quantized by the layer's static scale (``scales``: {layer: input_scale})."""
+    quantized by the layer's static scale (``scales``: {layer: input_scale}); one run per prompt seed."""
     config = source.config
     provider = _Measuring(source, {m: s for m, s in scales.items() if s is not None}, LAYERS[dtype],
                           device=torch.device(device))
     model = QwenImageTransformer(config, provider)
-    prompt = inputs.synthetic_prompt(config, seed).to(torch.device(device), torch.float32)
-    noise = inputs.seeded_noise(seed, size, size).to(device)
-    echo(f"  measuring {len(provider.scales)} layers' FP8 matmul on a {steps}-step {size}x{size} reference run, as "
-         "the native runtime computes it")
+    echo(f"  measuring {len(provider.scales)} layers' FP8 matmul on {len(seeds)} {steps}-step {size}x{size} reference "
+         f"runs (held-out prompts, seeds {', '.join(map(str, seeds))}), as the native runtime computes it")
     start = time.monotonic()
-    with torch.no_grad():
-        sampler.sample(model, noise, prompt.embeds, prompt.mask, steps=steps, schedule="lightning",
-                       img_shapes=[(1, size // 16, size // 16)])
+    for seed in seeds:
+        prompt = inputs.synthetic_prompt(config, seed).to(torch.device(device), torch.float32)
+        noise = inputs.seeded_noise(seed, size, size).to(device)
+        with torch.no_grad():
+            sampler.sample(model, noise, prompt.embeds, prompt.mask, steps=steps, schedule="lightning",
+                           img_shapes=[(1, size // 16, size // 16)])
     echo(f"  measured in {time.monotonic() - start:.1f} s")
     return {m: {"full_precision": full / ref if ref else 0.0, "fp8_matmul": fp8 / ref if ref else 0.0}
             for m, (ref, full, fp8) in provider.sums.items()}

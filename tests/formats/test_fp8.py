@@ -433,6 +433,22 @@ def test_inspect_names_each_layout(outputs, tmp_path):
 
 # ----------------------------------------------------- activation modes
 
+def test_fp8_matmuls_are_judged_on_prompts_the_calibration_did_not_see(tmp_path):
+    from qconvert.converters.fp8 import held_out_seeds
+    from qconvert.formats.calibration import Stat, write_calibration
+
+    def calibration(seed, prompts):
+        path = tmp_path / f"c{seed}-{prompts}.safetensors"
+        meta = {"qconvert": json.dumps({"format": "calibration", "options": {"seed": seed, "prompts": prompts}})}
+        write_calibration(path, {"x": Stat(torch.ones(4, dtype=torch.float64), torch.ones(4), torch.zeros(1, 4), 1)},
+                          meta)
+        return path
+
+    assert held_out_seeds(calibration(0, 8)) == (1000, 1001)
+    assert held_out_seeds(calibration(999, 4)) == (1003, 1004)
+    assert held_out_seeds(calibration(2000, 4)) == (1000, 1001)
+
+
 def test_activation_modes(tmp_path, capsys):
     """calibrated: each layer's FP8 matmul measured as the native runtime computes it; the layers it would cost
     too much keep full precision, and the file verifies at the native runtime far closer than one that puts
@@ -461,6 +477,7 @@ def test_activation_modes(tmp_path, capsys):
     calibrated = load_file(paths["calibrated"])
     measured = reports["calibrated"]["fp8_matmul"]
     assert measured["runtime"] == "native" and measured["tolerance"] == 2.0
+    assert measured["held_out_seeds"] == [1000, 1001]  # the calibration drew seed 0 only
     source = open_checkpoint(model)
     layers = sorted({qi.describe(n).module for n in block_linears(source.tensors)})
     stats = read_stats(calib, source, layers)
