@@ -41,6 +41,9 @@ class ComfyCommandOptions:
                                  help="mix: block (default): the error each layer's format causes in its block's "
                                       "output on a short reference run, which sees which layers matter; weight "
                                       "(default with --calib): each layer's weight error, about half the time.")
+    candidates: tuple = option((), multiple=True, metavar="FORMAT[,FORMAT]",
+                               help="mix: choose among these formats only (BF16 always); w4a8,int8 gives a mix "
+                                    "whose every layer runs natively on RTX 20/30/40/50 (INT8 matmuls).")
     runtime: str | None = option(None, choices=registry.RUNTIMES, show_default=False,
                                  help="mix: the runtime the formats are chosen for: native (default with the block "
                                       "measure) runs each candidate with its inputs quantized as its matmul does "
@@ -51,6 +54,8 @@ def run(source: Source, o: ComfyCommandOptions, output=None, *, dry_run: bool = 
         echo: Callable[[str], None] = silent) -> Result:
     if (o.fmt == "mix") != ((o.target_size is None) != (o.max_error is None)):
         raise UsageError("--format mix takes one of --target-size GB or --max-error X (and only mix does)")
+    if o.candidates and o.fmt != "mix":
+        raise UsageError("--candidates is for --format mix (the formats it chooses among)")
     if o.runtime is not None and o.fmt != "mix":
         raise UsageError("--runtime is for --format mix (the runtime its per-layer formats are chosen for)")
     if o.fmt == "fp8":
@@ -64,11 +69,15 @@ def run(source: Source, o: ComfyCommandOptions, output=None, *, dry_run: bool = 
     with source.open() as src:
         mix = None
         if o.fmt == "mix":
-            from qconvert.running.mix import mixed_options
+            from qconvert.running.mix import mix_candidates, mixed_options
 
+            try:
+                among = mix_candidates(o.candidates)
+            except QConvertError as exc:
+                raise UsageError(str(exc)) from None
             options, mix, lines = mixed_options(src, target_size=o.target_size, max_error=o.max_error, calib=o.calib,
                                                 keep=options.keep, device=source.device, echo=echo,
-                                                measure=o.measure, runtime=o.runtime)
+                                                measure=o.measure, runtime=o.runtime, candidates=among)
         report = comfy.convert(src, output, options, device=source.device, dry_run=dry_run, quiet=quiet)
         if mix is not None:
             report["mix"] = mix

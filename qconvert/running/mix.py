@@ -55,7 +55,7 @@ def block_linears(source) -> list[str]:
 
 
 def sensitivity(source, layers: list[str], importance: dict | None = None, *, device="cpu",
-                progress=None) -> dict[str, dict[str, float]]:
+                progress=None, candidates: tuple = CANDIDATES) -> dict[str, dict[str, float]]:
     """{layer: {format: activation-weighted relative squared error}} for every candidate that fits the layer."""
     table = {}
     for layer in layers:
@@ -63,7 +63,7 @@ def sensitivity(source, layers: list[str], importance: dict | None = None, *, de
         a = importance[layer].to(device).float() if importance else torch.ones(w.shape[1], device=device)
         base = float((w.pow(2).sum(0) * a).sum()) or 1.0
         row = {}
-        for fmt in (fitting(f, w.shape) for f in CANDIDATES):
+        for fmt in (fitting(f, w.shape) for f in candidates):
             delta = roundtrip(w, fmt) - w
             row[fmt] = float((delta.pow(2).sum(0) * a).sum()) / base
         table[layer] = row
@@ -122,8 +122,19 @@ def plan_lines(errors: dict, sizes: dict, choice: dict, limit: int = 40) -> list
     return lines
 
 
+def mix_candidates(names) -> tuple:
+    """The formats a mix may choose among: ``names`` (BF16 is always one, so every layer has a choice), or all
+    of ``CANDIDATES`` when none are given.  A mix of ``w4a8,int8`` runs natively on every GPU from Turing on."""
+    names = tuple(dict.fromkeys(n.strip() for item in names for n in str(item).split(",") if n.strip()))
+    unknown = [n for n in names if n not in CANDIDATES]
+    if unknown:
+        raise QConvertError(f"--candidates {unknown[0]}: a mix chooses among {', '.join(CANDIDATES)}")
+    return tuple(f for f in CANDIDATES if f in names or f == registry.BF16) if names else CANDIDATES
+
+
 def mixed_options(source, *, target_size: float | None = None, max_error: float | None = None, calib=None,
-                  keep=(), device="cpu", echo=print, measure: str | None = None, runtime: str | None = None):
+                  keep=(), device="cpu", echo=print, measure: str | None = None, runtime: str | None = None,
+                  candidates: tuple = CANDIDATES):
     """``ComfyOptions`` of fmt "mix" for ``source``, and a summary of the choice (sizes exact).
     ``measure``: "block" (``comfy_sensitivity``, the default) or "weight" (this module's weight-space error,
     the default when ``calib`` is given).  ``runtime``: what the choice is made for, recorded in the file:
@@ -142,16 +153,17 @@ def mixed_options(source, *, target_size: float | None = None, max_error: float 
     kept = frozenset().union(*(qi.ROLE_GROUPS[g] for g in keep))
     layers = [m for m in block_linears(source) if qi.describe(f"{m}.weight").role not in kept]
     if measure == "block":
-        from qconvert.running.sensitivity import block_sensitivity
+        from qconvert.running.sensitivity import block_sensitivity, comfy_candidates
 
         if calib is not None:
             raise QConvertError("--sensitivity block measures on its own reference run; --calib is for the "
                                 "weight-space measure (give one or the other)")
         how = ("inputs quantized as each format's native matmul does" if runtime == "native"
                else "dequantized weights, full-precision inputs")
-        echo(f"to-comfy mix: chosen for the {runtime} runtime: measuring {len(layers)} linears in {len(CANDIDATES)} "
+        echo(f"to-comfy mix: chosen for the {runtime} runtime: measuring {len(layers)} linears in {len(candidates)} "
              f"formats each by the image-stream error after the next block ({how})")
-        errors = block_sensitivity(source, layers, device=device, runtime=runtime, echo=echo)
+        among = replace(comfy_candidates(runtime), names=candidates)
+        errors = block_sensitivity(source, layers, device=device, runtime=runtime, echo=echo, candidates=among)
     else:
         importance = None
         if calib is not None:
@@ -159,13 +171,14 @@ def mixed_options(source, *, target_size: float | None = None, max_error: float 
 
             importance = {m: s.sq_sum / max(s.seen, 1) for m, s in read_stats(calib, source, layers).items()}
         echo(f"to-comfy mix: chosen for the dequantized runtime: measuring {len(layers)} linears in "
-             f"{len(CANDIDATES)} formats each "
+             f"{len(candidates)} formats each "
              f"({'weighted by ' + str(calib) if calib else 'unweighted: pass --calib for activation-weighted errors'})")
-        errors = sensitivity(source, layers, importance, device=device)
+        errors = sensitivity(source, layers, importance, device=device, candidates=candidates)
     if FIRST_MODULATION in errors:  # comfy-quants keeps it BF16 in every FP format: the most sensitive linear
         errors[FIRST_MODULATION] = {"bf16": 0.0}
     sizes = {m: {f: layer_bytes(tuple(source.tensors[f"{m}.weight"].shape), f) for f in errors[m]} for m in layers}
-    all_bf16 = ComfyOptions("mix", tuple(keep), tuple((m, "bf16") for m in layers), chosen_for=runtime)
+    all_bf16 = ComfyOptions("mix", tuple(keep), tuple((m, "bf16") for m in layers), chosen_for=runtime,
+                            candidates=() if candidates == CANDIDATES else candidates)
     entries, meta, _ = plan(source, all_bf16, dry_run=True)
     fixed = safetensors_size(entries, meta) - sum(sizes[m]["bf16"] for m in layers)
     budget = None if target_size is None else int(target_size * 1e9) - fixed - 256 * len(layers)
@@ -178,7 +191,7 @@ def mixed_options(source, *, target_size: float | None = None, max_error: float 
             break
         budget -= size - int(target_size * 1e9)  # the header grew more than allowed for: tighten and rechoose
     summary = {"target_size_gb": target_size, "max_error": max_error, "bytes": size, "runtime": runtime,
-               "measure": measure,
+               "measure": measure, "candidates": list(candidates),
                "mean_error": sum(errors[m][f] for m, f in choice.items()) / len(choice),
                "layers": {m: {"format": f, "error": errors[m][f], "bytes": sizes[m][f],
                               "candidates": errors[m]} for m, f in sorted(choice.items())}}

@@ -434,6 +434,26 @@ def test_mix_runtime_choices(files, tmp_path, capsys):
     assert code == 2 and "--runtime is for --format mix" in err
 
 
+def test_mix_among_the_formats_a_gpu_runs_natively(files, tmp_path, capsys):
+    """--candidates w4a8,int8: every layer in a format with INT8 matmuls (or BF16), recorded in the file."""
+    model, _ = files
+    out = tmp_path / "int8-mix.safetensors"
+    code, stdout, err = run(["to-comfy", model, "--format", "mix", "--sensitivity", "weight", "--target-size", "0.006",
+                             "--candidates", "w4a8,int8", "-o", out, "--json", "-q"], capsys)
+    assert code == 0, err
+    r = json.loads(stdout)
+    assert r["mix"]["candidates"] == ["bf16", "int8", "w4a8"]
+    chosen = {row["format"] for row in r["mix"]["layers"].values()}
+    assert chosen <= {"bf16", "int8", "int8-row", "w4a8"} and "w4a8" in chosen
+    with safe_open(out, "pt") as f:
+        assert json.loads(f.metadata()["qconvert"])["options"]["candidates"] == ["bf16", "int8", "w4a8"]
+    code, _, err = run(["to-comfy", model, "--format", "mix", "--target-size", "0.006", "--candidates", "int4"],
+                       capsys)
+    assert code == 2 and "--candidates int4" in err
+    code, _, err = run(["to-comfy", model, "--format", "w4a8", "--candidates", "int8"], capsys)
+    assert code == 2 and "--candidates is for --format mix" in err
+
+
 # ------------------------------------------------------------------ FP8: bytes equal comfy-kitchen's
 
 

@@ -45,6 +45,7 @@ class ComfyOptions:
     keep: tuple = ()
     mix: tuple = ()  # ((layer, format or "bf16"), ...) for fmt "mix" (comfy_mix.choose makes it)
     chosen_for: str = ""  # mix: the runtime its formats were measured under (native or dequantized)
+    candidates: tuple = ()  # mix: the formats it chose among, when not all of them (--candidates)
 
     def kept_roles(self) -> frozenset:
         return frozenset().union(*(qi.ROLE_GROUPS[g] for g in self.keep))
@@ -58,6 +59,8 @@ class ComfyOptions:
             out["layers"] = dict(sorted(counts.items()))
             if self.chosen_for:
                 out["chosen_for_runtime"] = self.chosen_for
+            if self.candidates:
+                out["candidates"] = list(self.candidates)
         return out
 
     def formats(self) -> set:
