@@ -239,3 +239,19 @@ def file_sha256(path: str | os.PathLike, progress: Callable[[int], None] | None 
             if progress:
                 progress(len(chunk))
     return h.hexdigest()
+
+
+def safetensors_target(output: str | os.PathLike | None, default_name: str, source_path=None) -> Path:
+    """Where a single-file converter writes: ``-o`` as given, ``default_name`` inside ``-o`` when it is a folder,
+    or in the current folder.  A file name must end in .safetensors (or .sft) and must not be the source."""
+    if output is None:
+        return Path(default_name)
+    out = Path(output)
+    if out.is_dir() or str(output).endswith(("/", os.sep)):
+        return out / default_name
+    if out.suffix.lower() not in (".safetensors", ".sft"):
+        raise QConvertError(f"{out}: give the output a .safetensors name (ComfyUI loads .pt/.bin names with "
+                            "torch.load, which cannot read safetensors)")
+    if source_path is not None and out.resolve() == Path(source_path).resolve():
+        raise QConvertError(f"{out}: this is the source file; choose another output name")
+    return out

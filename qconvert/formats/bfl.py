@@ -15,7 +15,6 @@ weight source verify and inspect use for these files, a layer's input quantized 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from qconvert.codecs import bfl
 from qconvert.core.checkpoint import DTYPES, TensorReader, read_safetensors_header
 from qconvert.core.derived import write_derived_safetensors
 from qconvert.core.errors import CheckpointError, QConvertError
-from qconvert.core.io import atomic_output, safetensors_header, safetensors_size
+from qconvert.core.io import atomic_output, safetensors_header, safetensors_size, safetensors_target
 from qconvert.core.models import qwen_image as qi
 from qconvert.core.pipeline import parse_device, provenance, provenance_json
 from qconvert.core.untrusted import shown
@@ -130,14 +129,7 @@ def default_name(source, options: BflOptions) -> str:
 
 
 def output_path(source, options: BflOptions, output) -> Path:
-    if output is None:
-        return Path(default_name(source, options))
-    out = Path(output)
-    if out.is_dir() or str(output).endswith(("/", os.sep)):
-        return out / default_name(source, options)
-    if out.suffix.lower() != ".safetensors":
-        raise QConvertError(f"{out}: give the output a .safetensors name")
-    return out
+    return safetensors_target(output, default_name(source, options), getattr(source, "path", None))
 
 
 def convert(source, output=None, options: BflOptions = BflOptions(), *, device: str = "cpu",

@@ -96,7 +96,7 @@ from qconvert.codecs.comfyui import registry
 from qconvert.codecs.comfyui.layouts.fp8 import FP8_TYPES, Fp8Type, cast_fp8, quantize_fp8
 from qconvert.core.checkpoint import DTYPES
 from qconvert.core.errors import QConvertError
-from qconvert.core.io import SafetensorsWriter, atomic_output, safetensors_size, tensor_bytes
+from qconvert.core.io import SafetensorsWriter, atomic_output, safetensors_size, safetensors_target, tensor_bytes
 from qconvert.core.models import qwen_image as qi
 from qconvert.core.pipeline import (
     TensorPlan,
@@ -436,19 +436,8 @@ def default_name(source, options: Fp8Options) -> str:
     return stem + ".safetensors"
 
 
-def output_path(source, options: Fp8Options, output: str | os.PathLike | None) -> Path:
-    """``-o`` as given, the default name inside ``-o`` when it is a folder, or in the current folder."""
-    if output is None:
-        return Path(default_name(source, options))
-    out = Path(output)
-    if out.is_dir() or str(output).endswith(("/", os.sep)):
-        return out / default_name(source, options)
-    if out.suffix.lower() not in (".safetensors", ".sft"):
-        raise QConvertError(f"{out}: give the output a .safetensors name (ComfyUI loads .pt/.bin names with "
-                            "torch.load, which cannot read safetensors)")
-    if out.resolve() == Path(source.path).resolve():
-        raise QConvertError(f"{out}: this is the source file; choose another output name")
-    return out
+def output_path(source, options: Fp8Options, output) -> Path:
+    return safetensors_target(output, default_name(source, options), getattr(source, "path", None))
 
 
 def role_counts(plans: Iterable[TensorPlan]) -> dict:

@@ -19,7 +19,6 @@ tensor.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from qconvert.codecs.comfyui import registry
 from qconvert.core.checkpoint import DTYPES
 from qconvert.core.derived import write_derived_safetensors
 from qconvert.core.errors import QConvertError
-from qconvert.core.io import atomic_output, safetensors_size
+from qconvert.core.io import atomic_output, safetensors_size, safetensors_target
 from qconvert.core.models import qwen_image as qi
 from qconvert.core.pipeline import parse_device, provenance, provenance_json
 
@@ -184,14 +183,7 @@ def default_name(source, options: ComfyOptions) -> str:
 
 
 def output_path(source, options: ComfyOptions, output) -> Path:
-    if output is None:
-        return Path(default_name(source, options))
-    out = Path(output)
-    if out.is_dir() or str(output).endswith(("/", os.sep)):
-        return out / default_name(source, options)
-    if out.suffix.lower() != ".safetensors":
-        raise QConvertError(f"{out}: give the output a .safetensors name")
-    return out
+    return safetensors_target(output, default_name(source, options), getattr(source, "path", None))
 
 
 def convert(source, output=None, options: ComfyOptions = ComfyOptions(), *, device: str = "cpu",
