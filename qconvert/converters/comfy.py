@@ -26,12 +26,12 @@ qconvert to-comfy ./qwen-image --format mix --target-size 16
 class ComfyCommandOptions:
     fmt: str = option("nvfp4", name="format", choices=("fp8", *comfy.FORMATS, "mix"),
                       help="nvfp4 (RTX 50), mxfp8 (Blackwell), int8 (row-wise with ConvRot; int8-row, int8-tensor "
-                           "without), convrot-w4a4 (experimental), mix (see --target-size), fp8 (= to-fp8 --format "
-                           "comfy).")
+                           "without), w4a8 and w6a8 (INT8 matmuls, RTX 20 and later; ComfyUI v0.31.0), "
+                           "convrot-w4a4 (experimental), mix (see --target-size), fp8 (= to-fp8 --format comfy).")
     keep: tuple = option((), multiple=True, metavar="GROUP[,GROUP]", help="Keep these block-linear groups in BF16.")
     target_size: float | None = option(None, kind=float, show_default=False,
                                        help="mix: the file's size in GB; each linear gets the format (BF16, FP8, "
-                                            "MXFP8, INT8, NVFP4) that keeps the summed error least within it.")
+                                            "MXFP8, INT8, NVFP4, W4A8) that keeps the summed error least within it.")
     max_error: float | None = option(None, kind=float, show_default=False,
                                      help="mix: the largest mean layer error; the smallest file that keeps it.")
     calib: Path | None = option(None, kind=Path, show_default=False,

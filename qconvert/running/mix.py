@@ -1,4 +1,4 @@
-"""Size-budgeted mixed precision for ComfyUI: each block linear gets BF16, FP8, MXFP8, INT8 or NVFP4.
+"""Size-budgeted mixed precision for ComfyUI: each block linear gets BF16, FP8, MXFP8, INT8, NVFP4 or W4A8.
 
 Sensitivity, measured by the block (the default): ``comfy_sensitivity``.
 Sensitivity by weight (``--sensitivity weight``, or with ``--calib``): every
