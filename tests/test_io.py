@@ -53,7 +53,10 @@ def test_atomic_output_keyboard_interrupt(tmp_path):
 def test_sigint_in_a_real_process_leaves_nothing(tmp_path):
     """Ctrl-C while a converter writes: the temporary goes, nothing under the final name."""
     # A shell that starts the suite in the background makes its children ignore SIGINT; Python keeps
-    # that, so the child restores the default handler (Ctrl-C on a terminal always has it).
+    # that, so the child restores the default handler (Ctrl-C on a terminal always has it). It sleeps in
+    # short steps, as a converter's loop works: importing torch starts threads, the kernel may hand
+    # SIGINT to one of them, and Python raises only when the main thread next runs (one long sleep
+    # made this test flaky under load).
     script = textwrap.dedent(f"""
         import signal, sys, time
         signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -62,7 +65,8 @@ def test_sigint_in_a_real_process_leaves_nothing(tmp_path):
             f.write(b"x" * 1000)
             f.flush()
             print("writing", flush=True)
-            time.sleep(30)
+            for _ in range(600):
+                time.sleep(0.1)
     """)
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "writing"
