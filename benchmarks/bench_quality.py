@@ -11,7 +11,7 @@ replaces the README's tables between ``<!-- quality:NAME -->`` markers with
 this run's; a test checks that every number in those tables is in
 docs/quality.md, so the README's figures are never typed by hand.
 
-Tables: ComfyUI formats at both runtimes, diffusers-native files, the size-budgeted mixes, GGUF
+Tables: ComfyUI formats at both runtimes, diffusers-native files, NVFP4 smoothing, the size-budgeted mixes, GGUF
 levels, SVDQuant LoRA modes (the tiny model, about 10 minutes on a 2-core
 CPU; the default sections), and the formats and mixes on a model of full
 width with two blocks (``--sections full-width-formats,full-width-mixes``:
@@ -179,13 +179,19 @@ def gguf_policies(model: Path, work: Path, tag: str) -> list[str]:
     return ["| level | `--policy` | imatrix | bytes | latent PSNR (dB) |" + px, "|---|---|---|---|---|" + rule] + rows
 
 
-def diffusers_formats(model: Path, work: Path) -> list[str]:
-    """to-diffusers' fp8r and nvfp4 at both runtimes; nvfp4's static input_scale uncalibrated and calibrated
-    (``calibrate --synthetic 2`` at 256x256, 4 steps: prompts verify never uses) at two margins."""
-    calib = work / "diffusers-calib.safetensors"
-    if not (REUSE["on"] and calib.exists()):
+def calibration(model: Path, work: Path) -> Path:
+    """``calibrate --synthetic 2`` at 256x256, 4 steps: prompts verify never uses (made once a run)."""
+    calib = work / f"{model.name}-calib.safetensors"
+    if not (calib.exists() and (REUSE["on"] or calib.stat().st_mtime > model.stat().st_mtime)):
         qconvert("calibrate", model, "--synthetic", 2, "--height", 256, "--width", 256, "--steps", 4, "-o", calib,
                  "-q")
+    return calib
+
+
+def diffusers_formats(model: Path, work: Path) -> list[str]:
+    """to-diffusers' fp8r and nvfp4 at both runtimes; nvfp4's static input_scale uncalibrated and calibrated
+    (``calibration``) at two margins."""
+    calib = calibration(model, work)
     files = {"`fp8r`": ("fp8r", []), "`nvfp4`, input_scale 1.0 (no `--calib`)": ("nvfp4", []),
              "`nvfp4 --calib --margin 1.25`": ("nvfp4", ["--calib", calib, "--margin", "1.25"]),
              "`nvfp4 --calib` (margin 4, the default)": ("nvfp4", ["--calib", calib])}
@@ -193,6 +199,26 @@ def diffusers_formats(model: Path, work: Path) -> list[str]:
     for i, (label, (fmt, extra)) in enumerate(files.items()):
         path = work / f"{model.name}-diffusers-{i}-{fmt}.safetensors"
         convert(path, "to-diffusers", model, "--format", fmt, *extra)
+        native, dequantized = verify(path, model, work), verify(path, model, work, "--runtime", "dequantized")
+        rows.append(f"| {label} | {size_of(path)} | {cell(native['latents'])} | {cell(dequantized['latents'])} |"
+                    + pixel_cell(native))
+    px, rule = pixel_head()
+    return ["| file | bytes | latent PSNR, native (dB) | latent PSNR, dequantized (dB) |" + px,
+            "|---|---|---|---|" + rule] + rows
+
+
+def nvfp4_smoothing(model: Path, work: Path) -> list[str]:
+    """to-comfy nvfp4 plain and with ``--smooth`` (factors chosen on ``calibration``'s rows for either runtime),
+    each verified at both runtimes on held-out prompts."""
+    calib = calibration(model, work)
+    files = {"`nvfp4`": [], "`nvfp4 --smooth --calib` (chosen for the native runtime, the default)":
+             ["--smooth", "--calib", calib],
+             "`nvfp4 --smooth --calib --runtime dequantized`":
+             ["--smooth", "--calib", calib, "--runtime", "dequantized"]}
+    rows = []
+    for i, (label, extra) in enumerate(files.items()):
+        path = work / f"{model.name}-smoothing-{i}.safetensors"
+        convert(path, "to-comfy", model, "--format", "nvfp4", *extra)
         native, dequantized = verify(path, model, work), verify(path, model, work, "--runtime", "dequantized")
         rows.append(f"| {label} | {size_of(path)} | {cell(native['latents'])} | {cell(dequantized['latents'])} |"
                     + pixel_cell(native))
@@ -279,6 +305,7 @@ def replace_readme(sections: dict) -> None:
 
 TITLES = {"comfy-formats": "ComfyUI formats, tiny model",
           "diffusers-formats": "diffusers-native files (`to-diffusers`), tiny model",
+          "nvfp4-smoothing": "NVFP4 with AWQ-style smoothing (`to-comfy --smooth`), tiny model",
           "mixes": "Size-budgeted mixes, tiny model (native runtime; budgets a quarter and 60% of the way from the "
                    "NVFP4 size to the INT8 one)",
           "gguf-levels": "GGUF levels, tiny model",
@@ -290,7 +317,8 @@ TITLES = {"comfy-formats": "ComfyUI formats, tiny model",
           "gguf-measured": "GGUF policies at city96's sizes, tiny model (`--policy measured` within city96's "
                            "file size at each level)",
           "full-width-gguf-measured": "GGUF policies at city96's sizes, full-width model of three blocks"}
-TINY = ("comfy-formats", "diffusers-formats", "mixes", "gguf-levels", "gguf-measured", "svdquant-lora")
+TINY = ("comfy-formats", "diffusers-formats", "nvfp4-smoothing", "mixes", "gguf-levels", "gguf-measured",
+        "svdquant-lora")
 WIDE = ("full-width-formats", "full-width-mixes")
 WIDE3 = ("full-width-gguf-measured",)
 
@@ -312,6 +340,9 @@ def measure(names: set, work: Path) -> dict:
         if "diffusers-formats" in names:
             print("diffusers-native files (tiny) ...", file=sys.stderr)
             out["diffusers-formats"] = diffusers_formats(tiny, work)
+        if "nvfp4-smoothing" in names:
+            print("NVFP4 smoothing (tiny) ...", file=sys.stderr)
+            out["nvfp4-smoothing"] = nvfp4_smoothing(tiny, work)
         if "gguf-levels" in names:
             print("GGUF levels (tiny) ...", file=sys.stderr)
             out["gguf-levels"] = gguf_levels(tiny, work)

@@ -501,8 +501,13 @@ def hostile_seeds(name: str, good: list[bytes]) -> list[bytes]:
     refused with one QConvertError line, never pass silently or crash.  The corpus starts from them too."""
     if name == "recipe":  # tomllib recurses per level: once an internal RecursionError
         return [b'[recipe]\nname = "r"\nsource = "x"\nz = ' + b"[" * 5000 + b"]" * 5000 + b"\n"]
-    if name == "fp8":  # a name outside the model (an absurd block index) given to the diffusers-facing loader
-        return [_with_tensors(good[0], {"transformer_blocks.999999.attn.to_q.weight": ("zeros", (4, 4))})]
+    if name == "fp8":  # a name outside the model (an absurd block index) given to the diffusers-facing loader;
+        # smoothing factors that are NaN, zero, of the wrong length, or on a layer ComfyUI would not apply them to
+        factor = "transformer_blocks.0.attn.to_q.pre_quant_scale"
+        return [_with_tensors(good[0], {"transformer_blocks.999999.attn.to_q.weight": ("zeros", (4, 4))}),
+                _with_tensors(good[-1], {factor: ("nan", None)}), _with_tensors(good[-1], {factor: ("zeros", None)}),
+                _with_tensors(good[-1], {factor: ("zeros", (3,))}),
+                _with_tensors(good[-1], {"transformer_blocks.0.img_mod.1.pre_quant_scale": ("zeros", (3,))})]
     if name == "diffusers":  # NaN scales; a scale that contradicts its weight's shape
         scale = "transformer_blocks.0.attn.to_q.weight_scale"
         return [_with_tensors(good[0], {scale: ("nan", None)}), _with_tensors(good[1], {scale: ("zeros", (3,))}),
@@ -603,6 +608,15 @@ def _fp8_seeds(work: Path) -> list[bytes]:
         for fmt in ("nvfp4", "mxfp8", "int8", "int8-tensor", "w4a8", "w6a8"):
             r = comfy.convert(src, work / f"{fmt}.safetensors", comfy.make_options(fmt), quiet=True)
             out.append(Path(r["output"]).read_bytes())
+        # NVFP4 with pre_quant_scale (to-comfy --smooth), factors varied across the inputs
+        import dataclasses
+
+        import torch
+
+        options = dataclasses.replace(comfy.make_options("nvfp4"), smoothing=(("seed", "linspace"),))
+        r = comfy.convert(src, work / "smoothed.safetensors", options, quiet=True,
+                          smoother=lambda layer, w: torch.linspace(0.5, 2.0, w.shape[1]).to(torch.bfloat16))
+        smoothed = Path(r["output"]).read_bytes()
     # ComfyUI's other spelling: layer configs in __metadata__, keys under model.diffusion_model.
     tensors = dict(fp8_loader.iter_dequantized(work / "comfy.safetensors", dtype=torch_bf16()))
     layers = {}
@@ -615,7 +629,7 @@ def _fp8_seeds(work: Path) -> list[bytes]:
     meta = {fp8.QUANT_METADATA: json.dumps({"format_version": "1.0", "layers": layers})}
     write_safetensors(work / "meta.safetensors", prefixed, meta)
     out.append((work / "meta.safetensors").read_bytes())
-    return out
+    return out + [smoothed]  # last: hostile_seeds damages its factors
 
 
 def _sampler_seeds(work: Path) -> list[bytes]:

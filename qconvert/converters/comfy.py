@@ -35,8 +35,9 @@ class ComfyCommandOptions:
     max_error: float | None = option(None, kind=float, show_default=False,
                                      help="mix: the largest mean layer error; the smallest file that keeps it.")
     calib: Path | None = option(None, kind=Path, show_default=False,
-                                help="mix, weight measure: weight each layer's error by its inputs' mean squares from "
-                                     "qconvert calibrate.")
+                                help="qconvert calibrate's statistics: --smooth's factors come from them; for a mix "
+                                     "with the weight measure, each layer's error is weighted by its inputs' mean "
+                                     "squares.")
     measure: str | None = option(None, name="sensitivity", choices=("block", "weight"), show_default=False,
                                  help="mix: block (default): the error each layer's format causes in its block's "
                                       "output on a short reference run, which sees which layers matter; weight "
@@ -45,9 +46,13 @@ class ComfyCommandOptions:
                                help="mix: choose among these formats only (BF16 always); w4a8,int8 gives a mix "
                                     "whose every layer runs natively on RTX 20/30/40/50 (INT8 matmuls).")
     runtime: str | None = option(None, choices=registry.RUNTIMES, show_default=False,
-                                 help="mix: the runtime the formats are chosen for: native (default with the block "
-                                      "measure) runs each candidate with its inputs quantized as its matmul does "
-                                      "(RTX 40/50); dequantized (GPUs without the kernels; the weight measure's).")
+                                 help="mix and --smooth: the runtime the formats (or smoothing factors) are chosen "
+                                      "for: native (default with the block measure) runs each candidate with its "
+                                      "inputs quantized as its matmul does (RTX 40/50); dequantized (GPUs without "
+                                      "the kernels; the weight measure's).")
+    smooth: bool = option(False, help="nvfp4: AWQ-style smoothing (ComfyUI's pre_quant_scale; ComfyUI v0.31.0): "
+                                      "each layer's per-input factor chosen from --calib's statistics by the error "
+                                      "of its output as the runtime computes it.")
 
 
 def run(source: Source, o: ComfyCommandOptions, output=None, *, dry_run: bool = False, quiet: bool = False,
@@ -56,8 +61,13 @@ def run(source: Source, o: ComfyCommandOptions, output=None, *, dry_run: bool = 
         raise UsageError("--format mix takes one of --target-size GB or --max-error X (and only mix does)")
     if o.candidates and o.fmt != "mix":
         raise UsageError("--candidates is for --format mix (the formats it chooses among)")
-    if o.runtime is not None and o.fmt != "mix":
-        raise UsageError("--runtime is for --format mix (the runtime its per-layer formats are chosen for)")
+    if o.runtime is not None and o.fmt != "mix" and not o.smooth:
+        raise UsageError("--runtime is for --format mix and --smooth (the runtime their choices are made for)")
+    if o.smooth and o.fmt != "nvfp4":
+        raise UsageError("--smooth is for --format nvfp4 (the format ComfyUI applies a pre_quant_scale to)")
+    if o.smooth and o.calib is None:
+        raise QConvertError("--smooth needs --calib STATS (from qconvert calibrate on this model): the smoothing "
+                            "factors come from each layer's input statistics")
     if o.fmt == "fp8":
         return fp8_converter.run(source, fp8_converter.Fp8CommandOptions(keep=o.keep), output, dry_run=dry_run,
                                  quiet=quiet, echo=echo)
@@ -78,14 +88,49 @@ def run(source: Source, o: ComfyCommandOptions, output=None, *, dry_run: bool = 
             options, mix, lines = mixed_options(src, target_size=o.target_size, max_error=o.max_error, calib=o.calib,
                                                 keep=options.keep, device=source.device, echo=echo,
                                                 measure=o.measure, runtime=o.runtime, candidates=among)
-        report = comfy.convert(src, output, options, device=source.device, dry_run=dry_run, quiet=quiet)
+        smoother = None
+        if o.smooth:
+            options, smoother = _smoothing(src, options, o, source.device, dry_run, echo)
+        try:
+            report = comfy.convert(src, output, options, device=source.device, dry_run=dry_run, quiet=quiet,
+                                   smoother=smoother)
+        finally:
+            if smoother is not None:
+                smoother.close()
         if mix is not None:
             report["mix"] = mix
+        if smoother is not None and not dry_run:
+            report["smoothing"] = smoother.summary()
     text = comfy.format_report(report)
+    if "smoothing" in report:
+        s = report["smoothing"]
+        text = (f"smoothing: {s['smoothed']} of {s['layers']} layers smoothed; mean output error on the calibration "
+                f"rows {s['mean_error']:.4g} (unsmoothed {s['mean_plain_error']:.4g}, {s['runtime']} runtime)\n"
+                + text)
     if mix is not None:
         text = "\n".join([f"mix: {report['bytes'] / 1e9:.3f} GB, mean layer error {mix['mean_error']:.3g}, chosen "
                           f"for the {mix['runtime']} runtime; per layer:", *lines, text])
     return Result(report, text, [Path(report["output"])])
+
+
+def _smoothing(src, options, o: ComfyCommandOptions, device: str, dry_run: bool, echo):
+    """The options recording how the factors are chosen, and the smoother that chooses them (the calibration
+    checked against the model first, whatever else happens)."""
+    import dataclasses
+
+    from qconvert.core.io import file_sha256
+    from qconvert.running.smoothing import DEFAULT_GRID, LayerSmoother
+
+    runtime = o.runtime or "native"
+    layers = [m for m, f in comfy.quantized_layers(src, options).items() if comfy.smoothed_format(f)]
+    smoother = LayerSmoother(o.calib, src, layers, runtime=runtime, grid=DEFAULT_GRID, device=device)
+    record = (("calibration", Path(o.calib).name), ("sha256", file_sha256(o.calib)), ("grid", DEFAULT_GRID),
+              ("runtime", runtime))
+    if not dry_run and layers:
+        seconds = smoother.estimate_seconds()
+        echo(f"smoothing {len(layers)} nvfp4 layers: {2 * DEFAULT_GRID - 1} candidates each, measured under the "
+             f"{runtime} runtime on {device}; about {seconds / 60:.1f} min (from the first layer)")
+    return dataclasses.replace(options, smoothing=record), smoother
 
 
 def demo_step(model: Path, out: Path, quiet: bool, echo: Callable[[str], None]) -> list[Path]:

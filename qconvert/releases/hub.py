@@ -52,9 +52,11 @@ def guide(fmt: str) -> tuple:
     formats (``comfy-nvfp4``, ``fp8-comfy`` ...) from their registry entries."""
     if fmt in GUIDE:
         return GUIDE[fmt]
-    layer = registry.FORMATS.get("fp8" if fmt == "fp8-comfy" else fmt.removeprefix("comfy-"))
+    smoothed = fmt.endswith("-smoothed")
+    layer = registry.FORMATS.get("fp8" if fmt == "fp8-comfy" else fmt.removeprefix("comfy-").removesuffix("-smoothed"))
     if fmt.startswith(("comfy-", "fp8-comfy")) and layer is not None:
-        return "ComfyUI/models/diffusion_models/", f"**Load Diffusion Model**, {layer.loads_in}", layer.native_on
+        loads_in = layer.smoothed_loads_in if smoothed else layer.loads_in
+        return "ComfyUI/models/diffusion_models/", f"**Load Diffusion Model**, {loads_in}", layer.native_on
     return GUIDE.get(fmt.split("-")[0], ("ComfyUI/models/diffusion_models/", "Load Diffusion Model", ""))
 
 

@@ -369,7 +369,7 @@ def format_name(o: Output) -> str:
     if o.converter == "to-fp8":
         return f"fp8-{options.get('format', 'comfy')}"
     if o.converter == "to-comfy":
-        return f"comfy-{options.get('format', 'nvfp4')}"
+        return f"comfy-{options.get('format', 'nvfp4')}" + ("-smoothed" if options.get("smooth") else "")
     if o.converter == "to-diffusers":
         return f"diffusers-{options.get('format', 'fp8r')}"
     return f"svdquant-{options.get('precision', 'int4')}"

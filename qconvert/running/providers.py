@@ -94,15 +94,22 @@ class _Loader:
 
 class ComfyProvider(DenseProvider):
     """A ComfyUI file run as ComfyUI's native matmuls run it (on a GPU that has them): weights dequantized,
-    inputs quantized per layer (``codecs.comfyui.registry.activations``); full-precision layers untouched."""
+    inputs quantized per layer (``codecs.comfyui.registry.activations``); full-precision layers untouched.
+
+    A smoothed layer (``pre_quant_scale``) quantizes its input times the smoothing, as ComfyUI does; the
+    loader's dense weight has the smoothing folded in, so the quantized input is divided by it again
+    (float32: exact to a rounding, which ComfyUI's BF16 product has too)."""
 
     def linear(self, module: str) -> Linear:
         dense = super().linear(module)
         config = self.source._file.layer_config(module)
         if config is None:
             return dense
-        fmt, conf, input_scale = config
-        return lambda x: dense(activations(x, fmt, conf, input_scale).to(x.dtype))
+        fmt, conf, input_scale, smoothing = config
+        if smoothing is None:
+            return lambda x: dense(activations(x, fmt, conf, input_scale).to(x.dtype))
+        s = smoothing.to(self.device)
+        return lambda x: dense((activations(x * s, fmt, conf, input_scale) / s).to(x.dtype))
 
 
 class BFLProvider(DenseProvider):

@@ -21,6 +21,10 @@ from qconvert.core import untrusted
 from qconvert.core.errors import CheckpointError
 
 Decoder = Callable[[torch.Tensor], torch.Tensor]
+# ModelOpt's AWQ-style smoothing, per input channel: ComfyUI multiplies a layer's input by it before anything
+# else (comfy/ops.py, ``MixedPrecisionOps.Linear.forward``), so the stored weight is the smoothed one,
+# ``W[:, k] / pre_quant_scale[k]``.  Only formats whose ``QUANT_ALGOS`` entry lists it load it (nvfp4).
+PRE_QUANT_SCALE = "pre_quant_scale"
 
 
 @dataclass
@@ -48,6 +52,8 @@ class LayerFormat:
     mix_candidate: bool = False  # the size-budgeted mix may choose it
     in_to_comfy: bool = True  # to-comfy --format offers it (FP8 has to-fp8 and its layouts)
     in_demo: bool = False  # qconvert demo writes a file of it
+    smoothable: bool = False  # ComfyUI loads and applies a ``pre_quant_scale`` for it
+    smoothed_loads_in: str = ""  # the ComfyUI a smoothed layer needs (smoothable formats)
 
     @property
     def file_suffix(self) -> str:
@@ -126,6 +132,16 @@ class LayerFormat:
 
 
 # ------------------------------------------------------- shared helpers
+
+def smoothed(w: torch.Tensor, pre_quant_scale: torch.Tensor) -> torch.Tensor:
+    """The weight to store for a layer whose input ComfyUI multiplies by ``pre_quant_scale`` (float32)."""
+    return w.float() / pre_quant_scale.float()
+
+
+def unsmoothed(w: torch.Tensor, pre_quant_scale: torch.Tensor) -> torch.Tensor:
+    """The dense weight a smoothed layer computes with: its decoded weight times the smoothing, per input."""
+    return w * pre_quant_scale.float()
+
 
 def nonnegative(where: str, scale: torch.Tensor) -> torch.Tensor:
     scale = scale.float()

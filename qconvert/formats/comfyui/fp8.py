@@ -93,6 +93,7 @@ from typing import Iterable, Mapping
 import torch
 
 from qconvert.codecs.comfyui import registry
+from qconvert.codecs.comfyui.base import PRE_QUANT_SCALE
 from qconvert.codecs.comfyui.layouts.fp8 import FP8_TYPES, Fp8Type, cast_fp8, quantize_fp8
 from qconvert.core.checkpoint import DTYPES
 from qconvert.core.errors import QConvertError
@@ -125,7 +126,7 @@ QUANT_METADATA = "_quantization_metadata"  # comfy layer configs kept in __metad
 # Every per-layer name ComfyUI's loaders give a meaning to (the block formats add theirs: NVFP4's
 # weight_scale_2, W4A8's weight_s_rel ...).
 AUX_SUFFIXES = tuple(dict.fromkeys((WEIGHT_SCALE, COMFY_QUANT, SCALE_WEIGHT, *ACTIVATION_SCALES,
-                                    *registry.stored_suffixes())))
+                                    *registry.stored_suffixes(), PRE_QUANT_SCALE)))
 PROVENANCE_KEY = "qconvert"
 
 

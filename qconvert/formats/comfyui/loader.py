@@ -20,7 +20,7 @@ from typing import Callable, Iterator, Mapping
 import torch
 
 from qconvert.codecs.comfyui import registry
-from qconvert.codecs.comfyui.base import StoredLayer
+from qconvert.codecs.comfyui.base import PRE_QUANT_SCALE, StoredLayer, unsmoothed
 from qconvert.codecs.comfyui.layouts.fp8 import BY_COMFY_FORMAT, BY_ST_TYPE, FP8_TYPES
 from qconvert.core import untrusted
 from qconvert.core.checkpoint import COMFY_PREFIXES, Checkpoint, read_safetensors_header
@@ -112,6 +112,10 @@ class FP8File:
         self._reader = Checkpoint(self.path, "single-file", None, header.tensors, header.metadata)
         # weight key -> its dequantization: a per-tensor FP8 scale, or a decoder of a block format
         found = _scaled_weights(self.path, header, self._reader, self.prefix)
+        smoothing = _smoothing(self.path, header, self._reader, found, self.prefix)
+        for layer, pre_quant_scale in smoothing.items():  # the dense weight the smoothed layer computes with
+            fmt, decode = found[f"{layer}.weight"]
+            found[f"{layer}.weight"] = (fmt, lambda q, d=decode, s=pre_quant_scale: unsmoothed(d(q), s))
         self._scales = {key: scale for key, (_, scale) in found.items()}
         self._weight_formats = {key: fmt for key, (fmt, _) in found.items()}
         self._formats = sorted(set(self._weight_formats.values()))
@@ -121,10 +125,11 @@ class FP8File:
                                                     list(header.tensors), self.prefix).items():
                 key = f"{self.prefix}{layer}.input_scale"
                 scale = _scalar(self.path, key, self._reader, header.tensors) if key in header.tensors else None
-                self._configs[layer] = (fmt, conf, scale)
+                self._configs[layer] = (fmt, conf, scale, smoothing.get(f"{self.prefix}{layer}"))
 
     def layer_config(self, layer: str) -> tuple | None:
-        """(format, comfy_quant object, input_scale or None) of a ComfyUI-layout layer; None otherwise."""
+        """(format, comfy_quant object, input_scale or None, pre_quant_scale or None) of a ComfyUI-layout layer;
+        None otherwise."""
         return self._configs.get(layer)
 
     def format_counts(self) -> dict[str, int]:
@@ -225,6 +230,33 @@ def _scaled_weights(path: Path, header, reader, prefix: str) -> dict[str, tuple[
                 fp8 = BY_ST_TYPE.get(header.tensors[weight].dtype, _E4M3)
                 found[weight] = ("scaled " + fp8.comfy_format, scale)
     return found
+
+
+def _smoothing(path: Path, header, reader, found: dict, prefix: str) -> dict[str, torch.Tensor]:
+    """Layer key -> its checked ``pre_quant_scale`` (float32 [in]).  ComfyUI loads one only for a layer whose
+    format takes it (nvfp4); anywhere else it would be an unexpected key, so it is an error here."""
+    keys = [k for k in header.tensors if k.endswith("." + PRE_QUANT_SCALE)]
+    logical_shapes = _logical_shapes(header.tensors, prefix) if keys else {}
+    out = {}
+    for key in keys:
+        meta = header.tensors[key]
+        layer = key[: -len(PRE_QUANT_SCALE) - 1]
+        where = f"{path}: tensor {untrusted.shown(key)}"
+        fmt = found.get(f"{layer}.weight", (None,))[0]
+        if fmt is None or not getattr(_block_format(fmt), "smoothable", False):
+            raise CheckpointError(f"{where}: ComfyUI applies a pre_quant_scale only to an nvfp4 layer, and "
+                                  f"{untrusted.shown(layer)} is {fmt or 'not a quantized layer'}")
+        logical = logical_shapes.get(f"{layer[len(prefix):]}.weight")
+        cols = logical[1] if logical else _block_format(fmt).stored_columns(_LayerHeader(header.tensors, layer))
+        if meta.dtype not in FLOAT_SCALE_TYPES or tuple(meta.shape) != (cols,):
+            raise CheckpointError(f"{where}: must be a float vector of the layer's {cols} inputs, not "
+                                  f"{meta.dtype} {list(meta.shape)}")
+        scale = reader.load(key).float()
+        if not bool(torch.isfinite(scale).all()) or bool((scale <= 0).any()):
+            raise CheckpointError(f"{where}: holds zero, negative or non-finite values; a smoothing factor is "
+                                  "a positive number per input")
+        out[layer] = scale
+    return out
 
 
 def _block_format(fmt: str):

@@ -10,6 +10,10 @@ Layer policy (spec §4.1): comfy-quants' lists: every block linear but
 ``transformer_blocks.0.img_mod.1`` (839) for NVFP4 and MXFP8, all 840 for
 INT8; ``--keep GROUP`` keeps more in BF16.
 
+Smoothing (``options.smoothing``, ``to-comfy --smooth``): an NVFP4 layer may store a BF16
+``pre_quant_scale`` of its inputs, which ComfyUI multiplies the input by, and the weight
+divided by it; ``running.smoothing`` chooses the factors, this module only stores them.
+
 File order: by element size, then name, as the safetensors library writes;
 F32 scales therefore precede their weights and are written as placeholders,
 filled once the weight is encoded, so the source is read once, tensor by
@@ -21,10 +25,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from qconvert.codecs.comfyui import registry
+from qconvert.codecs.comfyui.base import PRE_QUANT_SCALE, smoothed
 from qconvert.core.checkpoint import DTYPES
 from qconvert.core.derived import write_derived_safetensors
 from qconvert.core.errors import QConvertError
@@ -36,6 +42,7 @@ from qconvert.core.pipeline import parse_device, provenance, provenance_json
 FORMATS = tuple(f.name for f in registry.FORMATS.values() if f.in_to_comfy)
 FIRST_MODULATION = "transformer_blocks.0.img_mod.1"  # comfy-quants keeps it BF16 in every FP format
 HIGH = "BF16"
+Smoother = Callable[[str, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,7 @@ class ComfyOptions:
     mix: tuple = ()  # ((layer, format or "bf16"), ...) for fmt "mix" (comfy_mix.choose makes it)
     chosen_for: str = ""  # mix: the runtime its formats were measured under (native or dequantized)
     candidates: tuple = ()  # mix: the formats it chose among, when not all of them (--candidates)
+    smoothing: tuple = ()  # ((key, value), ...): how each smoothable layer's pre_quant_scale was chosen; () none
 
     def kept_roles(self) -> frozenset:
         return frozenset().union(*(qi.ROLE_GROUPS[g] for g in self.keep))
@@ -60,6 +68,8 @@ class ComfyOptions:
                 out["chosen_for_runtime"] = self.chosen_for
             if self.candidates:
                 out["candidates"] = list(self.candidates)
+        if self.smoothing:
+            out["smoothing"] = dict(self.smoothing)
         return out
 
     def formats(self) -> set:
@@ -106,10 +116,16 @@ def fitting(fmt: str, shape) -> str:
 
 # -------------------------------------------------------------------- plan
 
-def layer_entries(layer: str, shape: tuple, fmt: str) -> list[tuple[str, str, tuple]]:
-    """The stored (name, dtype, shape) of one quantized layer, from its weight's shape alone."""
-    return [(f"{layer}.comfy_quant", "U8", (len(_json(fmt)),))] + [
+def layer_entries(layer: str, shape: tuple, fmt: str, smooth: bool = False) -> list[tuple[str, str, tuple]]:
+    """The stored (name, dtype, shape) of one quantized layer, from its weight's shape alone (``smooth``: with
+    a BF16 ``pre_quant_scale`` of its inputs, where the format takes one)."""
+    smoothing = [(f"{layer}.{PRE_QUANT_SCALE}", HIGH, (shape[1],))] if smooth and smoothed_format(fmt) else []
+    return [(f"{layer}.comfy_quant", "U8", (len(_json(fmt)),))] + smoothing + [
         (f"{layer}.{suffix}", dtype, tuple(s)) for suffix, dtype, s in registry.layer_format(fmt).stored(shape)]
+
+
+def smoothed_format(fmt: str) -> bool:
+    return fmt != registry.BF16 and registry.layer_format(fmt).smoothable
 
 
 def _json(fmt: str) -> bytes:
@@ -134,7 +150,8 @@ def plan(source, options: ComfyOptions, *, dry_run: bool = False) -> tuple[list,
     entries = []
     for name, meta in source.tensors.items():
         if name in weights:
-            entries += layer_entries(name[: -len(".weight")], tuple(meta.shape), weights[name])
+            entries += layer_entries(name[: -len(".weight")], tuple(meta.shape), weights[name],
+                                     bool(options.smoothing))
         elif not qi.is_known(name) or qi.describe(name).role is qi.Role.MARKER:
             entries.append((name, meta.dtype, tuple(meta.shape)))
         else:
@@ -148,7 +165,12 @@ def plan(source, options: ComfyOptions, *, dry_run: bool = False) -> tuple[list,
 
 # ------------------------------------------------------------------ write
 
-def write(source, options: ComfyOptions, target: Path, *, device="cpu", quiet: bool = False) -> dict:
+def write(source, options: ComfyOptions, target: Path, *, device="cpu", quiet: bool = False,
+          smoother: Smoother | None = None) -> dict:
+    """``smoother(layer, weight)``: the BF16 ``pre_quant_scale`` of each smoothable layer, when
+    ``options.smoothing`` asks for one (``running.smoothing`` measures it)."""
+    if bool(options.smoothing) != (smoother is not None):
+        raise ValueError("options.smoothing and a smoother come together")
     entries, meta, weights = plan(source, options)
     dev = parse_device(device)
     dtypes = {name: dtype for name, dtype, _ in entries}
@@ -158,9 +180,12 @@ def write(source, options: ComfyOptions, target: Path, *, device="cpu", quiet: b
 
     def encode(name: str, tensor: torch.Tensor) -> dict:
         if name in weights:
-            encoded, _ = registry.layer_format(weights[name]).encode(tensor.to(dev))
-            layer = name[: -len(".weight")]
-            return {name: encoded.pop("weight"), **{f"{layer}.{s}": v for s, v in encoded.items()}}
+            layer, w, extra = name[: -len(".weight")], tensor.to(dev), {}
+            if smoother is not None and smoothed_format(weights[name]):
+                factor = smoother(layer, w).to(torch.bfloat16)
+                w, extra = smoothed(w, factor.to(dev)), {f"{layer}.{PRE_QUANT_SCALE}": factor}
+            encoded, _ = registry.layer_format(weights[name]).encode(w)
+            return {name: encoded.pop("weight"), **{f"{layer}.{s}": v for s, v in encoded.items()}, **extra}
         return {name: tensor.to(torch.bfloat16) if dtypes[name] == HIGH else tensor}
 
     def constant(name: str, dtype: str, shape: tuple) -> torch.Tensor:
@@ -187,7 +212,7 @@ def output_path(source, options: ComfyOptions, output) -> Path:
 
 
 def convert(source, output=None, options: ComfyOptions = ComfyOptions(), *, device: str = "cpu",
-            dry_run: bool = False, quiet: bool = False) -> dict:
+            dry_run: bool = False, quiet: bool = False, smoother: Smoother | None = None) -> dict:
     target = output_path(source, options, output)
     entries, meta, weights = plan(source, options, dry_run=dry_run)
     # layers ConvRot's group does not fit, which get row-wise INT8 instead (int8's and w4a8's fallback)
@@ -196,20 +221,24 @@ def convert(source, output=None, options: ComfyOptions = ComfyOptions(), *, devi
     result = {"command": "to-comfy", "output": str(target), "format": options.fmt, "keep": list(options.keep),
               "layers": len(weights), "unrotated": unrotated, "tensor_count": len(entries),
               "bytes": safetensors_size(entries, meta),
-              "written": False, "needs": needs(options.formats())}
+              "written": False, "needs": needs(options.formats(), smoothed=bool(options.smoothing))}
     if dry_run:
         return result
-    write(source, options, target, device=device, quiet=quiet)
+    write(source, options, target, device=device, quiet=quiet, smoother=smoother)
     size = target.stat().st_size
     if size != result["bytes"]:  # pragma: no cover - the writer checks every tensor against the plan
         raise RuntimeError(f"{target}: wrote {size} bytes, planned {result['bytes']}")
     return {**result, "written": True}
 
 
-def needs(formats) -> str:
-    """What the formats need of ComfyUI, one family each (the loaders' commits, spec §1)."""
+def needs(formats, *, smoothed: bool = False) -> str:
+    """What the formats need of ComfyUI, one family each (the loaders' commits, spec §1), and of a smoothed
+    file, what its smoothing needs."""
     families = {registry.layer_format(f).family: registry.layer_format(f) for f in formats}
-    return "; ".join(families[f].min_comfyui for f in sorted(families))
+    found = [families[f].min_comfyui for f in sorted(families)]
+    if smoothed:
+        found += [registry.layer_format(f).smoothed_loads_in for f in sorted(formats) if smoothed_format(f)]
+    return "; ".join(found)
 
 
 def format_report(r: dict) -> str:

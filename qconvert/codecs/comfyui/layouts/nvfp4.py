@@ -54,6 +54,11 @@ class Nvfp4(BlockScaled):
     block = NVFP4_BLOCK
     mix_candidate = True
     in_demo = True
+    smoothable = True
+    # comfy/ops.py applies it at Comfy-Org/ComfyUI 0271a469 (no release named yet); an older ComfyUI reports
+    # an unexpected key and multiplies by the smoothed weight alone
+    smoothed_loads_in = ("a ComfyUI whose nvfp4 applies pre_quant_scale (Comfy-Org/ComfyUI at 0271a469 does; an "
+                         "older one ignores the factors and computes wrong outputs)")
 
     def stored(self, shape):
         r, c = padded_shape(shape, NVFP4_BLOCK)  # the zero-padded weight is what is stored (spec §3.2)
