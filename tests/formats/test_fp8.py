@@ -474,6 +474,11 @@ def test_activation_modes(tmp_path, capsys):
     unit = load_file(paths["unit"])
     layer = "transformer_blocks.1.attn.to_q"
     assert unit[f"{layer}.comfy_quant"].numpy().tobytes() == b'{"format": "float8_e4m3fn"}'
+    # unmeasured, img_mlp.net.2 keeps full precision (sglang's ablation); calibrated measures it instead
+    assert json.loads(unit["transformer_blocks.1.img_mlp.net.2.comfy_quant"].numpy().tobytes()) == {
+        "format": "float8_e4m3fn", "full_precision_matrix_mult": True}
+    recorded = json.loads(read_safetensors_header(paths["unit"]).metadata["qconvert"])["options"]
+    assert recorded["full_precision_layers"] == ["img_mlp.net.2"]
     calibrated = load_file(paths["calibrated"])
     measured = reports["calibrated"]["fp8_matmul"]
     assert measured["runtime"] == "native" and measured["tolerance"] == 2.0

@@ -134,6 +134,10 @@ PROVENANCE_KEY = "qconvert"
 
 ACTIVATION_MODES = ("full-precision", "calibrated", "unit")
 FULL_PRECISION = "full_precision_matrix_mult"
+# Layers that keep full-precision matmuls when nothing was measured (``unit``): sglang keeps img_mlp.net.2 in
+# BF16 after ablation (sgl-project/sglang#23155); vllm-omni's LPIPS fell from 0.30 to 0.17 with the sensitive
+# layers kept BF16 (#1764, #2795).  ``calibrated`` measures every layer instead.
+UNMEASURED_FULL_PRECISION = ("img_mlp.net.2",)
 INPUT_SCALE = "input_scale"
 
 
@@ -151,7 +155,8 @@ class Fp8Options:
         """(the layer's comfy_quant JSON object, its input_scale or None)."""
         conf = {"format": self.fp8.comfy_format}
         scale = dict(self.input_scales).get(layer) if self.activations == "calibrated" else None
-        if self.activations == "full-precision" or (self.activations == "calibrated" and scale is None):
+        if self.activations == "full-precision" or (self.activations == "calibrated" and scale is None) or \
+                (self.activations == "unit" and layer.endswith(tuple("." + s for s in UNMEASURED_FULL_PRECISION))):
             conf[FULL_PRECISION] = True
         return conf, scale
 
@@ -167,6 +172,8 @@ class Fp8Options:
         if self.activations == "calibrated" and self.layout == "comfy":
             extra.update(margin=self.margin, full_precision_layers=sum(1 for _, v in self.input_scales if v is None),
                          input_tolerance=self.input_tolerance, chosen_for_runtime="native")
+        if self.activations == "unit" and self.layout == "comfy":
+            extra.update(full_precision_layers=list(UNMEASURED_FULL_PRECISION))
         return {"layout": self.layout, "dtype": self.dtype, "keep": list(self.keep), **extra,
                 "scale": "per-tensor amax/max" if self.layout != "plain" else "none",
                 "rounding": "nearest-even, clamped to the format's range"}
