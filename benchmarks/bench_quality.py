@@ -90,7 +90,7 @@ def size_of(path: Path) -> str:
 
 # ------------------------------------------------------------------ tables
 
-FORMATS = ("fp8", "nvfp4", "mxfp8", "int8", "int8-row", "int8-tensor", "convrot-w4a4", "w4a8", "w6a8")
+FORMATS = ("fp8", "nvfp4", "mxfp8", "int8", "int8-row", "int8-tensor", "convrot-w4a4", "w4a8", "w6a8", "awq-w4a16")
 
 
 def comfy_formats(model: Path, work: Path, formats=FORMATS, both_runtimes: bool = True) -> tuple[list[str], dict]:
@@ -358,8 +358,8 @@ def measure(names: set, work: Path) -> dict:
             qconvert("make-tiny", wide, "--layers", 2, "--heads", 24, "--head-dim", 128, "--text-dim", 3584, "-q")
         print("full width ...", file=sys.stderr)
         # the formats the mixes are measured against, at the native runtime; the mix as its default chooses
-        lines, wide_files = comfy_formats(wide, work, ("fp8", "nvfp4", "mxfp8", "int8", "convrot-w4a4", "w4a8", "w6a8"),
-                                         False)
+        lines, wide_files = comfy_formats(wide, work, ("fp8", "nvfp4", "mxfp8", "int8", "convrot-w4a4", "w4a8", "w6a8",
+                                                       "awq-w4a16"), False)
         out["full-width-formats"] = lines
         if "full-width-mixes" in names:
             out["full-width-mixes"] = mixes(wide, work, wide_files, measures=MEASURES[:1])

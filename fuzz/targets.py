@@ -605,7 +605,7 @@ def _fp8_seeds(work: Path) -> list[bytes]:
     from qconvert.formats.comfyui import writer as comfy
 
     with open_checkpoint(tiny.make_tiny(work / "wide", **{**SVDQ_TINY, "heads": 2})) as src:
-        for fmt in ("nvfp4", "mxfp8", "int8", "int8-tensor", "w4a8", "w6a8"):
+        for fmt in ("nvfp4", "mxfp8", "int8", "int8-tensor", "w4a8", "w6a8", "awq-w4a16"):
             r = comfy.convert(src, work / f"{fmt}.safetensors", comfy.make_options(fmt), quiet=True)
             out.append(Path(r["output"]).read_bytes())
         # NVFP4 with pre_quant_scale (to-comfy --smooth), factors varied across the inputs

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from qconvert.codecs.comfyui.base import LayerFormat
+from qconvert.codecs.comfyui.layouts.awq import AwqW4A16
 from qconvert.codecs.comfyui.layouts.fp8 import FP8, FP8_E5M2
 from qconvert.codecs.comfyui.layouts.int8 import INT8_ROW, Int8, Int8Tensor
 from qconvert.codecs.comfyui.layouts.mxfp8 import Mxfp8
@@ -15,7 +16,7 @@ from qconvert.codecs.comfyui.layouts.w4a8 import W4A8, W6A8
 
 # In this order the mix tries its candidates (ties go to the first), and to-comfy lists its formats.
 FORMATS: dict[str, LayerFormat] = {f.name: f for f in (
-    FP8, Mxfp8(), Int8(), Nvfp4(), W4A8(), W6A8(), INT8_ROW, Int8Tensor(), ConvrotW4A4(), FP8_E5M2)}
+    FP8, Mxfp8(), Int8(), Nvfp4(), W4A8(), W6A8(), AwqW4A16(), INT8_ROW, Int8Tensor(), ConvrotW4A4(), FP8_E5M2)}
 # ComfyUI's format string -> the format that decodes and runs it (every int8 layout reads the same)
 BY_COMFY_FORMAT: dict[str, LayerFormat] = {}
 for _f in FORMATS.values():

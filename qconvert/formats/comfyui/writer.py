@@ -140,7 +140,7 @@ def check_shapes(source, layers: dict[str, str]) -> None:
         if cols % need:
             raise QConvertError(f"{layer}: {cols} inputs are not a multiple of {need}, which {fmt} needs "
                                 "(every Qwen-Image linear is; choose int8, which falls back to row-wise "
-                                "INT8 there, or a tiny model with --heads x --head-dim a multiple of 256)")
+                                f"INT8 there, or a tiny model with --heads x --head-dim a multiple of {need})")
 
 
 def plan(source, options: ComfyOptions, *, dry_run: bool = False) -> tuple[list, dict, set]:
