@@ -178,7 +178,8 @@ def _status(o: Output, entry: dict | None, out: Path, key: str, progress: Callab
 def planned_sizes(jobs) -> dict:
     """Exact bytes of each output from its converter's own dry run (planned on the CPU, LoRAs from the Hub left
     out: baking one does not change a size; a calibration not made yet left out too).  A mix is chosen only
-    when built (its target is its bound), and so is what needs a calibration to plan (calibrated FP8); a
+    when built (its target is its bound), and so is what needs a calibration to plan (calibrated FP8, smoothed
+    NVFP4); a
     measured GGUF is planned at its bound (city96's size at the level, or its --target-size)."""
     sizes = {}
     for job in jobs:
