@@ -152,3 +152,14 @@ def test_damaged_smoothing_is_refused(smoothed, tmp_path, damage, message):
     save_file(tensors, bad, metadata=read_safetensors_header(smoothed[0]).metadata)
     with pytest.raises(CheckpointError, match=message):
         FP8File(bad)
+
+
+def test_dry_run_plans_the_exact_size(smoothed, model, calib):
+    from qconvert.converters.base import Source
+    from qconvert.converters.comfy import ComfyCommandOptions
+    from qconvert.converters.comfy import run as to_comfy
+
+    out, _ = smoothed
+    planned = to_comfy(Source(str(model)), ComfyCommandOptions(fmt="nvfp4", smooth=True, calib=calib), out,
+                       dry_run=True, quiet=True).report
+    assert planned["bytes"] == out.stat().st_size and not planned["written"]
