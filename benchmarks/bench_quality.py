@@ -195,16 +195,10 @@ def diffusers_formats(model: Path, work: Path) -> list[str]:
     files = {"`fp8r`": ("fp8r", []), "`nvfp4`, input_scale 1.0 (no `--calib`)": ("nvfp4", []),
              "`nvfp4 --calib --margin 1.25`": ("nvfp4", ["--calib", calib, "--margin", "1.25"]),
              "`nvfp4 --calib` (margin 4, the default)": ("nvfp4", ["--calib", calib])}
-    rows = []
-    for i, (label, (fmt, extra)) in enumerate(files.items()):
-        path = work / f"{model.name}-diffusers-{i}-{fmt}.safetensors"
-        convert(path, "to-diffusers", model, "--format", fmt, *extra)
-        native, dequantized = verify(path, model, work), verify(path, model, work, "--runtime", "dequantized")
-        rows.append(f"| {label} | {size_of(path)} | {cell(native['latents'])} | {cell(dequantized['latents'])} |"
-                    + pixel_cell(native))
-    px, rule = pixel_head()
-    return ["| file | bytes | latent PSNR, native (dB) | latent PSNR, dequantized (dB) |" + px,
-            "|---|---|---|---|" + rule] + rows
+    return runtimes_table(model, work, {
+        label: (work / f"{model.name}-diffusers-{i}-{fmt}.safetensors",
+                ("to-diffusers", model, "--format", fmt, *extra))
+        for i, (label, (fmt, extra)) in enumerate(files.items())})
 
 
 def nvfp4_smoothing(model: Path, work: Path) -> list[str]:
@@ -215,10 +209,16 @@ def nvfp4_smoothing(model: Path, work: Path) -> list[str]:
              ["--smooth", "--calib", calib],
              "`nvfp4 --smooth --calib --runtime dequantized`":
              ["--smooth", "--calib", calib, "--runtime", "dequantized"]}
+    return runtimes_table(model, work, {
+        label: (work / f"{model.name}-smoothing-{i}.safetensors", ("to-comfy", model, "--format", "nvfp4", *extra))
+        for i, (label, extra) in enumerate(files.items())})
+
+
+def runtimes_table(model: Path, work: Path, files: dict) -> list[str]:
+    """One row a file (label -> (path, the qconvert command that makes it)), verified at both runtimes."""
     rows = []
-    for i, (label, extra) in enumerate(files.items()):
-        path = work / f"{model.name}-smoothing-{i}.safetensors"
-        convert(path, "to-comfy", model, "--format", "nvfp4", *extra)
+    for label, (path, command) in files.items():
+        convert(path, *command)
         native, dequantized = verify(path, model, work), verify(path, model, work, "--runtime", "dequantized")
         rows.append(f"| {label} | {size_of(path)} | {cell(native['latents'])} | {cell(dequantized['latents'])} |"
                     + pixel_cell(native))

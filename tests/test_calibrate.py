@@ -15,6 +15,7 @@ from qconvert.formats.inspection import inspect_path
 from qconvert.running.calibrate import RecordingProvider
 from qconvert.running.model import QwenImageTransformer
 
+from .calibration import make_calibration
 from .cli_helpers import assert_one_line_error, run
 
 
@@ -25,13 +26,7 @@ def model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def calib(tmp_path_factory, model):
-    out = tmp_path_factory.mktemp("calib-out") / "calib.safetensors"
-    from qconvert.running.calibrate import run_calibrate
-    from qconvert.running.sample import SampleOptions
-
-    with open_checkpoint(model) as src:
-        run_calibrate(src, SampleOptions(height=64, width=64, steps=2, cfg=1.0), [], 2, out, echo=lambda _: None)
-    return out
+    return make_calibration(model, tmp_path_factory.mktemp("calib-out") / "calib.safetensors")
 
 
 def test_recorded_statistics_are_the_inputs(model):

@@ -15,6 +15,7 @@ from qconvert.core.checkpoint import open_checkpoint, read_safetensors_header
 from qconvert.core.errors import CheckpointError
 from qconvert.formats.comfyui.loader import FP8File
 from qconvert.running import smoothing
+from tests.calibration import make_calibration
 from tests.cli_helpers import assert_one_line_error, run
 from tests.formats.weights import outlier_weight
 
@@ -31,13 +32,7 @@ def model(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def calib(tmp_path_factory, model):
-    from qconvert.running.calibrate import run_calibrate
-    from qconvert.running.sample import SampleOptions
-
-    out = tmp_path_factory.mktemp("smooth-calib") / "calib.safetensors"
-    with open_checkpoint(model) as src:
-        run_calibrate(src, SampleOptions(height=32, width=32, steps=2, cfg=1.0), [], 1, out, echo=lambda _: None)
-    return out
+    return make_calibration(model, tmp_path_factory.mktemp("smooth-calib") / "calib.safetensors", size=32, prompts=1)
 
 
 @pytest.fixture(scope="module")
