@@ -27,7 +27,7 @@ class ComfyCommandOptions:
     fmt: str = option("nvfp4", name="format", choices=("fp8", *comfy.FORMATS, "mix"),
                       help="nvfp4 (RTX 50), mxfp8 (Blackwell), int8 (row-wise with ConvRot; int8-row, int8-tensor "
                            "without), w4a8 and w6a8 (INT8 matmuls, RTX 20 and later; ComfyUI v0.31.0), awq-w4a16 "
-                           "(4-bit weights, BF16 activations), "
+                           "(4-bit weights, BF16 activations; measured below w4a8 and nvfp4, see README), "
                            "convrot-w4a4 (experimental), mix (see --target-size), fp8 (= to-fp8 --format comfy).")
     keep: tuple = option((), multiple=True, metavar="GROUP[,GROUP]", help="Keep these block-linear groups in BF16.")
     target_size: float | None = option(None, kind=float, show_default=False,
