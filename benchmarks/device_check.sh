@@ -14,7 +14,8 @@
 # The run prints: the CUDA oracle tests (every type, with and without an
 # imatrix, edge cases), a whole to-gguf --level all on CUDA compared byte for
 # byte with the CPU, and bench_quants' MB/s on CUDA per type and GPU chunk size.
-# It takes about 5 minutes on an H100.  QC_DEVICE=cpu QC_SHAPE=512x3072 runs
+# Then every other writer with --device (ComfyUI, diffusers-native, FP8 calibrated, smoothing, a mix) against
+# its CPU bytes, and verify on the GPU.  It takes about 5 minutes on an H100 (more with the writers: untimed).  QC_DEVICE=cpu QC_SHAPE=512x3072 runs
 # the same steps here, to check the script itself.
 set -eu
 cd "$(dirname "$0")/.."
@@ -58,6 +59,35 @@ for f in /tmp/qc-cpu/*.gguf; do
     if cmp -s "$f" "/tmp/qc-cuda/$(basename "$f")"; then same=$((same + 1)); else differ=$((differ + 1)); echo "differs: $(basename "$f")"; fi
 done
 echo "to-gguf on $device: $same files identical to the CPU's, $differ different"
+
+echo "== the other --device paths: ComfyUI, diffusers-native and FP8 files, smoothing, a mix, verify; CUDA against CPU"
+# Each output is written on the CPU and on $device and compared byte for byte.  The encoders are plain
+# float32 rounding, so they should agree; the measured choices (smoothing, the mix, calibrated FP8's
+# block measure) may tip a near-tie the other way on another device: a difference there is reported, with
+# the layer counts the report prints, not failed.
+rm -rf /tmp/qc-files && mkdir -p /tmp/qc-files/cpu /tmp/qc-files/dev
+python3 -m qconvert make-tiny /tmp/qc-files/m --layers 2 >/dev/null
+python3 -m qconvert calibrate /tmp/qc-files/m --synthetic 1 --steps 2 --height 64 --width 64 \
+    -o /tmp/qc-files/calib.safetensors --device "$device" >/dev/null
+files_same=0; files_differ=0
+check() {  # NAME COMMAND...: the command with -o FILE, on the CPU and on $device
+    name=$1; shift
+    "$@" -o "/tmp/qc-files/cpu/$name" --quiet >/dev/null
+    "$@" -o "/tmp/qc-files/dev/$name" --quiet --device "$device" >/dev/null || { echo "FAILED on $device: $name"; status=1; return; }
+    if cmp -s "/tmp/qc-files/cpu/$name" "/tmp/qc-files/dev/$name"; then files_same=$((files_same + 1))
+    else files_differ=$((files_differ + 1)); echo "differs: $name"; fi
+}
+for fmt in nvfp4 mxfp8 int8 w4a8 w6a8 awq-w4a16 convrot-w4a4; do
+    check "$fmt.safetensors" python3 -m qconvert to-comfy /tmp/qc-files/m --format "$fmt"
+done
+check smoothed.safetensors python3 -m qconvert to-comfy /tmp/qc-files/m --format nvfp4 --smooth --calib /tmp/qc-files/calib.safetensors
+check mix.safetensors python3 -m qconvert to-comfy /tmp/qc-files/m --format mix --target-size 0.006
+check fp8r.safetensors python3 -m qconvert to-diffusers /tmp/qc-files/m --format fp8r
+check bfl-nvfp4.safetensors python3 -m qconvert to-diffusers /tmp/qc-files/m --format nvfp4 --calib /tmp/qc-files/calib.safetensors
+check fp8-calibrated.safetensors python3 -m qconvert to-fp8 /tmp/qc-files/m --activations calibrated --calib /tmp/qc-files/calib.safetensors
+echo "other writers on $device: $files_same files identical to the CPU's, $files_differ different"
+python3 -m qconvert verify /tmp/qc-files/dev/smoothed.safetensors --reference /tmp/qc-files/m --report /tmp/qc-files/verify \
+    --height 64 --width 64 --steps 2 --no-decode --device "$device" | tail -3 || status=1
 
 echo "== speed on CUDA (float32 MB/s; ggml's C reference on $threads CPU threads for scale)"
 python3 benchmarks/bench_quants.py --device "$device" --backends torch --threads "$threads" --repeat 3 \

@@ -51,9 +51,9 @@ class ComfyCommandOptions:
                                       "for: native (default with the block measure) runs each candidate with its "
                                       "inputs quantized as its matmul does (RTX 40/50); dequantized (GPUs without "
                                       "the kernels; the weight measure's).")
-    smooth: bool = option(False, help="nvfp4: AWQ-style smoothing (ComfyUI's pre_quant_scale; ComfyUI v0.31.0): "
-                                      "each layer's per-input factor chosen from --calib's statistics by the error "
-                                      "of its output as the runtime computes it.")
+    smooth: bool = option(False, help="nvfp4: AWQ-style smoothing (ComfyUI's pre_quant_scale, Comfy-Org/ComfyUI "
+                                      "0271a469): each layer's per-input factor chosen from --calib's statistics by "
+                                      "the error of its output as the runtime computes it.")
 
 
 def run(source: Source, o: ComfyCommandOptions, output=None, *, dry_run: bool = False, quiet: bool = False,

@@ -53,7 +53,7 @@ def to_blocked(s: torch.Tensor) -> torch.Tensor:
     128x4 tile stored as 32 rows of 16 (row r%32, then the four 32-row quarters, then 4 columns)."""
     r, cb = s.shape
     rp, cp = 128 * math.ceil(r / 128), 4 * math.ceil(cb / 4)
-    padded = torch.zeros(rp, cp, dtype=s.dtype)
+    padded = s.new_zeros(rp, cp)
     padded[:r, :cb] = s
     tiles = padded.view(rp // 128, 4, 32, cp // 4, 4).permute(0, 3, 2, 1, 4)
     return tiles.reshape(rp, cp)
@@ -79,7 +79,7 @@ def hadamard(g: int) -> torch.Tensor:
 def rotate(w: torch.Tensor, group: int) -> torch.Tensor:
     """Each ``group`` inputs of every row times Hᵀ (= H), in float32."""
     x = w.float().reshape(w.shape[0], -1, group)
-    return (x @ hadamard(group).T).reshape(w.shape)
+    return (x @ hadamard(group).to(x.device).T).reshape(w.shape)
 
 
 def int8_rows(x: torch.Tensor, group: int) -> torch.Tensor:

@@ -93,7 +93,7 @@ class Fp8Layer(LayerFormat):
         return (tensors["weight"].float() * tensors["weight_scale"].float()).reshape(shape)
 
     def activations(self, x, conf, input_scale):
-        s = input_scale.float() if input_scale is not None else torch.tensor(1.0)
+        s = input_scale.float().to(x.device) if input_scale is not None else torch.tensor(1.0, device=x.device)
         rows = x.reshape(-1, x.shape[-1])
         return ((rows / s).clamp(-self.fp8.max, self.fp8.max).to(self.fp8.dtype).float() * s).reshape(x.shape)
 
