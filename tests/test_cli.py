@@ -81,16 +81,16 @@ def test_make_tiny_cli(tmp_path, capsys):
     assert json.loads(out)["variant"] == "qwen-image-edit-2511"
 
 
-def test_demo(tmp_path, capsys):
-    code, out, err = run(["demo", "--out", tmp_path / "demo"], capsys)
+def test_demo(demo_run):
+    folder, code, out, err = demo_run  # shared with the golden test, which hashes the same files
     assert code == 0, err
     assert "tiny model" in out and "done:" in out
-    reports = sorted((tmp_path / "demo" / "reports").glob("*/report.json"))
+    reports = sorted((folder / "demo" / "reports").glob("*/report.json"))
     # Q8_0, Q4_K_M, FP8, NVFP4, MXFP8, INT8 ConvRot, W4A8, a budgeted mix, diffusers fp8r and nvfp4, SVDQuant,
     # baked LoRA
     assert len(reports) == 12 and out.count("verify          ") == 12
     assert "fp8r (diffusers)" in out and "nvfp4 (diffusers)" in out
-    release = tmp_path / "demo" / "release"  # a small release: built, verified, recorded, described
+    release = folder / "demo" / "release"  # a small release: built, verified, recorded, described
     manifest = json.loads((release / "manifest.json").read_text())
     assert len(manifest["outputs"]) == 3 and all(e.get("verify") for e in manifest["outputs"].values())
     assert (release / "README.md").read_text().startswith("---\nbase_model:") and "release " in out

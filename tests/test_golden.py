@@ -71,8 +71,8 @@ def plan_hashes(folder: Path) -> dict:
 
 
 def demo_hashes(folder: Path) -> dict:
-    """sha256 of every file ``qconvert demo`` writes (but the measured ones), from a relative --out, in one
-    fixed folder: the release's recipe makes its source path absolute, and provenance records it."""
+    """``hashes_of`` a ``qconvert demo --no-reports`` run from a relative --out, in the fixed folder the
+    ``demo_run`` fixture uses: the release's recipe makes its source path absolute, and provenance records it."""
     import shutil
     import tempfile
 
@@ -84,20 +84,25 @@ def demo_hashes(folder: Path) -> dict:
     os.chdir(folder)
     try:
         _run(["demo", "--out", "demo", "--no-reports", "-q"])  # the reports are measurements, not golden bytes
-        out = {}
-        for path in sorted(Path("demo").rglob("*")):
-            rel = path.relative_to("demo").as_posix()
-            if path.is_file() and not rel.startswith(VOLATILE) and rel not in VOLATILE:
-                out[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
-        # what a later recipe run compares to keep an output (the release resumes when these hold)
-        manifest = json.loads(Path("demo/release/manifest.json").read_text())
-        for name, entry in manifest["outputs"].items():
-            out[f"release/manifest.json: {name} key"] = entry["key"]
-            out[f"release/manifest.json: {name} verify_key"] = entry["verify_key"]
-        return out
+        return hashes_of(folder / "demo")
     finally:
         os.chdir(old)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def hashes_of(demo: Path) -> dict:
+    """sha256 of every file a demo wrote into ``demo`` but the measured ones, and its release's manifest keys."""
+    out = {}
+    for path in sorted(demo.rglob("*")):
+        rel = path.relative_to(demo).as_posix()
+        if path.is_file() and not rel.startswith(VOLATILE) and rel not in VOLATILE:
+            out[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+    # what a later recipe run compares to keep an output (the release resumes when these hold)
+    manifest = json.loads((demo / "release" / "manifest.json").read_text())
+    for name, entry in manifest["outputs"].items():
+        out[f"release/manifest.json: {name} key"] = entry["key"]
+        out[f"release/manifest.json: {name} verify_key"] = entry["verify_key"]
+    return out
 
 
 def _diff(golden: dict, now: dict) -> list[str]:
@@ -112,10 +117,13 @@ def test_converter_plans_keep_their_bytes(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_keeps_its_bytes(tmp_path):
+def test_demo_keeps_its_bytes(demo_run):
+    """The demo the CLI test runs (with its reports, which are measurements and not hashed)."""
     pytest.importorskip("diffusers", reason="the demo's tiny VAE needs diffusers")
+    folder, code, _, err = demo_run
+    assert code == 0, err
     golden = json.loads((GOLDEN / "demo.json").read_text())
-    assert not _diff(golden, demo_hashes(tmp_path))
+    assert not _diff(golden, hashes_of(folder / "demo"))
 
 
 if __name__ == "__main__":  # python -m tests.test_golden --update
