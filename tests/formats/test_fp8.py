@@ -279,10 +279,10 @@ def test_loader_reads_prefixed_files_with_quantization_metadata(tmp_path):
 
 
 def test_loader_refuses_formats_it_cannot_dequantize(tmp_path):
-    path = tmp_path / "awq.safetensors"
+    path = tmp_path / "unknown.safetensors"  # not stock ComfyUI's
     write_safetensors(path, {"a.weight": torch.zeros(4, 8, dtype=torch.int8), "a.weight_scale": torch.ones(4),
-                             "a.comfy_quant": torch.tensor(list(b'{"format": "awq_w4a16"}'), dtype=torch.uint8)})
-    with pytest.raises(QConvertError, match="layer a uses comfy_quant format 'awq_w4a16'"):
+                             "a.comfy_quant": torch.tensor(list(b'{"format": "svdquant_w4a4"}'), dtype=torch.uint8)})
+    with pytest.raises(QConvertError, match="layer a uses comfy_quant format 'svdquant_w4a4'"):
         fp8_loader.load_dequantized(path)
     path = tmp_path / "w4a8.safetensors"  # a format it reads, missing the tensors it needs
     write_safetensors(path, {"a.weight": torch.zeros(4, 8, dtype=torch.int8), "a.weight_scale": torch.ones(4),
