@@ -31,7 +31,10 @@ from qconvert.formats.inspection import inspect_path
 
 from .cli_helpers import assert_one_line_error, run
 
-GUARD_S = 30  # a hang guard: refusals take milliseconds
+# A hang guard, not a timing: refusals take milliseconds, but the largest legal header (100,000 tensors)
+# takes about 20 s to check under tracemalloc on 2 busy cores; work that grows with a number from the file
+# would take hours.
+GUARD_S = 120
 LAYER = "transformer_blocks.0.attn.to_q"
 MAX_PY_MB = 300
 
