@@ -243,11 +243,12 @@ def _smoothing(path: Path, header, reader, found: dict, prefix: str) -> dict[str
         layer = key[: -len(PRE_QUANT_SCALE) - 1]
         where = f"{path}: tensor {untrusted.shown(key)}"
         fmt = found.get(f"{layer}.weight", (None,))[0]
-        if fmt is None or not getattr(_block_format(fmt), "smoothable", False):
+        layout = _block_format(fmt) if fmt is not None else None
+        if layout is None or not layout.smoothable:
             raise CheckpointError(f"{where}: ComfyUI applies a pre_quant_scale only to an nvfp4 layer, and "
                                   f"{untrusted.shown(layer)} is {fmt or 'not a quantized layer'}")
         logical = logical_shapes.get(f"{layer[len(prefix):]}.weight")
-        cols = logical[1] if logical else _block_format(fmt).stored_columns(_LayerHeader(header.tensors, layer))
+        cols = logical[1] if logical else layout.stored_columns(_LayerHeader(header.tensors, layer))
         if meta.dtype not in FLOAT_SCALE_TYPES or tuple(meta.shape) != (cols,):
             raise CheckpointError(f"{where}: must be a float vector of the layer's {cols} inputs, not "
                                   f"{meta.dtype} {list(meta.shape)}")

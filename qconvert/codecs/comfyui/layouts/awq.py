@@ -43,12 +43,13 @@ def encode_awq(w: torch.Tensor, group: int = AWQ_GROUP) -> tuple[dict, dict]:
 
 
 def decode_awq(tensors: dict, shape: tuple, group: int = AWQ_GROUP) -> torch.Tensor:
+    """The weight, of ``shape`` (stored unpadded: the inputs are whole groups)."""
     packed = tensors["weight"].view(torch.uint8)
     codes = torch.stack([packed & 0xF, packed >> 4], dim=-1).reshape(packed.shape[0], -1).float()
     rows, cols = codes.shape
     scale = tensors["weight_scale"].float().T.unsqueeze(-1)
     zeros = tensors["weight_zeros"].float().T.unsqueeze(-1)
-    return ((codes.reshape(rows, cols // group, group) - 8) * scale + zeros).reshape(rows, cols)[:, : shape[1]]
+    return ((codes.reshape(rows, cols // group, group) - 8) * scale + zeros).reshape(shape)
 
 
 class AwqW4A16(LayerFormat):
