@@ -130,7 +130,7 @@ def mixes(model: Path, work: Path, files: dict, fractions=(0.25, 0.6), measures=
             r = verify(path, model, work)
             rows.append(f"| mix {target * 1e3:.3f} MB, {label} | {size_of(path)} | {cell(r['latents'])} |"
                         + pixel_cell(r))
-    for name, key in (("FP8", "fp8"), ("INT8 ConvRot", "int8"), ("MXFP8", "mxfp8")):
+    for name, key in (("W6A8", "w6a8"), ("FP8", "fp8"), ("INT8 ConvRot", "int8"), ("MXFP8", "mxfp8")):
         r = verify(files[key], model, work)
         rows.append(f"| {name} | {size_of(files[key])} | {cell(r['latents'])} |" + pixel_cell(r))
     px, rule = pixel_head()

@@ -314,5 +314,6 @@ class W6A8(W4A8):
     """``w6a8``: uniform 6-bit codes in the same layout, about 0.81 bytes per weight."""
 
     name = "w6a8"
-    mix_candidate = in_demo = False
+    mix_candidate = True
+    in_demo = False
     bits = 6
