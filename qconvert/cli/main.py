@@ -21,8 +21,8 @@ from qconvert.core.errors import QConvertError
 @click.option("--head-dim", default=128, show_default=True, help="Head dimension (multiple of 16).")
 @click.option("--text-dim", default=256, show_default=True, help="Text-encoder hidden size (joint_attention_dim).")
 @click.option("--seed", default=0, show_default=True, help="Weights seed.")
-@click.option("--variant", type=click.Choice(["qwen-image", "edit-2511", "layered"]), default="qwen-image",
-              show_default=True)
+@click.option("--variant", type=click.Choice(["qwen-image", "edit", "edit-2511", "layered"]), default="qwen-image",
+              show_default=True, help="edit: Edit / Edit-2509 (Qwen-Image's config; the pipeline class says Edit).")
 @click.option("--single-file", is_flag=True, help="Write one ComfyUI-style .safetensors instead of a diffusers folder.")
 @click.option("--full-size", is_flag=True, help="The real 60-layer, 20.4B-parameter layout (needs --sparse).")
 @click.option("--sparse", is_flag=True, help="With --full-size: true headers, data left as file holes.")

@@ -98,7 +98,7 @@ def _measured(src, levels, o: GgufOptions, importance, record, device, echo):
         raise UsageError("--target-size names one file's size: give one --level with it")
     sizes = gguf_mix.sizes_of(src)
     within = "city96's file size at the level" if o.target_size is None else f"{int(o.target_size * 1e9)} bytes"
-    measured = {"measured_on": gguf_mix.MEASURED_ON, "measured_within": within}
+    measured = {"measured_on": gguf_mix.measured_on(src), "measured_within": within}
 
     all_bf16 = {f"{m}.weight": gguf_mix.T.BF16 for m in sizes}
     metadata = {}   # per level, as the file will carry it: provenance (a source fingerprint) computed once

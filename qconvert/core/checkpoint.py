@@ -267,11 +267,17 @@ class Checkpoint:
     extra: list = field(default_factory=list)  # names outside the model (allowed by --allow-extra)
     config_source: str = "config.json"
     repo_id: str | None = None  # set when the source was a Hugging Face repo id
+    pipeline: str | None = None  # model_index.json's _class_name (a diffusers folder only)
     _reader: TensorReader = field(default_factory=TensorReader, repr=False)
 
     @property
     def variant(self) -> str:
         return qi.variant(self.config, self.tensors)
+
+    @property
+    def edits(self) -> bool:
+        """An Edit model: it denoises beside a reference image, so that is how it is measured."""
+        return qi.edits(self.config, self.pipeline)
 
     @property
     def name(self) -> str:
@@ -454,7 +460,18 @@ def _open_folder(path: Path, *, allow_extra: bool) -> Checkpoint:
         config = qi.config_from_shapes({n: t.shape for n, t in tensors.items()}, str(folder))
         how = "inferred from shapes"
     root = path if layout == "diffusers" else folder
-    return _finish(root, layout, config, tensors, metadata, allow_extra, how)
+    pipeline = _pipeline_class(path / "model_index.json") if layout == "diffusers" else None
+    return _finish(root, layout, config, tensors, metadata, allow_extra, how, pipeline)
+
+
+def _pipeline_class(index_path: Path) -> str | None:
+    """model_index.json's ``_class_name``: the one place an Edit or Edit-2509 folder says it is one."""
+    if not _is_file(index_path):
+        return None
+    raw = read_json_file(index_path, CONFIG_LIMITS)
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{index_path}: not a JSON object")
+    return untrusted.field_str(raw, "_class_name", str(index_path), default=None)
 
 
 def _read_index(index_path: Path) -> dict:
@@ -503,7 +520,7 @@ def _is_file(path: Path) -> bool:
         raise CheckpointError(f"{path}: cannot look it up: {getattr(exc, 'strerror', None) or exc}") from None
 
 
-def _finish(path, layout, config, tensors, metadata, allow_extra, how) -> Checkpoint:
+def _finish(path, layout, config, tensors, metadata, allow_extra, how, pipeline=None) -> Checkpoint:
     for name, meta in tensors.items():
         if meta.dtype not in FLOAT_DTYPES and name != qi.MARKER_EDIT_2511:
             raise CheckpointError(
@@ -512,7 +529,7 @@ def _finish(path, layout, config, tensors, metadata, allow_extra, how) -> Checkp
     shapes = {n: t.shape for n, t in tensors.items()}
     extra = qi.check_keys(config, shapes, allow_extra=allow_extra, where=str(path))
     tensors = dict(sorted(tensors.items()))
-    return Checkpoint(Path(path), layout, config, tensors, metadata, extra, how)
+    return Checkpoint(Path(path), layout, config, tensors, metadata, extra, how, pipeline=pipeline)
 
 
 def _download(repo_id: str) -> Path:

@@ -370,6 +370,7 @@ class LoraView:
     path = property(lambda self: self.source.path)
     layout = property(lambda self: self.source.layout)
     variant = property(lambda self: self.source.variant)
+    edits = property(lambda self: self.source.edits)
     config_source = property(lambda self: self.source.config_source)
     parameter_count = property(lambda self: self.source.parameter_count)
     nbytes = property(lambda self: self.source.nbytes)

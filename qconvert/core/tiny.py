@@ -26,7 +26,10 @@ from qconvert.core.errors import QConvertError
 from qconvert.core.io import SafetensorsWriter, atomic_directory, atomic_output, safetensors_header, safetensors_size
 from qconvert.core.models import qwen_image as qi
 
-VARIANTS = ("qwen-image", "edit-2511", "layered")
+VARIANTS = ("qwen-image", "edit", "edit-2511", "layered")
+# model_index.json's pipeline per variant: "edit" (Edit, Edit-2509) has Qwen-Image's config and differs only here
+PIPELINES = {"qwen-image": "QwenImagePipeline", "edit": "QwenImageEditPlusPipeline",
+             "edit-2511": "QwenImageEditPlusPipeline", "layered": "QwenImageLayeredPipeline"}
 
 MODEL_INDEX = {
     "_class_name": "QwenImagePipeline",
@@ -94,7 +97,7 @@ def make_tiny(out: str | Path, *, layers: int = 3, heads: int = 2, head_dim: int
     config = tiny_config(layers, heads, head_dim, text_dim, variant)
     shapes = qi.expected_shapes(config)
     tensors = {n: trained_like(n, s, seed).to(torch.bfloat16) for n, s in shapes.items()}
-    return _write_diffusers(Path(out), config, tensors, shards)
+    return _write_diffusers(Path(out), config, tensors, shards, variant)
 
 
 def make_tiny_single_file(out: str | Path, *, layers: int = 3, heads: int = 2, head_dim: int = 128,
@@ -161,13 +164,13 @@ def _split(entries: list[tuple[str, str, tuple]], sizes: list[int], n: int) -> l
     return groups
 
 
-def _write_diffusers(out: Path, config: qi.QwenImageConfig, tensors: dict, shards: int) -> Path:
+def _write_diffusers(out: Path, config: qi.QwenImageConfig, tensors: dict, shards: int, variant: str) -> Path:
     names = sorted(tensors)
     entries = [(n, TORCH_TO_DTYPE[tensors[n].dtype], tuple(tensors[n].shape)) for n in names]
     _, sizes = safetensors_header(entries)
     groups = _split(entries, sizes, shards)
     with atomic_directory(out, expected_bytes=sum(sizes) + 1024 * len(names)) as tmp:
-        _write_folder_meta(tmp, config, names, groups, sum(sizes))
+        _write_folder_meta(tmp, config, names, groups, sum(sizes), variant)
         for shard, group in zip(_shard_names(shards), groups):
             sub = [entries[i] for i in group]
             with atomic_output(tmp / "transformer" / shard) as f:
@@ -178,9 +181,10 @@ def _write_diffusers(out: Path, config: qi.QwenImageConfig, tensors: dict, shard
     return out
 
 
-def _write_folder_meta(tmp: Path, config, names, groups, total) -> None:
+def _write_folder_meta(tmp: Path, config, names, groups, total, variant: str) -> None:
     (tmp / "transformer").mkdir(parents=True)
-    (tmp / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2) + "\n")
+    index = {**MODEL_INDEX, "_class_name": PIPELINES[variant]}
+    (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     (tmp / "transformer" / "config.json").write_text(json.dumps(config.to_json(), indent=2) + "\n")
     weight_map = {names[i]: shard for shard, group in zip(_shard_names(len(groups)), groups) for i in group}
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
@@ -197,7 +201,7 @@ def make_full_size_sparse(out: str | Path, *, variant: str = "qwen-image", shard
     groups = _split(entries, sizes, shards)
     out = Path(out)
     with atomic_directory(out, expected_bytes=16 * 1024 * 1024) as tmp:
-        _write_folder_meta(tmp, config, names, groups, sum(sizes))
+        _write_folder_meta(tmp, config, names, groups, sum(sizes), variant)
         for shard, group in zip(_shard_names(shards), groups):
             sub = [entries[i] for i in group]
             header, _ = safetensors_header(sub)

@@ -105,19 +105,24 @@ def collect(source, options: SampleOptions, prompts: list, synthetic: int, *, ke
     provider = RecordingProvider(source, keep_rows=keep_rows, seed=options.seed, dtype=dtype, device=device,
                                  cache_bytes=options.cache_bytes)
     model = QwenImageTransformer(config, provider)
-    shapes = [(1, options.height // 16, options.width // 16)]
+    edit = inputs.takes_references(source)  # an Edit model's inputs are its users': beside a reference image
+    target = (1, options.height // 16, options.width // 16)
+    shapes = [target, target] if edit else [target]
     runs = len(loaded) * options.steps * (2 if options.cfg > 1 else 1)
     echo(f"calibrate: {len(loaded)} prompt(s) x {options.steps} steps = {runs} model runs of {config.num_layers} "
-         f"blocks at {options.height}x{options.width}")
+         f"blocks at {options.height}x{options.width}" + (", each beside a synthetic reference image" if edit else ""))
     start = time.monotonic()
     with torch.no_grad():
         for i, prompt in enumerate(loaded):
             noise = inputs.seeded_noise(options.seed + i, options.height, options.width)
+            reference = inputs.synthetic_reference(options.seed + i, options.height, options.width) if edit else None
             prompt = prompt.to(device, dtype)
             sampler.sample(model, noise.to(device, dtype), prompt.embeds, prompt.mask, steps=options.steps,
                            schedule=options.schedule, cfg=options.cfg, img_shapes=shapes,
-                           neg_text=prompt.neg_embeds, neg_mask=prompt.neg_mask)
+                           neg_text=prompt.neg_embeds, neg_mask=prompt.neg_mask,
+                           image_latents=None if reference is None else reference.to(device, dtype))
             if i == 0 and len(loaded) > 1:
                 took = time.monotonic() - start
                 echo(f"  prompt 1/{len(loaded)} took {took:.1f} s; about {took * len(loaded):.0f} s in all")
-    return provider.recorded(), {**options.to_json(), "prompts": len(loaded), "keep_rows": keep_rows}
+    return provider.recorded(), {**options.to_json(), "prompts": len(loaded), "keep_rows": keep_rows,
+                                 **({"references": "synthetic"} if edit else {})}

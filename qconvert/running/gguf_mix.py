@@ -26,6 +26,13 @@ MEASURED_TYPES = (T.Q2_K, T.Q3_K, T.IQ4_XS, T.Q4_K, T.Q5_K, T.Q6_K, T.Q8_0, T.BF
 MEASURED_ON = "image stream after the next block; 256x256, 2 lightning steps, seed 0; dequantized runtime"
 
 
+def measured_on(source) -> str:
+    """:data:`MEASURED_ON`, and for an Edit model the reference image it was measured beside."""
+    from qconvert.running.inputs import takes_references
+
+    return MEASURED_ON + ("; beside a synthetic reference image (Edit)" if takes_references(source) else "")
+
+
 def candidates(importance: dict | None = None) -> Candidates:
     """The GGUF types, stored as ``quants.quantize`` writes them (imatrix-weighted where ``importance``
     has the weight) and decoded by gguf-py, as a loader dequantizes them."""

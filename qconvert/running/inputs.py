@@ -155,6 +155,29 @@ def seeded_noise(seed: int, height: int, width: int) -> torch.Tensor:
     return pack(torch.randn(1, 1, LATENT_CHANNELS, height // 8, width // 8, generator=g).transpose(1, 2))
 
 
+# reference images draw from their own stream: a reference never equals the noise or a prompt of the same seed
+REFERENCE_STREAM = 1 << 63
+
+
+def synthetic_reference(seed: int, height: int, width: int) -> torch.Tensor:
+    """A seeded stand-in for an Edit model's reference image, packed [1, tokens, 64]: VAE latents are roughly
+    unit-variance and smooth in space (an image, not noise), so a coarse field upsampled 4x carries most of
+    the variance and a little fine detail the rest."""
+    g = torch.Generator().manual_seed(REFERENCE_STREAM + seed)
+    h, w = height // 8, width // 8
+    coarse = torch.randn(1, LATENT_CHANNELS, -(-h // 4), -(-w // 4), generator=g)
+    field = torch.nn.functional.interpolate(coarse, scale_factor=4, mode="bilinear", align_corners=False)[..., :h, :w]
+    field = field + 0.3 * torch.randn(1, LATENT_CHANNELS, h, w, generator=g)
+    field = (field - field.mean(dim=(2, 3), keepdim=True)) / field.std(dim=(2, 3), keepdim=True)
+    return pack(field)
+
+
+def takes_references(source) -> bool:
+    """Whether a source is an Edit model, which every measurement runs beside a reference image as its users do
+    (a text-to-image run would measure a model nobody runs)."""
+    return bool(getattr(source, "edits", False)) or bool(source.config.zero_cond_t)
+
+
 def pack(latents: torch.Tensor) -> torch.Tensor:
     """[1, 16, (1,) h, w] VAE latents -> [1, (h/2)·(w/2), 64] tokens of 2x2 patches, channel-major."""
     if latents.dim() == 5:

@@ -149,6 +149,7 @@ def mixed_options(source, *, target_size: float | None = None, max_error: float 
 
     from qconvert.core.io import safetensors_size
     from qconvert.formats.comfyui.writer import ComfyOptions, plan
+    from qconvert.running.inputs import takes_references
 
     kept = frozenset().union(*(qi.ROLE_GROUPS[g] for g in keep))
     layers = [m for m in block_linears(source) if qi.describe(f"{m}.weight").role not in kept]
@@ -192,6 +193,8 @@ def mixed_options(source, *, target_size: float | None = None, max_error: float 
         budget -= size - int(target_size * 1e9)  # the header grew more than allowed for: tighten and rechoose
     summary = {"target_size_gb": target_size, "max_error": max_error, "bytes": size, "runtime": runtime,
                "measure": measure, "candidates": list(candidates),
+               **({"measured_beside": "a synthetic reference image (an Edit model)"}
+                  if measure == "block" and takes_references(source) else {}),
                "mean_error": sum(errors[m][f] for m, f in choice.items()) / len(choice),
                "layers": {m: {"format": f, "error": errors[m][f], "bytes": sizes[m][f],
                               "candidates": errors[m]} for m, f in sorted(choice.items())}}

@@ -34,6 +34,10 @@ Each candidate is run as the target runtime computes it (``runtime``):
 that format's matmul does (NVFP4 and MXFP8 in blocks, INT8 per row), which
 is what a GPU with the kernels runs; ``dequantized`` multiplies the stored
 weights by full-precision inputs, as GPUs without them do.
+
+An Edit model is measured as it is run: beside a seeded reference image as
+large as the target (``inputs.synthetic_reference``), judged on the target's
+tokens; text-to-image inputs would rank its layers for a use nobody has.
 """
 
 from __future__ import annotations
@@ -94,15 +98,16 @@ def _block_weights(source, i: int, dev) -> dict:
     return {n: source.load(n).to(dev, torch.float32) for n in source.tensors if n.startswith(prefix)}
 
 
-def _image_after(weights: dict | None, i: int, config, dev):
-    """``judge(img, txt, rest)``: the image stream after block ``i`` (dense ``weights``) run on block ``i -
-    1``'s outputs and the sample's other inputs ``rest``; the image itself where there is no block ``i``."""
+def _image_after(weights: dict | None, i: int, config, dev, target: int):
+    """``judge(img, txt, rest)``: the target's ``target`` image tokens after block ``i`` (dense ``weights``) run
+    on block ``i - 1``'s outputs and the sample's other inputs ``rest``; the image itself where there is no block
+    ``i``.  (An Edit model's reference tokens follow the target's; the model's output drops them.)"""
     if weights is None:
-        return lambda img, txt, rest: img
+        return lambda img, txt, rest: img[:, :target]
     from qconvert.running.model import Block
 
     block = Block(_Inputs(weights, device=dev), i, config)
-    return lambda img, txt, rest: block(img, txt, *rest)[0]
+    return lambda img, txt, rest: block(img, txt, *rest)[0][:, :target]
 
 
 def block_sensitivity(source, layers: list[str], *, size: int = 256, steps: int = 2, seed: int = 0,
@@ -121,17 +126,20 @@ def block_sensitivity(source, layers: list[str], *, size: int = 256, steps: int 
     options = SampleOptions(height=size, width=size, steps=steps, cfg=1.0, schedule="lightning", seed=seed,
                             device=device, dtype="float32")
     prompt = inputs.synthetic_prompt(config, seed)  # not one of verify's held-out prompts
-    batch = Batch(inputs.Prompt(prompt.embeds, prompt.mask), inputs.seeded_noise(seed, size, size), [])
+    reference = inputs.synthetic_reference(seed, size, size) if inputs.takes_references(source) else None
+    batch = Batch(inputs.Prompt(prompt.embeds, prompt.mask), inputs.seeded_noise(seed, size, size), [], reference)
     along: dict = {}
     start = time.monotonic()
     sample_latents(source, source, options, batch, record=(measured_steps(steps), along))
-    echo(f"  reference run for the block inputs: {time.monotonic() - start:.1f} s; then {len(layers)} linears x "
+    edit = "" if reference is None else " beside a synthetic reference image (an Edit model)"
+    echo(f"  reference run for the block inputs{edit}: {time.monotonic() - start:.1f} s; then {len(layers)} linears x "
          f"{len(candidates.names)} formats x {len(along)} steps, each its block and the next")
     dev = torch.device(device)
     prompt = prompt.to(dev, torch.float32)
-    shapes = [(1, size // 16, size // 16)]
+    shapes = batch.shapes(size, size)
+    target = inputs.tokens(size, size)  # the image tokens judged: the target's (a reference's reach it or nothing)
     dense = QwenImageTransformer(config, DenseProvider(source, device=dev))
-    states = [dense.embed(latents.to(dev), prompt.embeds, prompt.mask, t.to(dev), shapes)
+    states = [dense.embed(batch.model_input(latents.to(dev)), prompt.embeds, prompt.mask, t.to(dev), shapes)
               for _, (latents, t) in sorted(along.items())]
     wanted = set(layers)
     table: dict[str, dict[str, float]] = {}
@@ -148,7 +156,7 @@ def block_sensitivity(source, layers: list[str], *, size: int = 256, steps: int 
         args = [(s.img, s.txt, s.temb, s.mask, s.freqs, s.modulate_index) for s in states]
         with torch.no_grad():
             reference = [Block(provider, i, config)(*a) for a in args]
-            judge = _image_after(following, i + 1, config, dev)
+            judge = _image_after(following, i + 1, config, dev, target)
             wanted_images = [judge(img, txt, a[2:]) for a, (img, txt) in zip(args, reference)]
             for module in sorted(m for m in wanted if m.startswith(f"transformer_blocks.{i}.")):
                 name = f"{module}.weight"

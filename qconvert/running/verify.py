@@ -70,9 +70,21 @@ class Batch:
     prompt: inputs.Prompt  # [B, L, text_dim], padded and masked
     noise: torch.Tensor  # [B, tokens, 64]
     samples: list  # [{"prompt": label, "seed": s}] in batch order
+    references: torch.Tensor | None = None  # Edit: each sample's reference image, packed [B, tokens, 64]
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def shapes(self, height: int, width: int) -> list:
+        """RoPE's image shapes: the target, then the reference (as large as the target) where there is one."""
+        target = (1, height // 16, width // 16)
+        return [target] if self.references is None else [target, target]
+
+    def model_input(self, latents: torch.Tensor) -> torch.Tensor:
+        """The image tokens the model sees: the target's, then the reference's (as the Edit pipelines join them)."""
+        if self.references is None:
+            return latents
+        return torch.cat([latents, self.references.to(latents.device, latents.dtype)], dim=1)
 
 
 def check_sampling(options) -> None:
@@ -106,8 +118,9 @@ def _label(path) -> str:
     return f"{path.name}#{digest.hexdigest()[:12]}"
 
 
-def load_batch(options, config) -> Batch:
-    """Every prompt (files, then held-out synthetic ones) with every seed from ``options.seed`` on."""
+def load_batch(options, config, references: bool = False) -> Batch:
+    """Every prompt (files, then held-out synthetic ones) with every seed from ``options.seed`` on; with
+    ``references`` (an Edit model) each prompt gets its own held-out synthetic reference image."""
     prompts = [(_label(f), inputs.read_prompt(f, config)) for f in options.prompt_files]
     prompts += [(f"synthetic:{k}", inputs.held_out_prompt(config, k)) for k in range(options.synthetic)]
     negatives = {p.neg_embeds is not None for _, p in prompts}
@@ -121,14 +134,20 @@ def load_batch(options, config) -> Batch:
     order = [(label, prompt, seed) for label, prompt in prompts for seed in seeds]
     batch = inputs.batch_prompts([prompt for _, prompt, _ in order])
     noise = torch.cat([inputs.seeded_noise(seed, options.height, options.width) for _, _, seed in order])
-    return Batch(batch, noise, [{"prompt": label, "seed": seed} for label, _, seed in order])
+    refs = None
+    if references:
+        index = {label: k for k, label in enumerate(dict.fromkeys(label for label, _, _ in order))}
+        refs = torch.cat([inputs.synthetic_reference(inputs.HELD_OUT_SEEDS + index[label], options.height,
+                                                     options.width) for label, _, _ in order])
+    return Batch(batch, noise, [{"prompt": label, "seed": seed} for label, _, seed in order], refs)
 
 
 def settings_json(o, batch: Batch, decode: bool = False) -> dict:
     return {"height": o.height, "width": o.width, "steps": o.steps, "cfg": o.cfg, "schedule": o.schedule,
             "prompts": list(dict.fromkeys(s["prompt"] for s in batch.samples)),
             "seeds": list(dict.fromkeys(s["seed"] for s in batch.samples)),
-            "decode": "vae" if decode else "off", "dtype": o.compute_dtype_name, "runtime": o.runtime}
+            "decode": "vae" if decode else "off", "dtype": o.compute_dtype_name, "runtime": o.runtime,
+            **({"references": "synthetic, held out, one per prompt"} if batch.references is not None else {})}
 
 
 class Deadline:
@@ -150,8 +169,9 @@ def plan_line(options, batch: Batch, weights: int, layers: int, at_steps: list, 
     prompts, seeds = len(batch.samples) // options.seeds, options.seeds
     cfg = options.cfg > 1 and batch.prompt.neg_embeds is not None
     calls = options.steps
+    edit = "" if batch.references is None else ", each beside a synthetic reference image (an Edit model)"
     return (f"verify: {weights} weights compared one at a time; {len(batch)} samples ({prompts} prompts x {seeds} "
-            f"seeds) in one batch{' (x2 for true CFG)' if cfg else ''}: the reference and the output each sampled "
+            f"seeds{edit}) in one batch{' (x2 for true CFG)' if cfg else ''}: the reference and the output each sampled "
             f"for {options.steps} steps at {options.height}x{options.width} ({2 * calls} model runs, each block read "
             f"once per run); {layers} blocks measured on the reference's inputs at steps "
             f"{', '.join(str(s + 1) for s in at_steps)} ({2 * len(at_steps)} more block passes)"
@@ -169,7 +189,7 @@ def run_verify(output_path, reference, options, report_dir, *, baseline=None, to
     check_options(options)
     check_sampling(options)
     vae_plan = find_vae(getattr(reference, "path", None), vae, decode)
-    batch = load_batch(options, reference.config)  # read once, and checked before any work
+    batch = load_batch(options, reference.config, inputs.takes_references(reference))  # checked before any work
     settings = settings_json(options, batch, vae_plan.folder is not None)
     base = read_baseline(baseline, settings) if baseline else None
     output, kind = open_output(output_path)
@@ -247,7 +267,7 @@ def block_errors(output, reference, options, batch: Batch, along: dict, deadline
     """Each block of the output run on the reference's input to it, at each step in ``along``
     ({step: (latents entering it, t)}), every sample at once: the error a block adds, early and late."""
     config = reference.config
-    shapes = [(1, options.height // 16, options.width // 16)]
+    shapes = batch.shapes(options.height, options.width)
     device, dtype = placement(options)
     ref_provider, out_provider = (provider_for(s, options) for s in (reference, output))
     prompt = batch.prompt.to(device, dtype)
@@ -255,8 +275,8 @@ def block_errors(output, reference, options, batch: Batch, along: dict, deadline
     with torch.no_grad():
         for step, (latents, t) in sorted(along.items()):
             t = t.expand(latents.shape[0])
-            state = QwenImageTransformer(config, ref_provider).embed(latents.to(device, dtype), prompt.embeds,
-                                                                     prompt.mask, t.to(device), shapes)
+            state = QwenImageTransformer(config, ref_provider).embed(batch.model_input(latents.to(device, dtype)),
+                                                                     prompt.embeds, prompt.mask, t.to(device), shapes)
             for i in range(config.num_layers):
                 if deadline is not None and deadline.passed():
                     raise _Stopped(f"blocks: step {step}, {i} of {config.num_layers} measured")
@@ -285,6 +305,7 @@ def sample_latents(source, reference, options, batch: Batch, deadline: Deadline 
     noise = batch.noise.to(device, dtype)
     model = QwenImageTransformer(reference.config, provider_for(source, options, cache_bytes=options.cache_bytes))
     prompt = batch.prompt.to(device, dtype)
+    references = None if batch.references is None else batch.references.to(device, dtype)
     levels = sampler.sigmas(sampler.SCHEDULES[options.schedule], options.steps, noise.shape[1])
     if record is not None and 0 in record[0]:
         record[1][0] = (noise, levels[:1])
@@ -301,8 +322,8 @@ def sample_latents(source, reference, options, batch: Batch, deadline: Deadline 
     with torch.no_grad():
         latents = sampler.sample(model, noise, prompt.embeds, prompt.mask, steps=options.steps,
                                  schedule=options.schedule, cfg=options.cfg, neg_text=prompt.neg_embeds,
-                                 neg_mask=prompt.neg_mask, img_shapes=[(1, options.height // 16, options.width // 16)],
-                                 on_step=check)
+                                 neg_mask=prompt.neg_mask, img_shapes=batch.shapes(options.height, options.width),
+                                 image_latents=references, on_step=check)
     return latents.float().cpu()
 
 

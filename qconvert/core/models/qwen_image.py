@@ -429,6 +429,12 @@ def variant(config: QwenImageConfig, names: Iterable[str]) -> str:
     return "qwen-image"
 
 
+def edits(config: QwenImageConfig, pipeline: str | None) -> bool:
+    """An Edit model (denoising beside reference images): Edit-2511's config says so (``zero_cond_t``); Edit
+    and Edit-2509 share Qwen-Image's config and weights' names, and only their pipeline's class tells."""
+    return bool(config.zero_cond_t) or (pipeline or "").startswith("QwenImageEdit")
+
+
 def check_keys(config: QwenImageConfig, shapes: Mapping[str, tuple], *, allow_extra: bool = False,
                where: str = "checkpoint") -> list[str]:
     """Compare a key set with what the config implies.  Returns the extra keys (when allowed)."""
