@@ -140,21 +140,23 @@ def converted(ckpt) -> None:
 
 
 def folder(data: bytes) -> None:
-    """A transformer folder: config.json, shard index and two shards, cut from one input at PART."""
+    """A diffusers folder: the transformer's config.json, shard index and two shards, then model_index.json
+    (which tells an Edit model), cut from one input at PART."""
     from qconvert.core.checkpoint import open_checkpoint
     from qconvert.formats.inspection import format_summary, inspect_path
 
     root = scratch() / "folder"
     shutil.rmtree(root, ignore_errors=True)
-    root.mkdir()
-    for name, part in zip(FOLDER_FILES, data.split(PART)):
-        (root / name).write_bytes(part)
+    (root / "transformer").mkdir(parents=True)
+    for name, part in zip(FOLDER_FILES + ("../model_index.json",), data.split(PART)):
+        (root / "transformer" / name).write_bytes(part)
     for shard in FOLDER_FILES[2:]:
-        if (root / shard).exists():
+        if (root / "transformer" / shard).exists():
             with expected_errors():
-                library_agrees(root / shard)
+                library_agrees(root / "transformer" / shard)
     with expected_errors():
         with open_checkpoint(root) as ckpt:
+            ckpt.edits  # noqa: B018 (reads model_index.json's pipeline class)
             for name in ckpt.names()[:4]:
                 ckpt.load(name)
     with expected_errors():
@@ -444,7 +446,8 @@ def seeds(name: str) -> list[bytes]:
         out = []
         for v in tiny.VARIANTS:
             t = tiny.make_tiny(work / v, **TINY, variant=v) / "transformer"
-            out.append(PART.join((t / f).read_bytes() for f in FOLDER_FILES))
+            out.append(PART.join([*((t / f).read_bytes() for f in FOLDER_FILES),
+                                  (t.parent / "model_index.json").read_bytes()]))
         return out
     if name == "gguf":
         return _gguf_seeds(work)
@@ -512,6 +515,10 @@ def hostile_seeds(name: str, good: list[bytes]) -> list[bytes]:
         scale = "transformer_blocks.0.attn.to_q.weight_scale"
         return [_with_tensors(good[0], {scale: ("nan", None)}), _with_tensors(good[1], {scale: ("zeros", (3,))}),
                 _with_tensors(good[1], {"transformer_blocks.0.attn.to_q.input_scale": ("nan", None)})]
+    if name == "folder":  # a model_index.json whose pipeline class is not a string, or which is not an object
+        parts = good[0].split(PART)
+        return [PART.join([*parts[:4], index]) for index in (b'{"_class_name": ["QwenImageEditPlusPipeline"]}',
+                                                             b'["QwenImageEditPlusPipeline"]')]
     if name == "svdquant":  # damaged smoothing factors; metadata whose group size contradicts the tensors
         import json
 
