@@ -171,9 +171,9 @@ def plan_line(options, batch: Batch, weights: int, layers: int, at_steps: list, 
     calls = options.steps
     edit = "" if batch.references is None else ", each beside a synthetic reference image (an Edit model)"
     return (f"verify: {weights} weights compared one at a time; {len(batch)} samples ({prompts} prompts x {seeds} "
-            f"seeds{edit}) in one batch{' (x2 for true CFG)' if cfg else ''}: the reference and the output each sampled "
-            f"for {options.steps} steps at {options.height}x{options.width} ({2 * calls} model runs, each block read "
-            f"once per run); {layers} blocks measured on the reference's inputs at steps "
+            f"seeds{edit}) in one batch{' (x2 for true CFG)' if cfg else ''}: the reference and the output each "
+            f"sampled for {options.steps} steps at {options.height}x{options.width} ({2 * calls} model runs, each "
+            f"block read once per run); {layers} blocks measured on the reference's inputs at steps "
             f"{', '.join(str(s + 1) for s in at_steps)} ({2 * len(at_steps)} more block passes)"
             + (f"; every sample decoded by {vae_plan.folder}" if vae_plan.folder else f"; no pixel figures: "
                f"{vae_plan.why_not}") + (f"; stops after {max_minutes:g} min" if max_minutes else ""))

@@ -44,7 +44,8 @@ def test_an_edit_model_says_so(models, tmp_path, capsys):
 
 def test_synthetic_references_are_seeded_images_not_noise():
     a, b = inputs.synthetic_reference(0, 64, 96), inputs.synthetic_reference(1, 64, 96)
-    assert a.shape == (1, inputs.tokens(64, 96), inputs.PACKED) and torch.equal(a, inputs.synthetic_reference(0, 64, 96))
+    assert a.shape == (1, inputs.tokens(64, 96), inputs.PACKED)
+    assert torch.equal(a, inputs.synthetic_reference(0, 64, 96))
     assert not torch.equal(a, b) and not torch.allclose(a, inputs.seeded_noise(0, 64, 96))
     assert abs(float(a.std()) - 1) < 0.05
 
