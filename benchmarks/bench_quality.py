@@ -258,7 +258,8 @@ def provenance() -> str:
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
                            cwd=ROOT).stdout.strip()
     return (f"Measured at commit {commit.stdout.strip()}{' (with uncommitted changes)' if dirty else ''}, "
-            f"{datetime.date.today().isoformat()}, torch {torch.__version__}, {platform.machine()} CPU, "
+            f"{datetime.date.today().isoformat()}, torch {torch.__version__}, {platform.machine()} CPU "
+            f"({torch.backends.cpu.get_cpu_capability()}), "
             f"{os.cpu_count()} cores, by `python3 benchmarks/bench_quality.py --sections NAME"
             f"{' --pixels' if PIXELS['on'] else ''}`.")
 
