@@ -47,6 +47,21 @@ def single_file(model: Path) -> Path:
     return out
 
 
+def prepare(model: Path, layers: int) -> Path:
+    """The model and its single file, made in a child process: Linux reports in a child's ``ru_maxrss`` the
+    larger of its own peak and its parent's resident memory when it was started, so a benchmark that had held
+    the model itself would report that as every tool's peak."""
+    script = ("import sys; from pathlib import Path; sys.path[:0] = [sys.argv[3]]\n"
+              "from benchmarks.bench_vs_sdcpp import make_tiny, single_file\n"
+              "model = Path(sys.argv[1])\n"
+              "if not (model / 'transformer').is_dir():\n"
+              "    print(f'making a full-width {sys.argv[2]}-block model in {model} ...', flush=True)\n"
+              "    make_tiny(model, layers=int(sys.argv[2]), heads=24, head_dim=128, text_dim=3584)\n"
+              "single_file(model)\n")
+    subprocess.run([sys.executable, "-c", script, str(model), str(layers), str(ROOT)], check=True)
+    return model.parent / f"{model.name}.safetensors"
+
+
 def best_of(repeat: int, cmd: list[str], output: Path, env: dict) -> tuple[float, float]:
     """(least wall time, largest peak resident memory in GB) over ``repeat`` runs."""
     times, peaks = [], []
@@ -75,10 +90,7 @@ def main() -> None:
     args = ap.parse_args()
 
     model = args.model or Path(tempfile.gettempdir()) / f"qconvert-bench-full-width-{args.layers}"
-    if not (model / "transformer").is_dir():
-        print(f"making a full-width {args.layers}-block model in {model} ...", flush=True)
-        make_tiny(model, layers=args.layers, heads=24, head_dim=128, text_dim=3584)
-    source = single_file(model)
+    source = prepare(model, args.layers)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
 
     with tempfile.TemporaryDirectory(dir=model.parent) as tmp:
