@@ -164,7 +164,8 @@ def _split(entries: list[tuple[str, str, tuple]], sizes: list[int], n: int) -> l
     return groups
 
 
-def _write_diffusers(out: Path, config: qi.QwenImageConfig, tensors: dict, shards: int, variant: str) -> Path:
+def _write_diffusers(out: Path, config: qi.QwenImageConfig, tensors: dict, shards: int,
+                     variant: str = "qwen-image") -> Path:
     names = sorted(tensors)
     entries = [(n, TORCH_TO_DTYPE[tensors[n].dtype], tuple(tensors[n].shape)) for n in names]
     _, sizes = safetensors_header(entries)
