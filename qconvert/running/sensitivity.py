@@ -35,6 +35,11 @@ that format's matmul does (NVFP4 and MXFP8 in blocks, INT8 per row), which
 is what a GPU with the kernels runs; ``dequantized`` multiplies the stored
 weights by full-precision inputs, as GPUs without them do.
 
+Several prompts (``seeds``) run as one batch, so each block's weights are
+read once for all of them; each prompt's error counts alike.  (NVFP4's
+activations share one tensor-wide scale, so at the native runtime a batch is
+measured as the runtime would run that batch.)
+
 An Edit model is measured as it is run: beside a seeded reference image as
 large as the target (``inputs.synthetic_reference``), judged on the target's
 tokens; text-to-image inputs would rank its layers for a use nobody has.
@@ -75,6 +80,11 @@ def _relative(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float((x.double() - ref).pow(2).sum()) / denom if denom else 0.0
 
 
+def _relative_each(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """:func:`_relative` of each sample of the batch, averaged: every prompt counts alike, however loud."""
+    return sum(_relative(x[b], ref[b]) for b in range(ref.shape[0])) / ref.shape[0]
+
+
 class _Inputs:
     """Dense weights from a state dict; the layers in ``inputs`` first pass their input through its function
     (a format's native activation quantization)."""
@@ -110,11 +120,13 @@ def _image_after(weights: dict | None, i: int, config, dev, target: int):
     return lambda img, txt, rest: block(img, txt, *rest)[0][:, :target]
 
 
-def block_sensitivity(source, layers: list[str], *, size: int = 256, steps: int = 2, seed: int = 0,
+def block_sensitivity(source, layers: list[str], *, size: int = 256, steps: int = 2, seeds: tuple = (0,),
                       device: str = "cpu", runtime: str = "native", echo=print,
                       candidates: Candidates | None = None) -> dict[str, dict[str, float]]:
     """{layer: {format: the image-stream error that format alone causes after the following block}} for every
-    candidate that fits: ``candidates`` (default ComfyUI's, run as ``runtime`` runs them)."""
+    candidate that fits: ``candidates`` (default ComfyUI's, run as ``runtime`` runs them).  One seeded
+    synthetic prompt per seed in ``seeds``, all run as one batch (each block's weights read once), the error
+    averaged over them."""
     candidates = candidates or comfy_candidates(runtime)
     from qconvert.running import inputs
     from qconvert.running.model import Block, QwenImageTransformer
@@ -123,17 +135,22 @@ def block_sensitivity(source, layers: list[str], *, size: int = 256, steps: int 
     from qconvert.running.verify import Batch, measured_steps, sample_latents
 
     config = source.config
-    options = SampleOptions(height=size, width=size, steps=steps, cfg=1.0, schedule="lightning", seed=seed,
+    options = SampleOptions(height=size, width=size, steps=steps, cfg=1.0, schedule="lightning", seed=seeds[0],
                             device=device, dtype="float32")
-    prompt = inputs.synthetic_prompt(config, seed)  # not one of verify's held-out prompts
-    reference = inputs.synthetic_reference(seed, size, size) if inputs.takes_references(source) else None
-    batch = Batch(inputs.Prompt(prompt.embeds, prompt.mask), inputs.seeded_noise(seed, size, size), [], reference)
+    # not verify's held-out prompts; negatives are not run (no CFG)
+    prompt = inputs.batch_prompts([inputs.synthetic_prompt(config, seed, negative=False) for seed in seeds])
+    reference = None
+    if inputs.takes_references(source):
+        reference = torch.cat([inputs.synthetic_reference(seed, size, size) for seed in seeds])
+    noise = torch.cat([inputs.seeded_noise(seed, size, size) for seed in seeds])
+    batch = Batch(prompt, noise, [{"seed": seed} for seed in seeds], reference)
     along: dict = {}
     start = time.monotonic()
     sample_latents(source, source, options, batch, record=(measured_steps(steps), along))
     edit = "" if reference is None else " beside a synthetic reference image (an Edit model)"
-    echo(f"  reference run for the block inputs{edit}: {time.monotonic() - start:.1f} s; then {len(layers)} linears x "
-         f"{len(candidates.names)} formats x {len(along)} steps, each its block and the next")
+    echo(f"  reference run for the block inputs ({len(seeds)} prompt(s) in one batch){edit}: "
+         f"{time.monotonic() - start:.1f} s; then {len(layers)} linears x {len(candidates.names)} formats x "
+         f"{len(along)} steps, each its block and the next")
     dev = torch.device(device)
     prompt = prompt.to(dev, torch.float32)
     shapes = batch.shapes(size, size)
@@ -170,7 +187,7 @@ def block_sensitivity(source, layers: list[str], *, size: int = 256, steps: int 
                         row[fmt] = 0.0
                         continue
                     provider.inputs = {module: inputs_as} if inputs_as is not None else {}
-                    error = sum(_relative(judge(*Block(provider, i, config)(*a), a[2:]), want)
+                    error = sum(_relative_each(judge(*Block(provider, i, config)(*a), a[2:]), want)
                                 for a, want in zip(args, wanted_images))
                     row[fmt] = error / len(args)
                 weights[name] = original

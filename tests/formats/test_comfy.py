@@ -387,6 +387,25 @@ def test_block_sensitivity_sees_which_layers_matter(tmp_path):
                for f in ("fp8", "nvfp4"))
 
 
+def test_block_sensitivity_runs_several_prompts_as_one_batch(tmp_path):
+    """Several seeds' prompts in one pass (each block read once) measure what one run per seed measures,
+    averaged: every prompt counts alike.  (Formats whose input quantization is per row or per block; NVFP4's
+    activations share one tensor-wide scale, so a batch is measured as the runtime runs that batch.)"""
+    from qconvert.running.sensitivity import block_sensitivity, comfy_candidates
+
+    source = open_checkpoint(tiny.make_tiny(tmp_path / "m", layers=2, heads=2, head_dim=32, text_dim=64))
+    layers = ["transformer_blocks.0.img_mlp.net.0.proj", "transformer_blocks.1.attn.to_q"]
+    only = comfy_candidates("native")
+    only = type(only)(("mxfp8", "fp8"), only.fitting, only.as_run)
+    run = {seeds: block_sensitivity(source, layers, size=64, seeds=seeds, candidates=only, echo=lambda m: None)
+           for seeds in ((3,), (4,), (3, 4))}
+    for m in layers:
+        for fmt in ("mxfp8", "fp8"):
+            alone = (run[(3,)][m][fmt] + run[(4,)][m][fmt]) / 2
+            assert run[(3,)][m][fmt] != run[(4,)][m][fmt]
+            assert run[(3, 4)][m][fmt] == pytest.approx(alone, rel=1e-4), (m, fmt)
+
+
 @pytest.mark.slow
 def test_block_measured_mix_beats_uniform_nvfp4_end_to_end(files, tmp_path, capsys):
     """Done when (issues 13, 20): at a budget between NVFP4 and INT8, chosen for the native runtime and verified
