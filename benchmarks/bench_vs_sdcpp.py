@@ -29,7 +29,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 
-from qconvert.core.tiny import make_tiny  # noqa: E402
 
 SD_TYPES = {"Q8_0": "q8_0", "Q4_0": "q4_0", "Q4_1": "q4_1", "Q5_0": "q5_0", "Q5_1": "q5_1", "F16": "f16"}
 
@@ -52,7 +51,8 @@ def prepare(model: Path, layers: int) -> Path:
     larger of its own peak and its parent's resident memory when it was started, so a benchmark that had held
     the model itself would report that as every tool's peak."""
     script = ("import sys; from pathlib import Path; sys.path[:0] = [sys.argv[3]]\n"
-              "from benchmarks.bench_vs_sdcpp import make_tiny, single_file\n"
+              "from benchmarks.bench_vs_sdcpp import single_file\n"
+              "from qconvert.core.tiny import make_tiny\n"
               "model = Path(sys.argv[1])\n"
               "if not (model / 'transformer').is_dir():\n"
               "    print(f'making a full-width {sys.argv[2]}-block model in {model} ...', flush=True)\n"
