@@ -29,10 +29,13 @@ def inspect_path(path: str | Path) -> dict:
         return _inspect_safetensors(p)
     refuse_pickle(p)
     ckpt = open_checkpoint(path, allow_extra=True)
-    return _summary(str(ckpt.path), ckpt.layout, "safetensors",
-                    {n: (t.dtype, t.shape, t.nbytes) for n, t in ckpt.tensors.items()},
-                    ckpt.metadata, sum(f.stat().st_size for f in ckpt.files()), config=ckpt.config.to_json(),
-                    extra=ckpt.extra)
+    summary = _summary(str(ckpt.path), ckpt.layout, "safetensors",
+                       {n: (t.dtype, t.shape, t.nbytes) for n, t in ckpt.tensors.items()},
+                       ckpt.metadata, sum(f.stat().st_size for f in ckpt.files()), config=ckpt.config.to_json(),
+                       extra=ckpt.extra)
+    # Edit and Edit-2509 read as Qwen-Image by their weights; their pipeline says otherwise, and it decides
+    # how qconvert measures them (beside a reference image)
+    return {**summary, "pipeline": ckpt.pipeline, "edit": ckpt.edits}
 
 
 def _inspect_safetensors(path: Path) -> dict:
@@ -162,7 +165,9 @@ def format_summary(s: dict) -> str:
     lines = [
         shown(s["path"], 1000),
         f"  format        {s['format']} ({s['layout']})",
-        f"  architecture  {s['architecture']}, variant {s['variant']}",
+        f"  architecture  {s['architecture']}, variant {s['variant']}"
+        + (f" ({shown(s['pipeline'] or 'zero_cond_t', 80)}: an Edit model, measured beside a reference image)"
+           if s.get("edit") else ""),
         f"  config        {c['num_layers']} layers, {c['num_attention_heads']}x{c['attention_head_dim']} heads, "
         f"text dim {c['joint_attention_dim']}",
         f"  tensors       {s['tensors']} ({s['model_tensors']} model"

@@ -33,6 +33,9 @@ def test_an_edit_model_says_so(models, tmp_path, capsys):
     found = {v: (open_checkpoint(p).edits, open_checkpoint(p).variant) for v, p in models.items()}
     assert found == {"qwen-image": (False, "qwen-image"), "edit": (True, "qwen-image"),
                      "edit-2511": (True, "qwen-image-edit-2511")}
+    for variant, edits in (("edit", True), ("qwen-image", False)):
+        code, out, err = run(["inspect", models[variant]], capsys)
+        assert code == 0 and ("QwenImageEditPlusPipeline: an Edit model" in out) is edits, err
     bad = tiny.make_tiny(tmp_path / "bad", **SMALL)
     (bad / "model_index.json").write_text(json.dumps({"_class_name": ["QwenImageEditPlusPipeline"]}))
     code, _, err = run(["inspect", bad], capsys)
