@@ -106,8 +106,7 @@ def collect(source, options: SampleOptions, prompts: list, synthetic: int, *, ke
                                  cache_bytes=options.cache_bytes)
     model = QwenImageTransformer(config, provider)
     edit = inputs.takes_references(source)  # an Edit model's inputs are its users': beside a reference image
-    target = (1, options.height // 16, options.width // 16)
-    shapes = [target, target] if edit else [target]
+    shapes = inputs.image_shapes(options.height, options.width, edit)
     runs = len(loaded) * options.steps * (2 if options.cfg > 1 else 1)
     echo(f"calibrate: {len(loaded)} prompt(s) x {options.steps} steps = {runs} model runs of {config.num_layers} "
          f"blocks at {options.height}x{options.width}" + (", each beside a synthetic reference image" if edit else ""))

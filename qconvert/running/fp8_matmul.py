@@ -64,7 +64,7 @@ def matmul_errors(source, scales: dict, dtype: str = "e4m3fn", *, size: int = 25
     found = block_sensitivity(source, layers, size=size, steps=steps, seeds=tuple(seeds), device=device, echo=echo,
                               candidates=candidates(scales, LAYERS[dtype]))
     echo(f"  measured in {time.monotonic() - start:.1f} s")
-    return {m: {FULL: found[m][FULL], MATMUL: found[m][MATMUL]} for m in layers}
+    return found
 
 
 def full_precision_layers(errors: dict, tolerance: float = DEFAULT_TOLERANCE) -> set[str]:

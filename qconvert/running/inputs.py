@@ -55,6 +55,12 @@ def tokens(height: int, width: int) -> int:
     return (height // 16) * (width // 16)
 
 
+def image_shapes(height: int, width: int, references: bool) -> list:
+    """RoPE's image shapes: the target, then (an Edit model) its reference image, as large as the target."""
+    target = (1, height // 16, width // 16)
+    return [target, target] if references else [target]
+
+
 def _read(path: Path, wanted: dict) -> dict:
     """The named tensors (name -> required rank) of a small safetensors file, as float32/int64."""
     header = read_safetensors_header(Path(path))

@@ -76,9 +76,7 @@ class Batch:
         return len(self.samples)
 
     def shapes(self, height: int, width: int) -> list:
-        """RoPE's image shapes: the target, then the reference (as large as the target) where there is one."""
-        target = (1, height // 16, width // 16)
-        return [target] if self.references is None else [target, target]
+        return inputs.image_shapes(height, width, self.references is not None)
 
     def model_input(self, latents: torch.Tensor) -> torch.Tensor:
         """The image tokens the model sees: the target's, then the reference's (as the Edit pipelines join them)."""
